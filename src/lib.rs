@@ -1,0 +1,1 @@
+//! efscache library
