@@ -49,10 +49,7 @@ pub fn mount(mountpoint: &Path, spec: &MountSpec) -> io::Result<OwnedFd> {
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let mut data = format!(
-        "fd={},rootmode=40000,user_id={uid},group_id={gid}",
-        fd.as_raw_fd()
-    );
+    let mut data = format!("fd={},rootmode=40000,user_id={uid},group_id={gid}", fd.as_raw_fd());
     if spec.allow_other {
         data.push_str(",allow_other");
     }

@@ -1,0 +1,268 @@
+//! The backend: the directory efscache caches (the EFS mount), reached only
+//! through `*at()` calls relative to a root fd opened before the mount.
+//!
+//! This module owns the typed interface (`Backend`), backend paths
+//! (`RelPath`: components below the root, never `..`), the attributes read
+//! from the backend (`Stat`), and the per-kind operation counters that
+//! `efscache status` reports. The syscalls themselves live in `posix`.
+
+pub mod posix;
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use posix::PosixBackend;
+
+/// A path below the backend root, as components. Empty means the root itself.
+/// Components are single names: never empty, never `.` or `..`, never containing `/`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RelPath(pub Vec<OsString>);
+
+impl RelPath {
+    pub fn root() -> Self {
+        RelPath(Vec::new())
+    }
+    pub fn join(&self, name: &OsStr) -> Self {
+        let mut v = self.0.clone();
+        v.push(name.to_owned());
+        RelPath(v)
+    }
+    /// The parent path and final name; None for the root.
+    pub fn split_last(&self) -> Option<(RelPath, &OsStr)> {
+        let (last, rest) = self.0.split_last()?;
+        Some((RelPath(rest.to_vec()), last.as_os_str()))
+    }
+    /// For messages: `a/b/c` with non-UTF-8 bytes escaped.
+    pub fn display(&self) -> String {
+        if self.0.is_empty() {
+            return ".".into();
+        }
+        let mut s = String::new();
+        for (i, c) in self.0.iter().enumerate() {
+            if i > 0 {
+                s.push('/');
+            }
+            s.push_str(&String::from_utf8_lossy(c.as_bytes()).escape_debug().to_string());
+        }
+        s
+    }
+}
+
+/// Kinds of backend objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    Fifo,
+    Socket,
+    CharDev,
+    BlockDev,
+}
+
+impl Kind {
+    pub fn from_mode(mode: u32) -> Option<Kind> {
+        Some(match mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return None,
+        })
+    }
+    pub fn type_bits(self) -> u32 {
+        match self {
+            Kind::File => libc::S_IFREG,
+            Kind::Dir => libc::S_IFDIR,
+            Kind::Symlink => libc::S_IFLNK,
+            Kind::Fifo => libc::S_IFIFO,
+            Kind::Socket => libc::S_IFSOCK,
+            Kind::CharDev => libc::S_IFCHR,
+            Kind::BlockDev => libc::S_IFBLK,
+        }
+    }
+}
+
+/// A timestamp with nanoseconds, as stat(2) reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timespec {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Timespec {
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        }
+    }
+}
+
+/// What efscache needs to know about a backend object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stat {
+    pub dev: u64,
+    pub ino: u64,
+    pub kind: Kind,
+    /// Permission bits including setuid/setgid/sticky (no type bits).
+    pub perm: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub rdev: u64,
+    pub size: u64,
+    pub blocks: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+}
+
+/// Attributes applied to an object on the backend after it was created.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AttrSet {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<Timespec>,
+    pub mtime: Option<Timespec>,
+}
+
+impl AttrSet {
+    pub fn is_empty(&self) -> bool {
+        *self == AttrSet::default()
+    }
+}
+
+/// Backend statfs figures, passed through to `df`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub bfree: u64,
+    pub bavail: u64,
+    pub files: u64,
+    pub ffree: u64,
+    pub bsize: u32,
+    pub namelen: u32,
+    pub frsize: u32,
+}
+
+/// The operations efscache performs on the backend. Every path is relative to
+/// the backend root and resolved without following symlinks or leaving the root.
+pub trait Backend: Send + Sync {
+    /// The names in a directory (one sweep; `.` and `..` excluded).
+    fn list_names(&self, dir: &RelPath) -> io::Result<Vec<OsString>>;
+    /// lstat of one object.
+    fn stat(&self, path: &RelPath) -> io::Result<Stat>;
+    fn read_link(&self, path: &RelPath) -> io::Result<OsString>;
+    fn open_read(&self, path: &RelPath) -> io::Result<File>;
+    fn statfs(&self) -> io::Result<StatFs>;
+
+    /// Creates `dir/name` exclusively with `perm` and returns it open for writing.
+    fn create_exclusive(&self, dir: &RelPath, name: &OsStr, perm: u32) -> io::Result<File>;
+    fn mkdir(&self, path: &RelPath, perm: u32) -> io::Result<()>;
+    fn rmdir(&self, path: &RelPath) -> io::Result<()>;
+    fn unlink(&self, path: &RelPath) -> io::Result<()>;
+    fn rename(&self, from: &RelPath, to: &RelPath, noreplace: bool) -> io::Result<()>;
+    fn symlink(&self, target: &OsStr, path: &RelPath) -> io::Result<()>;
+    fn link(&self, existing: &RelPath, new: &RelPath) -> io::Result<()>;
+    fn mknod(&self, path: &RelPath, kind: Kind, perm: u32, rdev: u64) -> io::Result<()>;
+    /// Applies owner, mode and times to an object (not following a symlink;
+    /// callers leave `perm` unset for symlinks, whose mode cannot change).
+    /// With `fresh` (the object was just created by efscache), owner changes to
+    /// the daemon's own ids are skipped: the object already has them.
+    fn set_attrs(&self, path: &RelPath, attrs: &AttrSet, fresh: bool) -> io::Result<()>;
+    /// Applies owner, mode and times to a file efscache just created, through
+    /// its open fd (saves a path walk; owner changes to the daemon's ids skipped).
+    fn set_attrs_fd(&self, file: &File, attrs: &AttrSet) -> io::Result<()>;
+    /// Reads from a file opened with `open_read` until `buf` is full or end of file.
+    fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes all of `data` at `offset` into a file created by `create_exclusive`.
+    fn write_at(&self, file: &File, data: &[u8], offset: u64) -> io::Result<()>;
+    fn set_len(&self, file: &File, len: u64) -> io::Result<()>;
+    /// Closes a written file (NFS commits its data here) and returns its inode number.
+    fn close_file(&self, file: File) -> io::Result<u64>;
+    /// Counters of the requests made so far.
+    fn stats(&self) -> &BackendStats;
+}
+
+macro_rules! op_kinds {
+    ($($name:ident),* $(,)?) => {
+        /// Kinds of backend requests, as counted for `efscache status`.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[allow(non_camel_case_types)]
+        pub enum OpKind { $($name),* }
+        impl OpKind {
+            pub const ALL: &'static [OpKind] = &[$(OpKind::$name),*];
+            pub fn name(self) -> &'static str {
+                match self { $(OpKind::$name => stringify!($name)),* }
+            }
+        }
+    };
+}
+op_kinds!(
+    readdir, stat, readlink, open, read, statfs, create, write, close, mkdir, rmdir, unlink, rename, symlink, link,
+    mknod, chown, chmod, utimens, truncate,
+);
+
+/// Per-kind request counters (lock-free; read by `status`).
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    counts: [AtomicU64; 20],
+    bytes_written: AtomicU64,
+    bytes_read: AtomicU64,
+}
+
+impl BackendStats {
+    pub fn count(&self, kind: OpKind) {
+        self.counts[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add_written(&self, n: u64) {
+        self.bytes_written.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn add_read(&self, n: u64) {
+        self.bytes_read.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn snapshot(&self) -> BackendCounts {
+        BackendCounts {
+            ops: OpKind::ALL
+                .iter()
+                .map(|k| (k.name().to_string(), self.counts[*k as usize].load(Ordering::Relaxed)))
+                .collect(),
+            bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            bytes_read: self.bytes_read.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A point-in-time copy of the counters.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct BackendCounts {
+    pub ops: std::collections::BTreeMap<String, u64>,
+    pub bytes_written: u64,
+    pub bytes_read: u64,
+}
+
+impl BackendCounts {
+    pub fn total(&self) -> u64 {
+        self.ops.values().sum()
+    }
+    pub fn get(&self, kind: &str) -> u64 {
+        self.ops.get(kind).copied().unwrap_or(0)
+    }
+}
+
+/// Validates one name component for use in a backend path.
+pub fn valid_name(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty() && b != b"." && b != b".." && !b.contains(&b'/') && !b.contains(&0)
+}

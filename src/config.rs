@@ -1,0 +1,189 @@
+//! Typed configuration: defaults, mount(8)-style `-o` option parsing and
+//! validation. Pure: no I/O.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum FsyncMode {
+    /// fsync(2) makes the data durable on local disk (the staging file).
+    Local,
+    /// fsync(2) also waits until the file is published on the backend.
+    Remote,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Config {
+    pub backend: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Staging files and state; must not lie inside the backend or the mountpoint.
+    pub cache_dir: Option<PathBuf>,
+    /// Parallel flush workers.
+    pub flushers: usize,
+    /// Publishes allowed in flight per backend directory.
+    pub dir_concurrency: usize,
+    /// Quiet time after the last close before a file is published.
+    pub debounce: Duration,
+    /// How long cached metadata is trusted.
+    pub attr_ttl: Duration,
+    /// No other writers: trust the cache for the whole mount.
+    pub exclusive: bool,
+    pub fsync: FsyncMode,
+    /// Parallel stats when loading a directory.
+    pub meta_parallel: usize,
+    /// FUSE event-loop threads.
+    pub threads: usize,
+    /// Threads for requests that wait on the backend (reads of clean files, loads).
+    pub io_threads: usize,
+    /// How long unmount and SIGTERM wait for pending work to reach the backend.
+    pub drain_timeout: Duration,
+    pub log_file: Option<PathBuf>,
+    pub foreground: bool,
+}
+
+impl Config {
+    pub fn new(backend: PathBuf, mountpoint: PathBuf) -> Config {
+        Config {
+            backend,
+            mountpoint,
+            cache_dir: None,
+            flushers: 32,
+            dir_concurrency: 4,
+            debounce: Duration::from_millis(500),
+            attr_ttl: Duration::from_secs(30),
+            exclusive: false,
+            fsync: FsyncMode::Local,
+            meta_parallel: 64,
+            threads: 4,
+            io_threads: 32,
+            drain_timeout: Duration::from_secs(600),
+            log_file: None,
+            foreground: false,
+        }
+    }
+
+    /// Applies a comma-separated option list (`-o a,b=c`). Generic mount(8)
+    /// options that mean nothing to efscache are accepted and ignored.
+    pub fn apply_options(&mut self, opts: &str) -> Result<(), String> {
+        for opt in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let (key, val) = match opt.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (opt, None),
+            };
+            fn need<'a>(key: &str, v: Option<&'a str>) -> Result<&'a str, String> {
+                v.ok_or_else(|| format!("option '{key}' needs a value ({key}=...)"))
+            }
+            match key {
+                "cache_dir" => self.cache_dir = Some(PathBuf::from(need(key, val)?)),
+                "flushers" => self.flushers = parse_count(key, need(key, val)?, 1, 1024)?,
+                "dir_concurrency" => self.dir_concurrency = parse_count(key, need(key, val)?, 1, 1024)?,
+                "meta_parallel" => self.meta_parallel = parse_count(key, need(key, val)?, 1, 1024)?,
+                "threads" => self.threads = parse_count(key, need(key, val)?, 1, 64)?,
+                "io_threads" => self.io_threads = parse_count(key, need(key, val)?, 1, 1024)?,
+                "debounce" => self.debounce = parse_duration(key, need(key, val)?)?,
+                "attr_ttl" => self.attr_ttl = parse_duration(key, need(key, val)?)?,
+                "drain_timeout" => self.drain_timeout = parse_duration(key, need(key, val)?)?,
+                "exclusive" => self.exclusive = parse_bool(key, val)?,
+                "fsync" => {
+                    self.fsync = match need(key, val)? {
+                        "local" => FsyncMode::Local,
+                        "remote" => FsyncMode::Remote,
+                        v => return Err(format!("option fsync={v}: expected fsync=local or fsync=remote")),
+                    }
+                }
+                "log_file" => self.log_file = Some(PathBuf::from(need(key, val)?)),
+                "foreground" => self.foreground = parse_bool(key, val)?,
+                // Always on: every user and pjdfstest's uid switches must work, with
+                // the kernel checking permissions.
+                "allow_other" | "default_permissions" => {}
+                // Generic options mount(8), systemd and fstab pass along.
+                "defaults" | "rw" | "_netdev" | "nofail" | "noauto" | "auto" | "user" | "nouser" | "nosuid"
+                | "nodev" | "exec" | "noexec" | "relatime" | "noatime" => {}
+                k if k.starts_with("x-systemd.") || k.starts_with("x-") || k.starts_with("comment=") => {}
+                _ => {
+                    return Err(format!(
+                        "unknown option '{key}' (see `efscache mount --help` for the list)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn parse_count(key: &str, v: &str, min: usize, max: usize) -> Result<usize, String> {
+    let n: usize = v
+        .parse()
+        .map_err(|_| format!("option {key}={v}: expected a whole number"))?;
+    if n < min || n > max {
+        return Err(format!("option {key}={v}: must be between {min} and {max}"));
+    }
+    Ok(n)
+}
+
+fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, String> {
+    match v {
+        None | Some("1") | Some("true") | Some("yes") | Some("on") => Ok(true),
+        Some("0") | Some("false") | Some("no") | Some("off") => Ok(false),
+        Some(v) => Err(format!("option {key}={v}: expected a yes/no value")),
+    }
+}
+
+/// Parses `250ms`, `2s`, `5m`, `1h` or a bare number of seconds.
+pub fn parse_duration(key: &str, v: &str) -> Result<Duration, String> {
+    let err = || format!("option {key}={v}: expected a duration like 500ms, 2s, 5m or 1h");
+    let (num, unit) = v
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((v, ""), |i| v.split_at(i));
+    let n: f64 = num.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" | "min" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(err()),
+    };
+    if !secs.is_finite() || !(0.0..=365.0 * 86400.0).contains(&secs) {
+        return Err(err());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::new("/b".into(), "/m".into())
+    }
+
+    #[test]
+    fn parses_options_and_ignores_generic_ones() {
+        let mut c = cfg();
+        c.apply_options(
+            "cache_dir=/var/c,flushers=8,debounce=250ms,attr_ttl=1m,exclusive,fsync=remote,_netdev,x-systemd.automount",
+        )
+        .unwrap();
+        assert_eq!(c.cache_dir, Some(PathBuf::from("/var/c")));
+        assert_eq!(c.flushers, 8);
+        assert_eq!(c.debounce, Duration::from_millis(250));
+        assert_eq!(c.attr_ttl, Duration::from_secs(60));
+        assert!(c.exclusive);
+        assert_eq!(c.fsync, FsyncMode::Remote);
+    }
+
+    #[test]
+    fn rejects_bad_options_with_a_clear_message() {
+        for (opt, needle) in [
+            ("flushers=0", "between 1 and 1024"),
+            ("flushers=x", "whole number"),
+            ("debounce=fast", "duration"),
+            ("fsync=maybe", "fsync=local or fsync=remote"),
+            ("bogus", "unknown option 'bogus'"),
+            ("cache_dir", "needs a value"),
+        ] {
+            let e = cfg().apply_options(opt).unwrap_err();
+            assert!(e.contains(needle), "{opt}: {e}");
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Executes one flush op against the backend. Publishing a file:
+//! temp name in the final directory (`O_CREAT|O_EXCL`, final mode without
+//! setuid/setgid) -> data -> owner, setuid/setgid, times -> close -> `renameat`
+//! over the final name; further hard links via link + rename. Every failure
+//! path removes the temp file. Ops are idempotent, so a retry (or a replay
+//! after a crash) converges.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::backend::{AttrSet, Backend, Kind, RelPath};
+use crate::flush::{Action, TEMP_PREFIX};
+
+/// Makes unique temp names: `.efscache.<host>.<instance>.<n>`. Derived from an
+/// id, never from the final name, so they fit NAME_MAX whatever the final name
+/// is, and one host's cleanup can tell its own temp files from another's.
+#[derive(Debug)]
+pub struct TempNames {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl TempNames {
+    pub fn new(host: &str, instance: &str) -> TempNames {
+        let host: String = host
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(64)
+            .collect();
+        TempNames {
+            prefix: format!("{TEMP_PREFIX}{host}.{instance}."),
+            next: AtomicU64::new(1),
+        }
+    }
+    pub fn next(&self) -> OsString {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{}{n:x}", self.prefix).into()
+    }
+}
+
+/// What a publish produced.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub backend_ino: Option<u64>,
+    pub bytes: u64,
+    /// The staged content changed while it was copied: nothing was published,
+    /// a later publish will carry the new content.
+    pub superseded: bool,
+}
+
+/// Runs `action`. `content` opens the staged data of a publish (None: the
+/// staging file is gone, the file was removed meanwhile); `still_current`
+/// says whether the staged content is unchanged since the op was queued.
+pub fn execute(
+    backend: &dyn Backend,
+    temps: &TempNames,
+    action: &Action,
+    content: impl FnOnce(u64) -> io::Result<Option<File>>,
+    still_current: impl FnOnce() -> bool,
+) -> io::Result<Published> {
+    match action {
+        Action::Mkdir { path, perm, uid, gid } => {
+            match backend.mkdir(path, *perm) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    // A retry after the mkdir reached the backend: fine if it is a directory.
+                    if backend.stat(path)?.kind != Kind::Dir {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            let attrs = AttrSet {
+                perm: (perm & 0o7000 != 0).then_some(*perm),
+                uid: Some(*uid),
+                gid: Some(*gid),
+                ..Default::default()
+            };
+            backend.set_attrs(path, &attrs, true)?;
+            Ok(Published::default())
+        }
+        Action::Rmdir { path } => ignore_enoent(backend.rmdir(path)),
+        Action::Unlink { path } => ignore_enoent(backend.unlink(path)),
+        Action::Rename { from, to, noreplace } => backend.rename(from, to, *noreplace).map(|_| Published::default()),
+        Action::Symlink { path, target, attrs } => {
+            match backend.symlink(target, path) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    // Idempotent retry: replace whatever is there with our link.
+                    let _ = backend.unlink(path);
+                    backend.symlink(target, path)?;
+                }
+                Err(e) => return Err(e),
+            }
+            backend.set_attrs(path, attrs, true)?;
+            Ok(Published::default())
+        }
+        Action::Link { existing, new } => match backend.link(existing, new) {
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                let (a, b) = (backend.stat(existing)?, backend.stat(new)?);
+                if (a.dev, a.ino) == (b.dev, b.ino) {
+                    Ok(Published::default())
+                } else {
+                    Err(e)
+                }
+            }
+            r => r.map(|_| Published::default()),
+        },
+        Action::Mknod {
+            path,
+            kind,
+            perm,
+            rdev,
+            attrs,
+        } => {
+            match backend.mknod(path, *kind, *perm, *rdev) {
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                r => r?,
+            }
+            let mut a = attrs.clone();
+            a.perm = (perm & 0o7000 != 0).then_some(*perm);
+            backend.set_attrs(path, &a, true)?;
+            Ok(Published::default())
+        }
+        Action::SetAttr { path, attrs } => backend.set_attrs(path, attrs, false).map(|_| Published::default()),
+        Action::Publish {
+            staging, paths, attrs, ..
+        } => {
+            let Some(src) = content(*staging)? else {
+                return Ok(Published {
+                    superseded: true,
+                    ..Default::default()
+                });
+            };
+            publish_file(backend, temps, &src, paths, attrs, still_current)
+        }
+        Action::Barrier(tx) => {
+            let _ = tx.send(());
+            Ok(Published::default())
+        }
+    }
+}
+
+fn ignore_enoent(r: io::Result<()>) -> io::Result<Published> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Published::default()),
+        r => r.map(|_| Published::default()),
+    }
+}
+
+/// Removes a temp file when dropped unless disarmed (every failure path).
+struct TempGuard<'a> {
+    backend: &'a dyn Backend,
+    path: Option<RelPath>,
+}
+
+impl Drop for TempGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(p) = self.path.take()
+            && let Err(e) = self.backend.unlink(&p)
+        {
+            tracing::warn!(path = %p.display(), error = %e, "cannot remove publish temp file");
+        }
+    }
+}
+
+fn publish_file(
+    backend: &dyn Backend,
+    temps: &TempNames,
+    src: &File,
+    paths: &[RelPath],
+    attrs: &AttrSet,
+    still_current: impl FnOnce() -> bool,
+) -> io::Result<Published> {
+    let first = paths
+        .first()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let (dir, _) = first
+        .split_last()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let perm = attrs.perm.unwrap_or(0o600);
+    let temp_name = temps.next();
+    let temp = dir.join(&temp_name);
+    // The temp name is hidden, so it may carry the final mode at once (saves a
+    // chmod); setuid/setgid only after the owner is set (chown clears them).
+    let dst = backend.create_exclusive(&dir, &temp_name, perm & 0o1777)?;
+    let mut guard = TempGuard {
+        backend,
+        path: Some(temp.clone()),
+    };
+    let bytes = copy_data(src, &dst, backend)?;
+    let mut post = AttrSet {
+        perm: None,
+        uid: attrs.uid,
+        gid: attrs.gid,
+        atime: attrs.atime,
+        mtime: attrs.mtime,
+    };
+    if perm & 0o6000 != 0 {
+        post.perm = Some(perm);
+    }
+    backend.set_attrs_fd(&dst, &post)?;
+    // Close: NFS commits the data here (close-to-open).
+    let backend_ino = backend.close_file(dst)?;
+    if !still_current() {
+        return Ok(Published {
+            superseded: true,
+            ..Default::default()
+        });
+    }
+    backend.rename(&temp, first, false)?;
+    guard.path = None;
+    for other in &paths[1..] {
+        let (odir, _) = other
+            .split_last()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let t = odir.join(&temps.next());
+        backend.link(first, &t)?;
+        let mut g = TempGuard {
+            backend,
+            path: Some(t.clone()),
+        };
+        backend.rename(&t, other, false)?;
+        g.path = None;
+    }
+    Ok(Published {
+        backend_ino: Some(backend_ino),
+        bytes,
+        superseded: false,
+    })
+}
+
+/// Copies the staged data with large reads and writes, skipping holes
+/// (SEEK_DATA/SEEK_HOLE) so sparse files stay sparse.
+fn copy_data(src: &File, dst: &File, backend: &dyn Backend) -> io::Result<u64> {
+    const CHUNK: usize = 1 << 20;
+    let len = src.metadata()?.len();
+    let mut buf = vec![0u8; CHUNK.min(len.max(1) as usize)];
+    let mut pos: u64 = 0;
+    let mut written = 0;
+    while pos < len {
+        // SAFETY: the fd is open; lseek has no memory-safety preconditions.
+        let data = unsafe { libc::lseek(src.as_raw_fd(), pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break; // only a hole remains
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(src.as_raw_fd(), data, libc::SEEK_HOLE) };
+        let end = if hole < 0 { len } else { (hole as u64).min(len) };
+        if end <= data as u64 {
+            break;
+        }
+        let mut off = data as u64;
+        while off < end {
+            let n = ((end - off) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], off)?;
+            backend.write_at(dst, &buf[..n], off)?;
+            off += n as u64;
+            written += n as u64;
+        }
+        pos = end;
+    }
+    if pos < len || written == 0 && len > 0 {
+        backend.set_len(dst, len)?; // trailing hole
+    }
+    Ok(written)
+}

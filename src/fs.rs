@@ -1,0 +1,940 @@
+//! `Fs`: the POSIX semantics of every operation, over the overlay namespace,
+//! the staging area and the flush scheduler. Returns plain values or an
+//! `FsError`; knows nothing of FUSE.
+//!
+//! Operations that may need the backend take `may_block`: when it is false and
+//! the answer needs backend I/O, they return `FsError::WouldBlock` and the
+//! caller retries on a thread that may block (the FUSE event loops never wait
+//! on the backend).
+//!
+//! Lock order: `ns` before `handles` before the scheduler's state. No lock is
+//! held across backend I/O.
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::backend::{Backend, Kind, RelPath, StatFs, Timespec};
+use crate::error::{FsError, FsResult};
+use crate::flush::publish::{self, TempNames};
+use crate::flush::{self, Action, Failure, FlushOp, Outcome, Scheduler};
+use crate::namespace::{Attr, Content, Effects, Ino, Namespace, ROOT, SetAttr};
+use crate::staging::Staging;
+
+/// Tunables of the filesystem core (from the mount options).
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// How long cached metadata is trusted before revalidation.
+    pub attr_ttl: Duration,
+    /// Trust the cache for the whole mount (no other writers).
+    pub exclusive: bool,
+    /// Quiet time after the last close before a file is published.
+    pub debounce: Duration,
+    /// fsync(2) waits for the publish to the backend (else: local disk only).
+    pub fsync_remote: bool,
+    /// Parallel stats when loading a directory.
+    pub meta_parallel: usize,
+}
+
+/// An inode as reported to the kernel.
+#[derive(Clone, Debug)]
+pub struct AttrOut {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub attr: Attr,
+    pub nlink: u32,
+}
+
+/// One readdir entry.
+#[derive(Clone, Debug)]
+pub struct DirEntryOut {
+    pub ino: Ino,
+    pub offset: u64,
+    pub kind: Kind,
+    pub name: OsString,
+    /// Filled for readdirplus (and then the entry counts as a lookup).
+    pub attr: Option<AttrOut>,
+}
+
+enum Handle {
+    /// Staged content: all I/O on the local staging file.
+    Staged { ino: Ino, file: Arc<File>, write: bool },
+    /// Clean content read from the backend.
+    Remote { ino: Ino, file: Arc<File> },
+}
+
+/// What `status` shows of the filesystem core.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct FsStatus {
+    pub inodes: usize,
+    pub dirty_files: usize,
+    pub open_for_write: usize,
+    pub waiting_debounce: usize,
+    pub pending_bytes: u64,
+    pub dirty_dirs: usize,
+}
+
+/// The result of a `sync` barrier.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct SyncReport {
+    pub complete: bool,
+    pub failures: Vec<Failure>,
+    /// Files still open for writing (their content so far is not published).
+    pub open_files: Vec<String>,
+}
+
+pub struct Fs {
+    ns: Mutex<Namespace>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    pub sched: Arc<Scheduler>,
+    pub backend: Arc<dyn Backend>,
+    staging: Staging,
+    temps: TempNames,
+    cfg: FsConfig,
+}
+
+fn io_err(e: io::Error) -> FsError {
+    FsError::Io(e)
+}
+
+impl Fs {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        staging: Staging,
+        sched: Arc<Scheduler>,
+        temps: TempNames,
+        cfg: FsConfig,
+    ) -> FsResult<Fs> {
+        let root = backend.stat(&RelPath::root()).map_err(io_err)?;
+        Ok(Fs {
+            ns: Mutex::new(Namespace::new(&root)),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            sched,
+            backend,
+            staging,
+            temps,
+            cfg,
+        })
+    }
+
+    pub fn config(&self) -> &FsConfig {
+        &self.cfg
+    }
+
+    /// TTL for entries and attributes handed to the kernel: never longer than
+    /// the daemon's own (long only in exclusive mode).
+    pub fn kernel_ttl(&self) -> Duration {
+        if self.cfg.exclusive {
+            Duration::from_secs(3600)
+        } else {
+            self.cfg.attr_ttl
+        }
+    }
+
+    fn attr_out(ns: &Namespace, ino: Ino) -> FsResult<AttrOut> {
+        let i = ns.get(ino)?;
+        Ok(AttrOut {
+            ino,
+            kind: i.kind,
+            attr: i.attr.clone(),
+            nlink: i.nlink(),
+        })
+    }
+
+    /// Applies effects: queue backend ops (caller holds the namespace lock, so
+    /// ops are queued in the order the overlay changed), drop staging files.
+    fn apply(&self, fx: Effects) {
+        for op in fx.ops {
+            self.sched.enqueue(op);
+        }
+        for id in fx.discard {
+            self.staging.remove(id);
+        }
+    }
+
+    // ---- metadata cache -------------------------------------------------
+
+    fn fresh(&self, loaded: Option<Instant>) -> bool {
+        loaded.is_some_and(|t| self.cfg.exclusive || t.elapsed() < self.cfg.attr_ttl)
+    }
+
+    /// Waits until no pending op could move `ino`'s backend path.
+    fn wait_path_stable(&self, ino: Ino) -> FsResult<()> {
+        if ino == ROOT {
+            return Ok(());
+        }
+        let keys = self.ns.lock().read_keys(ino)?;
+        if !self.sched.conflicts(&keys) {
+            return Ok(());
+        }
+        let (tx, rx) = crossbeam::channel::bounded(1);
+        self.sched.enqueue(FlushOp {
+            keys,
+            action: Action::Barrier(tx),
+        });
+        rx.recv()
+            .map_err(|_| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+    }
+
+    /// Makes sure `dir`'s listing is loaded and fresh.
+    pub fn ensure_loaded(&self, dir: Ino, may_block: bool) -> FsResult<()> {
+        {
+            let mut ns = self.ns.lock();
+            let d = ns.dir(dir)?;
+            if self.fresh(d.loaded) {
+                return Ok(());
+            }
+            if d.loaded.is_some() && (self.sched.dir_busy(dir) || ns.dirs_with_unqueued_files().contains(&dir)) {
+                // Pending changes make the overlay authoritative for now.
+                ns.get_mut(dir)?.dir.as_mut().expect("dir").loaded = Some(Instant::now());
+                return Ok(());
+            }
+        }
+        if !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        self.wait_path_stable(dir)?;
+        let path = self.ns.lock().path_of(dir)?;
+        let listing = crate::meta::load_dir(&*self.backend, &path, self.cfg.meta_parallel).map_err(io_err)?;
+        let mut ns = self.ns.lock();
+        if ns.dir(dir)?.loaded.is_some() && self.sched.dir_busy(dir) {
+            return Ok(()); // changed while we listed: keep the overlay
+        }
+        ns.merge_listing(dir, listing, Instant::now())
+    }
+
+    // ---- lookups and attributes ------------------------------------------
+
+    pub fn lookup(&self, parent: Ino, name: &OsStr, may_block: bool) -> FsResult<AttrOut> {
+        if name.len() > 255 {
+            return Err(FsError::NameTooLong);
+        }
+        self.ensure_loaded(parent, may_block)?;
+        let mut ns = self.ns.lock();
+        let ino = ns.lookup(parent, name)?.ok_or(FsError::NotFound)?;
+        ns.add_lookup(ino);
+        Self::attr_out(&ns, ino)
+    }
+
+    pub fn forget(&self, ino: Ino, n: u64) {
+        let mut fx = Effects::default();
+        let mut ns = self.ns.lock();
+        ns.forget(ino, n, &mut fx);
+        self.apply(fx);
+    }
+
+    pub fn getattr(&self, ino: Ino, may_block: bool) -> FsResult<AttrOut> {
+        let (path, stale) = {
+            let ns = self.ns.lock();
+            let i = ns.get(ino)?;
+            let stale = !self.cfg.exclusive
+                && i.kind != Kind::Dir
+                && i.on_backend
+                && i.content == Content::Remote
+                && i.fetched.is_some_and(|t| t.elapsed() >= self.cfg.attr_ttl)
+                && !i.links.is_empty();
+            if !stale {
+                return Self::attr_out(&ns, ino);
+            }
+            (ns.path_of(ino)?, stale)
+        };
+        if stale && !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        self.wait_path_stable(ino)?;
+        let st = self.backend.stat(&path);
+        let mut ns = self.ns.lock();
+        if let Ok(st) = st {
+            let i = ns.get_mut(ino)?;
+            if i.content == Content::Remote && i.backend_ino == Some(st.ino) {
+                i.attr = Attr::from_stat(&st);
+            }
+            i.fetched = Some(Instant::now());
+        }
+        Self::attr_out(&ns, ino)
+    }
+
+    pub fn setattr(&self, ino: Ino, ch: SetAttr, may_block: bool) -> FsResult<AttrOut> {
+        if let Some(size) = ch.size {
+            self.truncate(ino, size, may_block)?;
+        }
+        let mut fx = Effects::default();
+        let mut ns = self.ns.lock();
+        ns.set_attrs(ino, &ch, &mut fx)?;
+        self.apply(fx);
+        Self::attr_out(&ns, ino)
+    }
+
+    fn truncate(&self, ino: Ino, size: u64, may_block: bool) -> FsResult<()> {
+        {
+            let ns = self.ns.lock();
+            let i = ns.get(ino)?;
+            match i.kind {
+                Kind::Dir => return Err(FsError::IsDir),
+                Kind::File => {}
+                _ => return Err(FsError::Invalid),
+            }
+        }
+        let id = self.stage(ino, size > 0, may_block)?;
+        let f = self.staging.open_rw(id).map_err(io_err)?;
+        f.set_len(size).map_err(io_err)?;
+        let mut ns = self.ns.lock();
+        ns.mark_dirty(ino)?;
+        let i = ns.get_mut(ino)?;
+        i.attr.size = size;
+        let now = Timespec::now();
+        i.attr.mtime = now;
+        i.attr.ctime = now;
+        if i.writers == 0 {
+            ns.file_quiet(ino, Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Gives a regular file staged content and returns its staging id; copies
+    /// the backend data first when `keep_data` (blocking).
+    fn stage(&self, ino: Ino, keep_data: bool, may_block: bool) -> FsResult<u64> {
+        let path = {
+            let mut ns = self.ns.lock();
+            let i = ns.get(ino)?;
+            if let Content::Staged { id, .. } = i.content {
+                return Ok(id);
+            }
+            if !keep_data || i.attr.size == 0 {
+                let id = ns.new_staging_id();
+                self.staging.create(id).map_err(io_err)?;
+                let i = ns.get_mut(ino)?;
+                i.content = Content::Staged { id, dirty: false };
+                return Ok(id);
+            }
+            ns.path_of(ino)?
+        };
+        if !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        self.wait_path_stable(ino)?;
+        let src = self.backend.open_read(&path).map_err(io_err)?;
+        let id = self.ns.lock().new_staging_id();
+        let dst = self.staging.create(id).map_err(io_err)?;
+        copy_up(&*self.backend, &src, &dst).map_err(io_err)?;
+        let mut ns = self.ns.lock();
+        let i = ns.get_mut(ino)?;
+        if let Content::Staged { id: other, .. } = i.content {
+            drop(ns);
+            self.staging.remove(id); // someone else staged it meanwhile
+            return Ok(other);
+        }
+        i.content = Content::Staged { id, dirty: false };
+        Ok(id)
+    }
+
+    pub fn readlink(&self, ino: Ino, may_block: bool) -> FsResult<OsString> {
+        let path = {
+            let ns = self.ns.lock();
+            let i = ns.get(ino)?;
+            if i.kind != Kind::Symlink {
+                return Err(FsError::Invalid);
+            }
+            if let Some(t) = &i.symlink_target {
+                return Ok(t.clone());
+            }
+            ns.path_of(ino)?
+        };
+        if !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        self.wait_path_stable(ino)?;
+        let t = self.backend.read_link(&path).map_err(io_err)?;
+        self.ns.lock().get_mut(ino)?.symlink_target = Some(t.clone());
+        Ok(t)
+    }
+
+    // ---- namespace changes -------------------------------------------------
+
+    fn change<T>(
+        &self,
+        parent: Ino,
+        may_block: bool,
+        f: impl FnOnce(&mut Namespace, &mut Effects) -> FsResult<T>,
+    ) -> FsResult<T> {
+        self.ensure_loaded(parent, may_block)?;
+        let mut fx = Effects::default();
+        let mut ns = self.ns.lock();
+        let r = f(&mut ns, &mut fx);
+        self.apply(fx);
+        r
+    }
+
+    pub fn mkdir(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        may_block: bool,
+    ) -> FsResult<AttrOut> {
+        self.change(parent, may_block, |ns, fx| {
+            let gid = inherit_gid(ns, parent, gid)?;
+            let perm = perm | (ns.get(parent)?.attr.perm & libc::S_ISGID);
+            let ino = ns.mkdir(parent, name, perm & 0o7777, uid, gid, fx)?;
+            Self::attr_out(ns, ino)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+        may_block: bool,
+    ) -> FsResult<AttrOut> {
+        let kind = Kind::from_mode(mode).ok_or(FsError::Invalid)?;
+        if kind == Kind::File {
+            let (out, fh) = self.create(parent, name, mode & 0o7777, libc::O_WRONLY, uid, gid, may_block)?;
+            self.release(fh);
+            return Ok(out);
+        }
+        if kind == Kind::Dir || kind == Kind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        self.change(parent, may_block, |ns, fx| {
+            let gid = inherit_gid(ns, parent, gid)?;
+            let ino = ns.mknod(parent, name, kind, mode & 0o7777, rdev, uid, gid, fx)?;
+            Self::attr_out(ns, ino)
+        })
+    }
+
+    pub fn symlink(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        target: &OsStr,
+        uid: u32,
+        gid: u32,
+        may_block: bool,
+    ) -> FsResult<AttrOut> {
+        if target.len() >= libc::PATH_MAX as usize {
+            return Err(FsError::NameTooLong);
+        }
+        self.change(parent, may_block, |ns, fx| {
+            let gid = inherit_gid(ns, parent, gid)?;
+            let ino = ns.symlink(parent, name, target, uid, gid, fx)?;
+            Self::attr_out(ns, ino)
+        })
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &OsStr, may_block: bool) -> FsResult<()> {
+        self.change(parent, may_block, |ns, fx| ns.unlink(parent, name, fx))
+    }
+
+    pub fn rmdir(&self, parent: Ino, name: &OsStr, may_block: bool) -> FsResult<()> {
+        self.ensure_loaded(parent, may_block)?;
+        if let Some(child) = self.ns.lock().lookup(parent, name)?
+            && self.ns.lock().get(child)?.kind == Kind::Dir
+        {
+            self.ensure_loaded(child, may_block)?;
+        }
+        self.change(parent, may_block, |ns, fx| ns.rmdir(parent, name, fx))
+    }
+
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        newparent: Ino,
+        newname: &OsStr,
+        flags: u32,
+        may_block: bool,
+    ) -> FsResult<()> {
+        if flags & !(libc::RENAME_NOREPLACE) != 0 {
+            return Err(FsError::Invalid); // RENAME_EXCHANGE / WHITEOUT: not supported
+        }
+        self.ensure_loaded(newparent, may_block)?;
+        if let Some(t) = self.ns.lock().lookup(newparent, newname)?
+            && self.ns.lock().get(t)?.kind == Kind::Dir
+        {
+            self.ensure_loaded(t, may_block)?;
+        }
+        self.change(parent, may_block, |ns, fx| {
+            ns.rename(
+                parent,
+                name,
+                newparent,
+                newname,
+                flags & libc::RENAME_NOREPLACE != 0,
+                fx,
+            )
+        })
+    }
+
+    pub fn link(&self, ino: Ino, newparent: Ino, newname: &OsStr, may_block: bool) -> FsResult<AttrOut> {
+        self.change(newparent, may_block, |ns, fx| {
+            ns.link(ino, newparent, newname, fx)?;
+            ns.add_lookup(ino);
+            Self::attr_out(ns, ino)
+        })
+    }
+
+    // ---- files ---------------------------------------------------------------
+
+    fn new_handle(&self, h: Handle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, h);
+        fh
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn create(
+        &self,
+        parent: Ino,
+        name: &OsStr,
+        perm: u32,
+        flags: i32,
+        uid: u32,
+        gid: u32,
+        may_block: bool,
+    ) -> FsResult<(AttrOut, u64)> {
+        self.ensure_loaded(parent, may_block)?;
+        let mut ns = self.ns.lock();
+        if let Some(existing) = ns.lookup(parent, name)? {
+            if flags & libc::O_EXCL != 0 {
+                return Err(FsError::Exists);
+            }
+            ns.add_lookup(existing);
+            drop(ns);
+            let fh = self.open(existing, flags, may_block)?;
+            let out = Self::attr_out(&self.ns.lock(), existing)?;
+            return Ok((out, fh));
+        }
+        let gid = inherit_gid(&ns, parent, gid)?;
+        let ino = ns.create_file(parent, name, perm & 0o7777, uid, gid)?;
+        let id = ns.get(ino)?.staged_id().expect("new file is staged");
+        let file = match self.staging.create(id) {
+            Ok(f) => f,
+            Err(e) => {
+                let mut fx = Effects::default();
+                let _ = ns.unlink(parent, name, &mut fx);
+                self.apply(fx);
+                return Err(io_err(e));
+            }
+        };
+        let i = ns.get_mut(ino)?;
+        i.opens += 1;
+        i.writers += 1;
+        let out = Self::attr_out(&ns, ino)?;
+        drop(ns);
+        let fh = self.new_handle(Handle::Staged {
+            ino,
+            file: Arc::new(file),
+            write: true,
+        });
+        Ok((out, fh))
+    }
+
+    pub fn open(&self, ino: Ino, flags: i32, may_block: bool) -> FsResult<u64> {
+        let acc = flags & libc::O_ACCMODE;
+        let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
+        let trunc = write && flags & libc::O_TRUNC != 0;
+        let (kind, content) = {
+            let ns = self.ns.lock();
+            let i = ns.get(ino)?;
+            (i.kind, i.content)
+        };
+        if kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        if kind != Kind::File {
+            return Err(FsError::NotSupported); // fifos and devices are opened by the kernel
+        }
+        if write || content != Content::Remote {
+            let id = self.stage(ino, !trunc, may_block)?;
+            let file = if write {
+                self.staging.open_rw(id)
+            } else {
+                self.staging.open_read(id)
+            }
+            .map_err(io_err)?;
+            let mut ns = self.ns.lock();
+            if trunc {
+                file.set_len(0).map_err(io_err)?;
+                ns.mark_dirty(ino)?;
+                let i = ns.get_mut(ino)?;
+                i.attr.size = 0;
+                let now = Timespec::now();
+                i.attr.mtime = now;
+                i.attr.ctime = now;
+            }
+            let i = ns.get_mut(ino)?;
+            i.opens += 1;
+            if write {
+                i.writers += 1;
+                ns.debounce.remove(&ino);
+            }
+            drop(ns);
+            return Ok(self.new_handle(Handle::Staged {
+                ino,
+                file: Arc::new(file),
+                write,
+            }));
+        }
+        if !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        self.wait_path_stable(ino)?;
+        let path = self.ns.lock().path_of(ino)?;
+        let file = self.backend.open_read(&path).map_err(io_err)?;
+        self.ns.lock().get_mut(ino)?.opens += 1;
+        Ok(self.new_handle(Handle::Remote {
+            ino,
+            file: Arc::new(file),
+        }))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32, may_block: bool) -> FsResult<Vec<u8>> {
+        let (file, remote) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
+            Handle::Staged { file, .. } => (file.clone(), false),
+            Handle::Remote { file, .. } => (file.clone(), true),
+        };
+        if remote && !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        let mut buf = vec![0u8; size as usize];
+        let n = if remote {
+            self.backend.read_at(&file, &mut buf, offset)
+        } else {
+            read_full(&file, &mut buf, offset)
+        }
+        .map_err(io_err)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let (ino, file) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
+            Handle::Staged { ino, file, write: true } => (*ino, file.clone()),
+            _ => return Err(FsError::BadHandle),
+        };
+        file.write_all_at(data, offset).map_err(io_err)?;
+        let mut ns = self.ns.lock();
+        ns.mark_dirty(ino)?;
+        let i = ns.get_mut(ino)?;
+        let end = offset + data.len() as u64;
+        if end > i.attr.size {
+            i.attr.size = end;
+        }
+        let now = Timespec::now();
+        i.attr.mtime = now;
+        i.attr.ctime = now;
+        // Writes by non-owners clear setuid/setgid, as a local filesystem does.
+        i.attr.perm &= !(libc::S_ISUID | if i.attr.perm & 0o010 != 0 { libc::S_ISGID } else { 0 });
+        Ok(data.len() as u32)
+    }
+
+    pub fn release(&self, fh: u64) {
+        let Some(h) = self.handles.lock().remove(&fh) else {
+            return;
+        };
+        let (ino, write) = match h {
+            Handle::Staged { ino, write, .. } => (ino, write),
+            Handle::Remote { ino, .. } => (ino, false),
+        };
+        let mut fx = Effects::default();
+        let mut ns = self.ns.lock();
+        if let Ok(i) = ns.get_mut(ino) {
+            i.opens = i.opens.saturating_sub(1);
+            if write {
+                i.writers = i.writers.saturating_sub(1);
+            }
+            let (writers, opens, content) = (i.writers, i.opens, i.content);
+            if writers == 0 {
+                ns.file_quiet(ino, Instant::now());
+            }
+            // A staged copy nobody uses and that is not waiting for a publish
+            // goes back to being read from the backend.
+            if let Content::Staged { id, dirty: false } = content
+                && opens == 0
+                && !ns.get(ino).is_ok_and(|i| i.publish_queued)
+            {
+                ns.get_mut(ino).expect("exists").content = Content::Remote;
+                fx.discard.push(id);
+            }
+            ns.maybe_free(ino, &mut fx);
+        }
+        self.apply(fx);
+    }
+
+    /// fsync: local durability of the staged data, and with `fsync=remote`
+    /// also the publish to the backend.
+    pub fn fsync(&self, fh: u64, may_block: bool) -> FsResult<()> {
+        let (ino, file) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
+            Handle::Staged { ino, file, .. } => (*ino, file.clone()),
+            Handle::Remote { .. } => return Ok(()),
+        };
+        if !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        file.sync_data().map_err(io_err)?;
+        if !self.cfg.fsync_remote {
+            return Ok(());
+        }
+        {
+            let mut ns = self.ns.lock();
+            if let Some(op) = ns.queue_publish(ino)? {
+                self.sched.enqueue(op);
+            }
+        }
+        self.sched.wait_key_clear(&flush::Key::Ino(ino), None);
+        Ok(())
+    }
+
+    pub fn statfs(&self, may_block: bool) -> FsResult<StatFs> {
+        if !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        self.backend.statfs().map_err(io_err)
+    }
+
+    // ---- directories -----------------------------------------------------------
+
+    pub fn readdir(&self, dir: Ino, offset: u64, plus: bool, may_block: bool) -> FsResult<Vec<DirEntryOut>> {
+        self.ensure_loaded(dir, may_block)?;
+        let mut ns = self.ns.lock();
+        let d = ns.dir(dir)?;
+        let parent = if dir == ROOT {
+            ROOT
+        } else {
+            ns.get(dir)?.links.first().map_or(ROOT, |l| l.0)
+        };
+        let mut out = Vec::new();
+        if offset < 1 {
+            out.push((dir, 1, OsString::from(".")));
+        }
+        if offset < 2 {
+            out.push((parent, 2, OsString::from("..")));
+        }
+        for (cookie, name) in d.by_cookie.range(offset.max(2) + 1..).take(1024) {
+            out.push((d.entries[name].ino, *cookie, name.clone()));
+        }
+        let mut entries = Vec::with_capacity(out.len());
+        for (ino, off, name) in out {
+            let kind = ns.get(ino)?.kind;
+            let dots = off <= 2;
+            let attr = if plus {
+                if !dots {
+                    ns.add_lookup(ino);
+                }
+                Some(Self::attr_out(&ns, ino)?)
+            } else {
+                None
+            };
+            entries.push(DirEntryOut {
+                ino,
+                offset: off,
+                kind,
+                name,
+                attr,
+            });
+        }
+        Ok(entries)
+    }
+
+    /// Undo the lookup counts of readdirplus entries the kernel did not take.
+    pub fn unlookup(&self, ino: Ino) {
+        self.forget(ino, 1);
+    }
+
+    // ---- flushing ----------------------------------------------------------------
+
+    /// Queues what has become due: files quiet for the debounce time (all of
+    /// them with `force`), and directory attributes once nothing is pending
+    /// inside the directory.
+    pub fn tick(&self, force: bool) {
+        let now = Instant::now();
+        let mut ns = self.ns.lock();
+        let due: Vec<Ino> = ns
+            .debounce
+            .iter()
+            .filter(|(_, t)| force || now.duration_since(**t) >= self.cfg.debounce)
+            .map(|(i, _)| *i)
+            .collect();
+        for ino in due {
+            match ns.queue_publish(ino) {
+                Ok(Some(op)) => self.sched.enqueue(op),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(ino, error = %e, "cannot queue publish"),
+            }
+        }
+        if !ns.dirty_dir_attrs.is_empty() {
+            let busy = ns.dirs_with_unqueued_files();
+            let ready: Vec<Ino> = ns
+                .dirty_dir_attrs
+                .iter()
+                .copied()
+                .filter(|d| !busy.contains(d) && !self.sched.dir_busy(*d))
+                .collect();
+            for d in ready {
+                match ns.queue_dir_attrs(d) {
+                    Ok(Some(op)) => self.sched.enqueue(op),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(ino = d, error = %e, "cannot queue directory attributes"),
+                }
+            }
+        }
+    }
+
+    /// Runs flush ops until the scheduler shuts down (one call per worker thread).
+    pub fn run_worker(&self) {
+        while let Some(lent) = self.sched.next() {
+            let (pub_ino, pub_generation) = match &lent.action {
+                Action::Publish { ino, generation, .. } => (Some(*ino), *generation),
+                _ => (None, 0),
+            };
+            let result = publish::execute(
+                &*self.backend,
+                &self.temps,
+                &lent.action,
+                |id| match self.staging.open_read(id) {
+                    Ok(f) => Ok(Some(f)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                },
+                || pub_ino.is_some_and(|ino| self.ns.lock().get(ino).is_ok_and(|i| i.generation == pub_generation)),
+            );
+            let (outcome, published) = match result {
+                Ok(p) => (Outcome::Done, Some(p)),
+                Err(e) if flush::is_transient(&e) => (Outcome::Retry(e), None),
+                Err(e) => (Outcome::Failed(e), None),
+            };
+            let Some(op) = self.sched.finish(lent, outcome) else {
+                continue;
+            };
+            let mut discard = None;
+            {
+                let mut ns = self.ns.lock();
+                for d in op.changed_dirs() {
+                    ns.entries_changed_on_backend(d);
+                }
+                if let Action::Publish { ino, generation, .. } = op.action {
+                    match published {
+                        Some(p) if !p.superseded => {
+                            self.sched.stats.files_published.fetch_add(1, Ordering::Relaxed);
+                            self.sched.stats.bytes_published.fetch_add(p.bytes, Ordering::Relaxed);
+                            discard = ns.publish_done(ino, generation, p.backend_ino);
+                        }
+                        _ => ns.publish_abandoned(ino),
+                    }
+                }
+            }
+            if let Some(id) = discard {
+                self.staging.remove(id);
+            }
+        }
+    }
+
+    /// The `sync` barrier: publishes everything accepted so far and waits for
+    /// it (files still open for writing are reported, not waited for).
+    pub fn sync(&self, deadline: Option<Instant>) -> SyncReport {
+        let complete = loop {
+            self.tick(true);
+            let pending = {
+                let ns = self.ns.lock();
+                !ns.debounce.is_empty() || !ns.dirty_dir_attrs.is_empty()
+            };
+            if !pending && self.sched.queued() == 0 {
+                break true;
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break false;
+            }
+            let step = Instant::now() + Duration::from_millis(20);
+            self.sched.wait_idle(Some(deadline.map_or(step, |d| d.min(step))));
+        };
+        let ns = self.ns.lock();
+        let mut open_files = Vec::new();
+        for ino in &ns.dirty_files {
+            if ns.get(*ino).is_ok_and(|i| i.writers > 0) {
+                open_files.push(ns.path_of(*ino).map(|p| p.display()).unwrap_or_default());
+            }
+        }
+        SyncReport {
+            complete,
+            failures: self.sched.failures(),
+            open_files,
+        }
+    }
+
+    pub fn status(&self) -> FsStatus {
+        let ns = self.ns.lock();
+        let mut pending_bytes = 0;
+        let mut open_for_write = 0;
+        for i in ns.inodes() {
+            if i.is_dirty() || i.publish_queued {
+                pending_bytes += i.attr.size;
+            }
+            if i.writers > 0 {
+                open_for_write += 1;
+            }
+        }
+        FsStatus {
+            inodes: ns.len(),
+            dirty_files: ns.dirty_files.len(),
+            open_for_write,
+            waiting_debounce: ns.debounce.len(),
+            pending_bytes,
+            dirty_dirs: ns.dirty_dir_attrs.len(),
+        }
+    }
+}
+
+/// New objects in a setgid directory take the directory's group.
+fn inherit_gid(ns: &Namespace, parent: Ino, gid: u32) -> FsResult<u32> {
+    let p = ns.get(parent)?;
+    Ok(if p.attr.perm & libc::S_ISGID != 0 {
+        p.attr.gid
+    } else {
+        gid
+    })
+}
+
+/// Reads until `buf` is full or end of file (a local staging file).
+fn read_full(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read_at(&mut buf[n..], offset + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Copies a backend file into staging with large reads.
+fn copy_up(backend: &dyn Backend, src: &File, dst: &File) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    loop {
+        let n = backend.read_at(src, &mut buf, off)?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..n], off)?;
+        off += n as u64;
+    }
+    Ok(())
+}

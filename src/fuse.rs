@@ -1,0 +1,494 @@
+//! The FUSE adapter: converts each kernel request into a call on `Fs` and the
+//! result into a reply or an errno. No state, no policy. Calls that need the
+//! backend (`FsError::WouldBlock`) are retried on the blocking pool, so the
+//! event-loop threads never wait on the backend. Only `fuse*.rs` names fuser.
+
+pub mod session;
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::backend::{Kind, Timespec};
+use crate::error::{FsError, FsResult};
+use crate::fs::{AttrOut, Fs};
+use crate::namespace::SetAttr;
+
+/// Threads that run requests which wait on the backend.
+pub struct BlockingPool {
+    tx: crossbeam::channel::Sender<Box<dyn FnOnce() + Send>>,
+}
+
+impl BlockingPool {
+    pub fn new(threads: usize) -> BlockingPool {
+        let (tx, rx) = crossbeam::channel::unbounded::<Box<dyn FnOnce() + Send>>();
+        for i in 0..threads.max(1) {
+            let rx = rx.clone();
+            std::thread::Builder::new()
+                .name(format!("efscache-io-{i}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        job();
+                    }
+                })
+                .expect("spawn blocking pool thread");
+        }
+        BlockingPool { tx }
+    }
+    fn spawn(&self, job: impl FnOnce() + Send + 'static) {
+        let _ = self.tx.send(Box::new(job));
+    }
+}
+
+pub struct EfsFuse {
+    fs: Arc<Fs>,
+    pool: BlockingPool,
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno())
+}
+
+fn time(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
+    } else {
+        UNIX_EPOCH - Duration::new(t.sec.unsigned_abs(), 0) + Duration::new(0, t.nsec)
+    }
+}
+
+fn timespec(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (mut sec, mut nsec) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if nsec > 0 {
+                sec -= 1;
+                nsec = 1_000_000_000 - nsec;
+            }
+            Timespec { sec, nsec }
+        }
+    }
+}
+
+fn file_type(k: Kind) -> FileType {
+    match k {
+        Kind::File => FileType::RegularFile,
+        Kind::Dir => FileType::Directory,
+        Kind::Symlink => FileType::Symlink,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDev => FileType::CharDevice,
+        Kind::BlockDev => FileType::BlockDevice,
+    }
+}
+
+fn file_attr(a: &AttrOut) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.attr.size,
+        blocks: a
+            .attr
+            .size
+            .div_ceil(512)
+            .max(a.attr.blocks.min(a.attr.size.div_ceil(512))),
+        atime: time(a.attr.atime),
+        mtime: time(a.attr.mtime),
+        ctime: time(a.attr.ctime),
+        crtime: time(a.attr.ctime),
+        kind: file_type(a.kind),
+        perm: a.attr.perm as u16,
+        nlink: a.nlink,
+        uid: a.attr.uid,
+        gid: a.attr.gid,
+        rdev: a.attr.rdev as u32,
+        blksize: 1 << 20,
+        flags: 0,
+    }
+}
+
+fn time_or_now(t: Option<TimeOrNow>) -> Option<Timespec> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(st) => timespec(st),
+        TimeOrNow::Now => Timespec::now(),
+    })
+}
+
+impl EfsFuse {
+    pub fn new(fs: Arc<Fs>, pool_threads: usize) -> EfsFuse {
+        EfsFuse {
+            fs,
+            pool: BlockingPool::new(pool_threads),
+        }
+    }
+
+    /// Runs `op` inline; if it must wait on the backend, runs it again on the
+    /// blocking pool. `done` sends the reply either way.
+    fn run<T: Send + 'static, R: Send + 'static>(
+        &self,
+        reply: R,
+        op: impl Fn(&Fs, bool) -> FsResult<T> + Send + 'static,
+        done: impl FnOnce(R, FsResult<T>) + Send + 'static,
+    ) {
+        match op(&self.fs, false) {
+            Err(FsError::WouldBlock) => {
+                let fs = self.fs.clone();
+                self.pool.spawn(move || {
+                    let r = op(&fs, true);
+                    done(reply, r)
+                });
+            }
+            r => done(reply, r),
+        }
+    }
+
+    fn entry(&self, reply: ReplyEntry, op: impl Fn(&Fs, bool) -> FsResult<AttrOut> + Send + 'static) {
+        let ttl = self.fs.kernel_ttl();
+        self.run(reply, op, move |reply, r| match r {
+            Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+
+    fn empty(&self, reply: ReplyEmpty, op: impl Fn(&Fs, bool) -> FsResult<()> + Send + 'static) {
+        self.run(reply, op, |reply, r| match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        });
+    }
+}
+
+impl fuser::Filesystem for EfsFuse {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // PARALLEL_DIROPS: else the kernel serialises lookups in one directory.
+        // ATOMIC_O_TRUNC: open(O_TRUNC) arrives as one request, not open + setattr.
+        // Not SETXATTR_EXT (fuser 0.18 panics on it), not WRITEBACK_CACHE.
+        for cap in [
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_BIG_WRITES,
+            InitFlags::FUSE_MAX_PAGES,
+        ] {
+            if config.add_capabilities(cap).is_err() {
+                tracing::debug!(?cap, "kernel lacks FUSE capability");
+            }
+        }
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_background(64);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let name = name.to_owned();
+        self.entry(reply, move |fs, b| fs.lookup(parent.0, &name, b));
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.forget(ino.0, nlookup);
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let ttl = self.fs.kernel_ttl();
+        self.run(
+            reply,
+            move |fs, b| fs.getattr(ino.0, b),
+            move |reply, r| match r {
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let ch = SetAttr {
+            perm: mode.map(|m| m & 0o7777),
+            uid,
+            gid,
+            size,
+            atime: time_or_now(atime),
+            mtime: time_or_now(mtime),
+        };
+        let ttl = self.fs.kernel_ttl();
+        self.run(
+            reply,
+            move |fs, b| fs.setattr(ino.0, ch.clone(), b),
+            move |reply, r| match r {
+                Ok(a) => reply.attr(&ttl, &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.run(
+            reply,
+            move |fs, b| fs.readlink(ino.0, b),
+            |reply, r| match r {
+                Ok(t) => reply.data(std::os::unix::ffi::OsStrExt::as_bytes(t.as_os_str())),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.entry(reply, move |fs, b| {
+            fs.mknod(parent.0, &name, mode, rdev as u64, uid, gid, b)
+        });
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        self.entry(reply, move |fs, b| {
+            fs.mkdir(parent.0, &name, mode & 0o7777, uid, gid, b)
+        });
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_owned();
+        self.empty(reply, move |fs, b| fs.unlink(parent.0, &name, b));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_owned();
+        self.empty(reply, move |fs, b| fs.rmdir(parent.0, &name, b));
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let (name, target, uid, gid) = (
+            link_name.to_owned(),
+            target.as_os_str().to_owned(),
+            req.uid(),
+            req.gid(),
+        );
+        self.entry(reply, move |fs, b| fs.symlink(parent.0, &name, &target, uid, gid, b));
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (name, newname) = (name.to_owned(), newname.to_owned());
+        self.empty(reply, move |fs, b| {
+            fs.rename(parent.0, &name, newparent.0, &newname, flags.bits(), b)
+        });
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let newname = newname.to_owned();
+        self.entry(reply, move |fs, b| fs.link(ino.0, newparent.0, &newname, b));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.run(
+            reply,
+            move |fs, b| fs.open(ino.0, flags.0, b),
+            |reply, r| match r {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.run(
+            reply,
+            move |fs, b| fs.read(fh.0, offset, size, b),
+            |reply, r| match r {
+                Ok(d) => reply.data(&d),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.fs.release(fh.0);
+        reply.ok();
+    }
+
+    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        self.empty(reply, move |fs, b| fs.fsync(fh.0, b));
+    }
+
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::empty());
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        self.run(
+            reply,
+            move |fs, b| fs.readdir(ino.0, offset, false, b),
+            |mut reply, r| match r {
+                Ok(entries) => {
+                    for e in entries {
+                        if reply.add(INodeNo(e.ino), e.offset, file_type(e.kind), &e.name) {
+                            break;
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+        let ttl = self.fs.kernel_ttl();
+        let fs = self.fs.clone();
+        self.run(
+            reply,
+            move |fs, b| fs.readdir(ino.0, offset, true, b),
+            move |mut reply, r| match r {
+                Ok(entries) => {
+                    let mut full = false;
+                    for e in entries {
+                        let dots = e.offset <= 2;
+                        if !full {
+                            let a = e.attr.as_ref().expect("readdirplus fills attributes");
+                            full = reply.add(INodeNo(e.ino), e.offset, &e.name, &ttl, &file_attr(a), Generation(0));
+                        }
+                        // The kernel takes no reference for entries that did not fit.
+                        if full && !dots {
+                            fs.unlookup(e.ino);
+                        }
+                    }
+                    reply.ok()
+                }
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        self.run(
+            reply,
+            |fs, b| fs.statfs(b),
+            |reply, r| match r {
+                Ok(s) => reply.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+                ),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        reply.ok(); // mounted with default_permissions: the kernel checks
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
+        let ttl = self.fs.kernel_ttl();
+        self.run(
+            reply,
+            move |fs, b| fs.create(parent.0, &name, mode & 0o7777, flags, uid, gid, b),
+            move |reply, r| match r {
+                Ok((a, fh)) => reply.created(&ttl, &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
+    }
+}

@@ -1,0 +1,1002 @@
+//! The overlay namespace: inodes, directory entries and per-inode state, in memory.
+//!
+//! This is the filesystem as users see it. Each change to it that the backend
+//! must eventually see is returned as `FlushOp`s (in the order the changes were
+//! made) for the flush scheduler, so the backend can always be brought to the
+//! same tree. Regular files created through the mount stay *absent* from the
+//! backend's future until their publish is queued: renaming or removing them
+//! before then costs the backend nothing (rsync's temp files never reach it).
+//!
+//! Locking: the whole namespace sits behind one mutex in `Fs`. Lock order:
+//! namespace, then scheduler. Neither is ever held across backend I/O.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::time::Instant;
+
+use crate::backend::{AttrSet, Kind, RelPath, Stat, Timespec};
+use crate::error::{FsError, FsResult};
+use crate::flush::{Access, Action, FlushOp, Key};
+
+pub type Ino = u64;
+pub const ROOT: Ino = 1;
+/// Inode numbers for objects not (yet) on the backend have the top bit set, so
+/// they never collide with numbers derived from backend inode numbers.
+const SYNTHETIC_BASE: u64 = 1 << 63;
+
+/// Attributes as the overlay reports them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub blocks: u64,
+    pub rdev: u64,
+    pub atime: Timespec,
+    pub mtime: Timespec,
+    pub ctime: Timespec,
+}
+
+impl Attr {
+    pub fn from_stat(st: &Stat) -> Attr {
+        Attr {
+            perm: st.perm,
+            uid: st.uid,
+            gid: st.gid,
+            size: st.size,
+            blocks: st.blocks,
+            rdev: st.rdev,
+            atime: st.atime,
+            mtime: st.mtime,
+            ctime: st.ctime,
+        }
+    }
+    fn new(perm: u32, uid: u32, gid: u32) -> Attr {
+        let now = Timespec::now();
+        Attr {
+            perm,
+            uid,
+            gid,
+            size: 0,
+            blocks: 0,
+            rdev: 0,
+            atime: now,
+            mtime: now,
+            ctime: now,
+        }
+    }
+    /// Everything a publish or attribute flush sets on the backend.
+    pub fn to_set(&self, kind: Kind) -> AttrSet {
+        AttrSet {
+            perm: (kind != Kind::Symlink).then_some(self.perm),
+            uid: Some(self.uid),
+            gid: Some(self.gid),
+            atime: Some(self.atime),
+            mtime: Some(self.mtime),
+        }
+    }
+}
+
+/// Where a regular file's data lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Content {
+    /// On the backend, read through the backend.
+    Remote,
+    /// In the staging area under this id; `dirty` until a publish of it is queued.
+    Staged { id: u64, dirty: bool },
+}
+
+#[derive(Clone, Debug)]
+pub struct Dentry {
+    pub ino: Ino,
+    /// Readdir cookie: entries are listed in cookie order, so offsets stay valid
+    /// while the directory changes.
+    pub cookie: u64,
+    /// Only for entries of files absent from the backend: the backend still has
+    /// an older object under this name (the file was renamed over it), which
+    /// must be removed if this entry goes away before the file is published.
+    pub shadows: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Dir {
+    pub entries: BTreeMap<OsString, Dentry>,
+    pub by_cookie: BTreeMap<u64, OsString>,
+    next_cookie: u64,
+    /// When the listing was last loaded from (or known equal to) the backend.
+    pub loaded: Option<Instant>,
+    pub subdirs: u32,
+}
+
+impl Dir {
+    fn insert(&mut self, name: OsString, ino: Ino, shadows: bool) {
+        self.next_cookie += 1;
+        let cookie = self.next_cookie + 2; // 1 and 2 are "." and ".."
+        if let Some(old) = self.entries.insert(name.clone(), Dentry { ino, cookie, shadows }) {
+            self.by_cookie.remove(&old.cookie);
+        }
+        self.by_cookie.insert(cookie, name);
+    }
+    fn remove(&mut self, name: &OsStr) -> Option<Dentry> {
+        let d = self.entries.remove(name)?;
+        self.by_cookie.remove(&d.cookie);
+        Some(d)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Inode {
+    pub ino: Ino,
+    pub kind: Kind,
+    pub attr: Attr,
+    /// Names of this inode: (parent, name). One for directories; files may have several.
+    pub links: Vec<(Ino, OsString)>,
+    /// True once the backend has this object or a queued op will create it.
+    pub on_backend: bool,
+    /// The backend's inode number, once known.
+    pub backend_ino: Option<u64>,
+    pub content: Content,
+    pub symlink_target: Option<OsString>,
+    pub dir: Option<Box<Dir>>,
+    /// The kernel's lookup count (FUSE forget protocol).
+    pub lookups: u64,
+    pub opens: u32,
+    pub writers: u32,
+    /// Bumped whenever the content may change (open for writing, truncate, write),
+    /// so a publish can tell whether it copied the latest content.
+    pub generation: u64,
+    /// Directories: times were set explicitly (rsync -a) and must be reapplied
+    /// after the backend finishes changing the directory's entries.
+    pub times_explicit: bool,
+    /// When attributes were last read from the backend.
+    pub fetched: Option<Instant>,
+    /// A publish of the staged content is queued or running.
+    pub publish_queued: bool,
+}
+
+impl Inode {
+    fn new(ino: Ino, kind: Kind, attr: Attr) -> Inode {
+        Inode {
+            ino,
+            kind,
+            attr,
+            links: Vec::new(),
+            on_backend: false,
+            backend_ino: None,
+            content: Content::Remote,
+            symlink_target: None,
+            dir: (kind == Kind::Dir).then(Box::default),
+            lookups: 0,
+            opens: 0,
+            writers: 0,
+            generation: 0,
+            times_explicit: false,
+            fetched: None,
+            publish_queued: false,
+        }
+    }
+    pub fn nlink(&self) -> u32 {
+        match &self.dir {
+            Some(d) => 2 + d.subdirs,
+            None => self.links.len() as u32,
+        }
+    }
+    pub fn staged_id(&self) -> Option<u64> {
+        match self.content {
+            Content::Staged { id, .. } => Some(id),
+            Content::Remote => None,
+        }
+    }
+    pub fn is_dirty(&self) -> bool {
+        matches!(self.content, Content::Staged { dirty: true, .. })
+    }
+}
+
+/// Changes requested by setattr.
+#[derive(Clone, Debug, Default)]
+pub struct SetAttr {
+    pub perm: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Timespec>,
+    pub mtime: Option<Timespec>,
+}
+
+/// What a staging file must do after an overlay change.
+#[derive(Debug, Default)]
+pub struct Effects {
+    pub ops: Vec<FlushOp>,
+    /// Staging ids no longer referenced by any inode: delete them.
+    pub discard: Vec<u64>,
+}
+
+pub struct Namespace {
+    inodes: HashMap<Ino, Inode>,
+    /// Backend inode number -> overlay inode, so hard links share one inode and a
+    /// published file keeps the number it had before its publish.
+    by_backend: HashMap<u64, Ino>,
+    next_synthetic: u64,
+    next_staging: u64,
+    /// Closed files whose new content waits for its publish, with the time they went quiet.
+    pub debounce: HashMap<Ino, Instant>,
+    /// Files with unpublished content (open for writing or waiting in `debounce`).
+    pub dirty_files: HashSet<Ino>,
+    /// Directories whose attributes (times, mode, owner) must be applied on the backend.
+    pub dirty_dir_attrs: HashSet<Ino>,
+    root_backend_ino: u64,
+}
+
+fn check_name(name: &OsStr) -> FsResult<()> {
+    use std::os::unix::ffi::OsStrExt;
+    if name.len() > 255 {
+        return Err(FsError::NameTooLong);
+    }
+    if !crate::backend::valid_name(name) {
+        return Err(FsError::Invalid);
+    }
+    // The publish temp prefix is reserved: such names would be mistaken for
+    // orphaned temp files by cleanup.
+    if name.as_bytes().starts_with(crate::flush::TEMP_PREFIX.as_bytes()) {
+        return Err(FsError::Invalid);
+    }
+    Ok(())
+}
+
+impl Namespace {
+    /// A namespace whose root is the backend root with attributes `root`.
+    pub fn new(root: &Stat) -> Namespace {
+        let mut inodes = HashMap::new();
+        let mut r = Inode::new(ROOT, Kind::Dir, Attr::from_stat(root));
+        r.on_backend = true;
+        r.backend_ino = Some(root.ino);
+        r.lookups = 1;
+        inodes.insert(ROOT, r);
+        let mut by_backend = HashMap::new();
+        by_backend.insert(root.ino, ROOT);
+        Namespace {
+            inodes,
+            by_backend,
+            next_synthetic: SYNTHETIC_BASE,
+            next_staging: 1,
+            debounce: HashMap::new(),
+            dirty_files: HashSet::new(),
+            dirty_dir_attrs: HashSet::new(),
+            root_backend_ino: root.ino,
+        }
+    }
+
+    pub fn get(&self, ino: Ino) -> FsResult<&Inode> {
+        self.inodes.get(&ino).ok_or(FsError::BadHandle)
+    }
+    pub fn get_mut(&mut self, ino: Ino) -> FsResult<&mut Inode> {
+        self.inodes.get_mut(&ino).ok_or(FsError::BadHandle)
+    }
+    pub fn len(&self) -> usize {
+        self.inodes.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.inodes.is_empty()
+    }
+    pub fn inodes(&self) -> impl Iterator<Item = &Inode> {
+        self.inodes.values()
+    }
+
+    pub fn new_staging_id(&mut self) -> u64 {
+        let id = self.next_staging;
+        self.next_staging += 1;
+        id
+    }
+
+    fn new_ino(&mut self) -> Ino {
+        self.next_synthetic += 1;
+        self.next_synthetic
+    }
+
+    /// The overlay inode number for a backend object: derived from the backend's
+    /// inode number, so it is stable across remounts.
+    fn ino_for_backend(&mut self, backend_ino: u64) -> Ino {
+        if let Some(i) = self.by_backend.get(&backend_ino) {
+            return *i;
+        }
+        let ino = if backend_ino == self.root_backend_ino {
+            ROOT
+        } else if backend_ino < SYNTHETIC_BASE && backend_ino > ROOT {
+            backend_ino
+        } else {
+            self.new_ino()
+        };
+        self.by_backend.insert(backend_ino, ino);
+        ino
+    }
+
+    /// Records that a published file now has `backend_ino` on the backend.
+    pub fn set_backend_ino(&mut self, ino: Ino, backend_ino: u64) {
+        self.by_backend.insert(backend_ino, ino);
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.backend_ino = Some(backend_ino);
+        }
+    }
+
+    pub fn dir(&self, ino: Ino) -> FsResult<&Dir> {
+        self.get(ino)?.dir.as_deref().ok_or(FsError::NotDir)
+    }
+    fn dir_mut(&mut self, ino: Ino) -> FsResult<&mut Dir> {
+        self.get_mut(ino)?.dir.as_deref_mut().ok_or(FsError::NotDir)
+    }
+
+    pub fn is_loaded(&self, dir: Ino) -> FsResult<bool> {
+        Ok(self.dir(dir)?.loaded.is_some())
+    }
+
+    /// Merges a backend listing of `dir` taken when the directory was not yet
+    /// loaded (or is being revalidated while nothing in it is pending).
+    pub fn merge_listing(&mut self, dir: Ino, listing: Vec<(OsString, Stat)>, now: Instant) -> FsResult<()> {
+        let reload = self.is_loaded(dir)?;
+        let mut seen = HashSet::new();
+        for (name, st) in listing {
+            if check_name(&name).is_err() {
+                continue; // publish temp files (reserved prefix) are never shown
+            }
+            seen.insert(name.clone());
+            let existing = self.dir(dir)?.entries.get(&name).map(|d| d.ino);
+            let ino = self.ino_for_backend(st.ino);
+            if let Some(cur) = existing {
+                if cur != ino {
+                    continue; // the overlay has another object here (pending change): it wins
+                }
+                let i = self.get_mut(cur)?;
+                if i.kind == st.kind && i.content == Content::Remote && i.writers == 0 {
+                    i.attr = Attr::from_stat(&st);
+                    i.fetched = Some(now);
+                }
+                continue;
+            }
+            if reload && self.inodes.contains_key(&ino) {
+                continue;
+            }
+            self.add_backend_entry(dir, name, ino, &st, now)?;
+        }
+        if reload {
+            // Names gone from the backend disappear, unless the overlay changed them.
+            let gone: Vec<(OsString, Ino)> = self
+                .dir(dir)?
+                .entries
+                .iter()
+                .filter(|(n, _)| !seen.contains(*n))
+                .map(|(n, d)| (n.clone(), d.ino))
+                .collect();
+            for (name, ino) in gone {
+                let i = self.get(ino)?;
+                let untouched = i.on_backend
+                    && i.content == Content::Remote
+                    && i.opens == 0
+                    && i.dir.as_ref().is_none_or(|d| d.entries.is_empty());
+                if untouched {
+                    self.detach(dir, &name)?;
+                }
+            }
+        }
+        self.dir_mut(dir)?.loaded = Some(now);
+        Ok(())
+    }
+
+    fn add_backend_entry(&mut self, dir: Ino, name: OsString, ino: Ino, st: &Stat, now: Instant) -> FsResult<()> {
+        let inode = self.inodes.entry(ino).or_insert_with(|| {
+            let mut i = Inode::new(ino, st.kind, Attr::from_stat(st));
+            i.on_backend = true;
+            i.backend_ino = Some(st.ino);
+            i.fetched = Some(now);
+            i
+        });
+        inode.links.push((dir, name.clone()));
+        let is_dir = inode.kind == Kind::Dir;
+        let d = self.dir_mut(dir)?;
+        d.insert(name, ino, false);
+        if is_dir {
+            d.subdirs += 1;
+        }
+        Ok(())
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> FsResult<Option<Ino>> {
+        Ok(self.dir(parent)?.entries.get(name).map(|d| d.ino))
+    }
+
+    /// Backend path of an inode (its first name), or None if unlinked.
+    pub fn path_of(&self, ino: Ino) -> FsResult<RelPath> {
+        let mut comps = Vec::new();
+        let mut cur = ino;
+        while cur != ROOT {
+            let i = self.get(cur)?;
+            let (p, n) = i.links.first().ok_or(FsError::NotFound)?;
+            comps.push(n.clone());
+            cur = *p;
+            if comps.len() > 4096 {
+                return Err(FsError::Invalid);
+            }
+        }
+        comps.reverse();
+        Ok(RelPath(comps))
+    }
+
+    /// The directory and all its ancestors up to the root.
+    fn ancestors(&self, dir: Ino) -> FsResult<Vec<Ino>> {
+        let mut out = vec![dir];
+        let mut cur = dir;
+        while cur != ROOT {
+            cur = self.get(cur)?.links.first().ok_or(FsError::NotFound)?.0;
+            out.push(cur);
+        }
+        Ok(out)
+    }
+
+    /// Keys for an op that changes the entries `names` and the objects `objects`:
+    /// the entries and objects exclusively, every ancestor directory shared (so a
+    /// rename of an ancestor waits for the op, and the op for the rename).
+    fn keys(&self, names: &[(Ino, &OsStr)], objects: &[Ino]) -> FsResult<Vec<(Key, Access)>> {
+        let mut keys = Vec::new();
+        let mut shared = HashSet::new();
+        for (dir, name) in names {
+            keys.push((Key::Name(*dir, (*name).to_owned()), Access::Exclusive));
+            shared.extend(self.ancestors(*dir)?);
+        }
+        for o in objects {
+            shared.remove(o);
+            keys.push((Key::Ino(*o), Access::Exclusive));
+        }
+        keys.extend(shared.into_iter().map(|d| (Key::Ino(d), Access::Shared)));
+        Ok(keys)
+    }
+
+    fn op(&self, names: &[(Ino, &OsStr)], objects: &[Ino], action: Action) -> FsResult<FlushOp> {
+        Ok(FlushOp {
+            keys: self.keys(names, objects)?,
+            action,
+        })
+    }
+
+    /// Keys that an access to an existing object's backend path must wait for:
+    /// pending renames of any ancestor or of the object itself.
+    pub fn read_keys(&self, ino: Ino) -> FsResult<Vec<(Key, Access)>> {
+        let i = self.get(ino)?;
+        let (p, n) = i.links.first().ok_or(FsError::NotFound)?;
+        let mut keys = vec![
+            (Key::Name(*p, n.clone()), Access::Shared),
+            (Key::Ino(ino), Access::Shared),
+        ];
+        keys.extend(self.ancestors(*p)?.into_iter().map(|d| (Key::Ino(d), Access::Shared)));
+        Ok(keys)
+    }
+
+    fn touch_dir(&mut self, dir: Ino) {
+        if let Some(i) = self.inodes.get_mut(&dir) {
+            let now = Timespec::now();
+            i.attr.mtime = now;
+            i.attr.ctime = now;
+            i.times_explicit = false;
+        }
+    }
+
+    fn insert_new(&mut self, parent: Ino, name: &OsStr, mut inode: Inode) -> FsResult<Ino> {
+        check_name(name)?;
+        if self.lookup(parent, name)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        let ino = inode.ino;
+        inode.links.push((parent, name.to_owned()));
+        inode.lookups = 1;
+        let is_dir = inode.kind == Kind::Dir;
+        self.inodes.insert(ino, inode);
+        let d = self.dir_mut(parent)?;
+        d.insert(name.to_owned(), ino, false);
+        if is_dir {
+            d.subdirs += 1;
+        }
+        self.touch_dir(parent);
+        Ok(ino)
+    }
+
+    pub fn mkdir(
+        &mut self,
+        parent: Ino,
+        name: &OsStr,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        fx: &mut Effects,
+    ) -> FsResult<Ino> {
+        let ino = self.new_ino();
+        let mut i = Inode::new(ino, Kind::Dir, Attr::new(perm, uid, gid));
+        i.on_backend = true;
+        i.dir.as_mut().expect("dir").loaded = Some(Instant::now());
+        self.insert_new(parent, name, i)?;
+        let path = self.path_of(ino)?;
+        fx.ops
+            .push(self.op(&[(parent, name)], &[ino], Action::Mkdir { path, perm, uid, gid })?);
+        Ok(ino)
+    }
+
+    /// A new regular file with empty staged content (absent from the backend).
+    pub fn create_file(&mut self, parent: Ino, name: &OsStr, perm: u32, uid: u32, gid: u32) -> FsResult<Ino> {
+        let ino = self.new_ino();
+        let id = self.new_staging_id();
+        let mut i = Inode::new(ino, Kind::File, Attr::new(perm, uid, gid));
+        i.content = Content::Staged { id, dirty: true };
+        self.insert_new(parent, name, i)?;
+        self.dirty_files.insert(ino);
+        Ok(ino)
+    }
+
+    pub fn symlink(
+        &mut self,
+        parent: Ino,
+        name: &OsStr,
+        target: &OsStr,
+        uid: u32,
+        gid: u32,
+        fx: &mut Effects,
+    ) -> FsResult<Ino> {
+        let ino = self.new_ino();
+        let mut i = Inode::new(ino, Kind::Symlink, Attr::new(0o777, uid, gid));
+        i.attr.size = target.len() as u64;
+        i.symlink_target = Some(target.to_owned());
+        i.on_backend = true;
+        self.insert_new(parent, name, i)?;
+        let path = self.path_of(ino)?;
+        let attrs = AttrSet {
+            perm: None,
+            uid: Some(uid),
+            gid: Some(gid),
+            atime: None,
+            mtime: None,
+        };
+        fx.ops.push(self.op(
+            &[(parent, name)],
+            &[ino],
+            Action::Symlink {
+                path,
+                target: target.to_owned(),
+                attrs,
+            },
+        )?);
+        Ok(ino)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn mknod(
+        &mut self,
+        parent: Ino,
+        name: &OsStr,
+        kind: Kind,
+        perm: u32,
+        rdev: u64,
+        uid: u32,
+        gid: u32,
+        fx: &mut Effects,
+    ) -> FsResult<Ino> {
+        let ino = self.new_ino();
+        let mut i = Inode::new(ino, kind, Attr::new(perm, uid, gid));
+        i.attr.rdev = rdev;
+        i.on_backend = true;
+        self.insert_new(parent, name, i)?;
+        let path = self.path_of(ino)?;
+        let attrs = AttrSet {
+            perm: None,
+            uid: Some(uid),
+            gid: Some(gid),
+            atime: None,
+            mtime: None,
+        };
+        fx.ops.push(self.op(
+            &[(parent, name)],
+            &[ino],
+            Action::Mknod {
+                path,
+                kind,
+                perm,
+                rdev,
+                attrs,
+            },
+        )?);
+        Ok(ino)
+    }
+
+    /// Removes the entry `name` from `dir` and the link from its inode; frees
+    /// the inode if nothing refers to it any more.
+    fn detach(&mut self, dir: Ino, name: &OsStr) -> FsResult<Dentry> {
+        let d = self.dir_mut(dir)?.remove(name).ok_or(FsError::NotFound)?;
+        let i = self.get_mut(d.ino)?;
+        if let Some(pos) = i.links.iter().position(|(p, n)| *p == dir && n == name) {
+            i.links.remove(pos);
+        }
+        if i.kind == Kind::Dir {
+            self.dir_mut(dir)?.subdirs -= 1;
+        }
+        Ok(d)
+    }
+
+    /// Drops an inode that has no names, no kernel references and no open
+    /// handles; returns its staging id to discard.
+    pub fn maybe_free(&mut self, ino: Ino, fx: &mut Effects) {
+        let Some(i) = self.inodes.get(&ino) else { return };
+        if ino == ROOT || !i.links.is_empty() || i.lookups > 0 || i.opens > 0 {
+            if i.links.is_empty() {
+                // Unlinked but still referenced: its content will never be published.
+                self.debounce.remove(&ino);
+                self.dirty_files.remove(&ino);
+            }
+            return;
+        }
+        let i = self.inodes.remove(&ino).expect("present");
+        if let Some(b) = i.backend_ino
+            && self.by_backend.get(&b) == Some(&ino)
+        {
+            self.by_backend.remove(&b);
+        }
+        self.debounce.remove(&ino);
+        self.dirty_files.remove(&ino);
+        self.dirty_dir_attrs.remove(&ino);
+        if let Some(id) = i.staged_id() {
+            fx.discard.push(id);
+        }
+    }
+
+    pub fn unlink(&mut self, parent: Ino, name: &OsStr, fx: &mut Effects) -> FsResult<()> {
+        let ino = self.lookup(parent, name)?.ok_or(FsError::NotFound)?;
+        let i = self.get(ino)?;
+        if i.kind == Kind::Dir {
+            return Err(FsError::IsDir);
+        }
+        let on_backend = i.on_backend;
+        let path = self.path_for(parent, name)?;
+        let d = self.detach(parent, name)?;
+        if on_backend {
+            fx.ops
+                .push(self.op(&[(parent, name)], &[ino], Action::Unlink { path })?);
+        } else if d.shadows {
+            fx.ops.push(self.op(&[(parent, name)], &[], Action::Unlink { path })?);
+        }
+        self.get_mut(ino)?.attr.ctime = Timespec::now();
+        self.touch_dir(parent);
+        self.maybe_free(ino, fx);
+        Ok(())
+    }
+
+    pub fn rmdir(&mut self, parent: Ino, name: &OsStr, fx: &mut Effects) -> FsResult<()> {
+        let ino = self.lookup(parent, name)?.ok_or(FsError::NotFound)?;
+        let i = self.get(ino)?;
+        let d = i.dir.as_ref().ok_or(FsError::NotDir)?;
+        if d.loaded.is_none() {
+            return Err(FsError::WouldBlock);
+        }
+        if !d.entries.is_empty() {
+            return Err(FsError::NotEmpty);
+        }
+        let path = self.path_for(parent, name)?;
+        self.detach(parent, name)?;
+        fx.ops.push(self.op(&[(parent, name)], &[ino], Action::Rmdir { path })?);
+        self.touch_dir(parent);
+        self.maybe_free(ino, fx);
+        Ok(())
+    }
+
+    fn path_for(&self, parent: Ino, name: &OsStr) -> FsResult<RelPath> {
+        Ok(self.path_of(parent)?.join(name))
+    }
+
+    fn is_ancestor(&self, maybe_ancestor: Ino, of: Ino) -> FsResult<bool> {
+        Ok(self.ancestors(of)?.contains(&maybe_ancestor))
+    }
+
+    pub fn rename(
+        &mut self,
+        parent: Ino,
+        name: &OsStr,
+        newparent: Ino,
+        newname: &OsStr,
+        noreplace: bool,
+        fx: &mut Effects,
+    ) -> FsResult<()> {
+        check_name(newname)?;
+        let src = self.lookup(parent, name)?.ok_or(FsError::NotFound)?;
+        let dst = self.lookup(newparent, newname)?;
+        if dst == Some(src) {
+            return Ok(()); // rename(2): same inode, nothing to do
+        }
+        let s = self.get(src)?;
+        let src_is_dir = s.kind == Kind::Dir;
+        if src_is_dir && self.is_ancestor(src, newparent)? {
+            return Err(FsError::Invalid);
+        }
+        let mut replaced_shadows = false;
+        if let Some(t) = dst {
+            if noreplace {
+                return Err(FsError::Exists);
+            }
+            let ti = self.get(t)?;
+            match (src_is_dir, &ti.dir) {
+                (true, None) => return Err(FsError::NotDir),
+                (false, Some(_)) => return Err(FsError::IsDir),
+                (true, Some(d)) if d.loaded.is_none() => return Err(FsError::WouldBlock),
+                (true, Some(d)) if !d.entries.is_empty() => return Err(FsError::NotEmpty),
+                _ => {}
+            }
+            let tdent = self.dir(newparent)?.entries.get(newname).expect("dst exists").clone();
+            replaced_shadows = ti.on_backend || tdent.shadows;
+        }
+        let src_on_backend = self.get(src)?.on_backend;
+        let from = self.path_for(parent, name)?;
+        let to = self.path_for(newparent, newname)?;
+        // Overlay first, then the op (its keys reflect the tree before the move,
+        // which is the tree the backend will have when the op runs).
+        let mut objects = vec![src];
+        if let Some(t) = dst {
+            objects.push(t);
+        }
+        let keys = self.keys(&[(parent, name), (newparent, newname)], &objects)?;
+        let sdent = self.detach(parent, name)?;
+        if let Some(t) = dst {
+            self.detach(newparent, newname)?;
+            self.get_mut(t)?.attr.ctime = Timespec::now();
+        }
+        {
+            let shadows = !src_on_backend && replaced_shadows;
+            let d = self.dir_mut(newparent)?;
+            d.insert(newname.to_owned(), src, shadows);
+            if src_is_dir {
+                d.subdirs += 1;
+            }
+        }
+        let s = self.get_mut(src)?;
+        s.links.push((newparent, newname.to_owned()));
+        s.attr.ctime = Timespec::now();
+        if src_on_backend {
+            fx.ops.push(FlushOp {
+                keys,
+                action: Action::Rename { from, to, noreplace },
+            });
+        } else if sdent.shadows {
+            // The backend's older object under the old name must go.
+            fx.ops
+                .push(self.op(&[(parent, name)], &[], Action::Unlink { path: from })?);
+        }
+        self.touch_dir(parent);
+        self.touch_dir(newparent);
+        if let Some(t) = dst {
+            self.maybe_free(t, fx);
+        }
+        Ok(())
+    }
+
+    pub fn link(&mut self, ino: Ino, newparent: Ino, newname: &OsStr, fx: &mut Effects) -> FsResult<()> {
+        let i = self.get(ino)?;
+        if i.kind == Kind::Dir {
+            return Err(FsError::NotPermitted);
+        }
+        if i.links.is_empty() {
+            return Err(FsError::NotFound);
+        }
+        if i.links.len() >= 65000 {
+            return Err(FsError::TooManyLinks);
+        }
+        let on_backend = i.on_backend;
+        let existing = self.path_of(ino)?;
+        let keys = self.keys(&[(newparent, newname)], &[ino])?;
+        check_name(newname)?;
+        if self.lookup(newparent, newname)?.is_some() {
+            return Err(FsError::Exists);
+        }
+        self.dir_mut(newparent)?.insert(newname.to_owned(), ino, false);
+        let i = self.get_mut(ino)?;
+        i.links.push((newparent, newname.to_owned()));
+        i.attr.ctime = Timespec::now();
+        if on_backend {
+            let new = self.path_for(newparent, newname)?;
+            fx.ops.push(FlushOp {
+                keys,
+                action: Action::Link { existing, new },
+            });
+        }
+        self.touch_dir(newparent);
+        Ok(())
+    }
+
+    /// Applies attribute changes (not size: the caller handles content) and
+    /// queues what the backend needs.
+    pub fn set_attrs(&mut self, ino: Ino, ch: &SetAttr, fx: &mut Effects) -> FsResult<Attr> {
+        let i = self.get_mut(ino)?;
+        let now = Timespec::now();
+        let meta_change =
+            ch.perm.is_some() || ch.uid.is_some() || ch.gid.is_some() || ch.atime.is_some() || ch.mtime.is_some();
+        if let Some(p) = ch.perm {
+            i.attr.perm = p & 0o7777;
+        }
+        if let Some(u) = ch.uid {
+            i.attr.uid = u;
+        }
+        if let Some(g) = ch.gid {
+            i.attr.gid = g;
+        }
+        if let Some(t) = ch.atime {
+            i.attr.atime = t;
+        }
+        if let Some(t) = ch.mtime {
+            i.attr.mtime = t;
+        }
+        if meta_change || ch.size.is_some() {
+            i.attr.ctime = now;
+        }
+        let attr = i.attr.clone();
+        if !meta_change {
+            return Ok(attr);
+        }
+        let (kind, on_backend, pending_content) = (i.kind, i.on_backend, self.dirty_files.contains(&ino));
+        if kind == Kind::Dir {
+            if ch.mtime.is_some() {
+                self.get_mut(ino)?.times_explicit = true;
+            }
+            if ino != ROOT || ch.perm.is_some() || ch.uid.is_some() || ch.gid.is_some() || ch.mtime.is_some() {
+                self.dirty_dir_attrs.insert(ino);
+            }
+        } else if on_backend && !pending_content {
+            let path = self.path_of(ino)?;
+            let names: Vec<(Ino, OsString)> = self.get(ino)?.links.clone();
+            let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
+            fx.ops.push(self.op(
+                &names_ref,
+                &[ino],
+                Action::SetAttr {
+                    path,
+                    attrs: attr.to_set(kind),
+                },
+            )?);
+        }
+        Ok(attr)
+    }
+
+    /// A file's content changes: from now on it has unpublished content.
+    pub fn mark_dirty(&mut self, ino: Ino) -> FsResult<()> {
+        let i = self.get_mut(ino)?;
+        if let Content::Staged { id, .. } = i.content {
+            i.content = Content::Staged { id, dirty: true };
+        }
+        i.generation += 1;
+        self.debounce.remove(&ino);
+        self.dirty_files.insert(ino);
+        Ok(())
+    }
+
+    /// The last writer closed a dirty file: start its quiet period.
+    pub fn file_quiet(&mut self, ino: Ino, now: Instant) {
+        if self
+            .inodes
+            .get(&ino)
+            .is_some_and(|i| i.is_dirty() && !i.links.is_empty())
+        {
+            self.debounce.insert(ino, now);
+        }
+    }
+
+    /// Builds the publish op of a dirty, closed file and marks its content as
+    /// queued. The file joins the backend's future under all its current names.
+    pub fn queue_publish(&mut self, ino: Ino) -> FsResult<Option<FlushOp>> {
+        self.debounce.remove(&ino);
+        self.dirty_files.remove(&ino);
+        let i = self.get(ino)?;
+        let Content::Staged { id, dirty: true } = i.content else {
+            return Ok(None);
+        };
+        if i.links.is_empty() {
+            return Ok(None);
+        }
+        let names: Vec<(Ino, OsString)> = i.links.clone();
+        let attrs = i.attr.to_set(Kind::File);
+        let generation = i.generation;
+        let mut paths = Vec::new();
+        for (p, n) in &names {
+            paths.push(self.path_for(*p, n)?);
+        }
+        let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
+        let op = self.op(
+            &names_ref,
+            &[ino],
+            Action::Publish {
+                ino,
+                staging: id,
+                generation,
+                paths,
+                attrs,
+            },
+        )?;
+        for (p, n) in &names {
+            if let Some(d) = self.dir_mut(*p)?.entries.get_mut(n) {
+                d.shadows = false;
+            }
+        }
+        let i = self.get_mut(ino)?;
+        i.on_backend = true;
+        i.content = Content::Staged { id, dirty: false };
+        i.publish_queued = true;
+        Ok(Some(op))
+    }
+
+    /// A publish finished. Returns the staging id to discard when the staged
+    /// copy is no longer needed (content unchanged since and nobody has it open).
+    pub fn publish_done(&mut self, ino: Ino, generation: u64, backend_ino: Option<u64>) -> Option<u64> {
+        if let Some(b) = backend_ino {
+            self.set_backend_ino(ino, b);
+        }
+        let i = self.inodes.get_mut(&ino)?;
+        i.publish_queued = false;
+        match i.content {
+            Content::Staged { id, dirty: false } if i.generation == generation && i.opens == 0 => {
+                i.content = Content::Remote;
+                Some(id)
+            }
+            _ => None,
+        }
+    }
+
+    /// A publish ended without publishing (content changed meanwhile, file
+    /// removed, or a permanent failure that `status` reports).
+    pub fn publish_abandoned(&mut self, ino: Ino) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.publish_queued = false;
+        }
+    }
+
+    /// The queued directory attribute op for `dir`.
+    pub fn queue_dir_attrs(&mut self, dir: Ino) -> FsResult<Option<FlushOp>> {
+        self.dirty_dir_attrs.remove(&dir);
+        let i = self.get(dir)?;
+        if i.links.is_empty() && dir != ROOT {
+            return Ok(None);
+        }
+        let attrs = i.attr.to_set(Kind::Dir);
+        let path = self.path_of(dir)?;
+        let keys = if dir == ROOT {
+            vec![(Key::Ino(ROOT), Access::Exclusive)]
+        } else {
+            let (p, n) = i.links[0].clone();
+            self.keys(&[(p, &n)], &[dir])?
+        };
+        Ok(Some(FlushOp {
+            keys,
+            action: Action::SetAttr { path, attrs },
+        }))
+    }
+
+    /// The backend changed the entries of `dir` (an op in it finished): its
+    /// explicitly set times must be applied again afterwards.
+    pub fn entries_changed_on_backend(&mut self, dir: Ino) {
+        if self.inodes.get(&dir).is_some_and(|i| i.times_explicit) {
+            self.dirty_dir_attrs.insert(dir);
+        }
+    }
+
+    /// Parents of files whose content is not yet queued for publishing.
+    pub fn dirs_with_unqueued_files(&self) -> HashSet<Ino> {
+        let mut out = HashSet::new();
+        for ino in &self.dirty_files {
+            if let Some(i) = self.inodes.get(ino) {
+                out.extend(i.links.iter().map(|(p, _)| *p));
+            }
+        }
+        out
+    }
+
+    /// Kernel lookup count bookkeeping.
+    pub fn add_lookup(&mut self, ino: Ino) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.lookups += 1;
+        }
+    }
+    pub fn forget(&mut self, ino: Ino, n: u64, fx: &mut Effects) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.lookups = i.lookups.saturating_sub(n);
+            self.maybe_free(ino, fx);
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! Lifecycle of a mount: check the mountpoint, open the backend root before
+//! mounting over it, open staging, start the flush workers and the control
+//! socket, mount, serve, and drain on the way out.
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, PosixBackend};
+use crate::config::{Config, FsyncMode};
+use crate::control::{self, Request};
+use crate::flush::publish::TempNames;
+use crate::flush::{RetryPolicy, Scheduler};
+use crate::fs::{Fs, FsConfig};
+use crate::fuse::session::{self, SUBTYPE};
+use crate::staging::Staging;
+
+/// Environment variable carrying the readiness pipe fd to a background daemon.
+const READY_FD_ENV: &str = "EFSCACHE_READY_FD";
+
+/// Default cache dir for a mountpoint: one per mount, under /var/cache/efscache.
+pub fn default_cache_dir(mountpoint: &Path) -> PathBuf {
+    let sock = control::socket_path(mountpoint);
+    let id = sock
+        .file_stem()
+        .expect("socket has a name")
+        .to_string_lossy()
+        .into_owned();
+    PathBuf::from("/var/cache/efscache").join(id)
+}
+
+fn abs(p: &Path, what: &str) -> Result<PathBuf, String> {
+    fusemount::absolute_mount_path(p).map_err(|e| format!("{what} {}: {e}", p.display()))
+}
+
+/// `efscache mount`: returns once the mount serves requests. Without
+/// `foreground`, the daemon continues in the background.
+pub fn mount(mut cfg: Config) -> Result<(), String> {
+    cfg.mountpoint = abs(&cfg.mountpoint, "mountpoint")?;
+    cfg.backend = abs(&cfg.backend, "backend")?;
+    if cfg.foreground {
+        let ready = std::env::var(READY_FD_ENV)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            .map(|fd| {
+                // SAFETY: the parent passed us this fd number for our exclusive use.
+                unsafe { OwnedFd::from_raw_fd(fd) }
+            });
+        // SAFETY: unsetting our own environment before any thread is started.
+        unsafe { std::env::remove_var(READY_FD_ENV) };
+        return run_daemon(cfg, ready);
+    }
+    spawn_background(&cfg)
+}
+
+/// Starts `efscache mount --foreground` detached and waits for it to report
+/// "ready" (or an error) through a pipe.
+fn spawn_background(cfg: &Config) -> Result<(), String> {
+    let mut fds = [0; 2];
+    // SAFETY: fds points to two ints; O_CLOEXEC only on the read end below.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created and are owned here.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: setting FD_CLOEXEC on our own read end.
+    unsafe { libc::fcntl(fds[0], libc::F_SETFD, libc::FD_CLOEXEC) };
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own executable: {e}"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("mount")
+        .arg("--foreground")
+        .arg(&cfg.backend)
+        .arg(&cfg.mountpoint);
+    let opts = crate::cli::options_string(cfg);
+    if !opts.is_empty() {
+        cmd.arg("-o").arg(opts);
+    }
+    cmd.env(READY_FD_ENV, fds[1].to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe; runs in the child before exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start the daemon: {e}"))?;
+    drop(w);
+    let mut msg = String::new();
+    let _ = std::fs::File::from(r).read_to_string(&mut msg);
+    match msg.trim_end() {
+        "ok" => Ok(()),
+        "" => {
+            let status = child.wait().map_err(|e| e.to_string())?;
+            Err(format!(
+                "the daemon exited before the mount was ready ({status}); run with --foreground to see why"
+            ))
+        }
+        m => {
+            let _ = child.wait();
+            Err(m.trim_start_matches("error: ").to_string())
+        }
+    }
+}
+
+fn report(ready: &mut Option<OwnedFd>, msg: &str) {
+    if let Some(fd) = ready.take() {
+        let _ = std::fs::File::from(fd).write_all(msg.as_bytes());
+    }
+}
+
+/// Checks what is mounted at the mountpoint now: a dead efscache mount (after
+/// kill -9) is detached; a live one is refused; anything else (EFS itself)
+/// is left alone.
+fn clear_dead_mount(mountpoint: &Path) -> Result<(), String> {
+    let top = fusemount::top_mount_at(mountpoint).map_err(|e| format!("cannot read mountinfo: {e}"))?;
+    let Some(top) = top else { return Ok(()) };
+    if !top.is_fuse_subtype(SUBTYPE) {
+        return Ok(());
+    }
+    match std::fs::metadata(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            tracing::warn!(mountpoint = %mountpoint.display(), "detaching a dead efscache mount");
+            fusemount::unmount(mountpoint, true)
+                .map_err(|e| format!("cannot detach the dead efscache mount at {}: {e}", mountpoint.display()))
+        }
+        _ => Err(format!(
+            "{} is already served by a running efscache ({}); use `efscache umount {}` first",
+            mountpoint.display(),
+            top.source,
+            mountpoint.display()
+        )),
+    }
+}
+
+fn check_cache_dir(cache: &Path, cfg: &Config) -> Result<(), String> {
+    for (what, p) in [("backend", &cfg.backend), ("mountpoint", &cfg.mountpoint)] {
+        if cache.starts_with(p) {
+            return Err(format!(
+                "cache_dir {} lies inside the {what} {}; put it on local disk, e.g. cache_dir=/var/cache/efscache/NAME",
+                cache.display(),
+                p.display()
+            ));
+        }
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(cache)
+        .map_err(|e| format!("cannot create cache_dir {}: {e}", cache.display()))?;
+    let md = std::fs::metadata(cache).map_err(|e| format!("cache_dir {}: {e}", cache.display()))?;
+    if !md.is_dir() {
+        return Err(format!("cache_dir {} is not a directory", cache.display()));
+    }
+    if md.mode() & 0o022 != 0 {
+        std::fs::set_permissions(cache, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            format!(
+                "cache_dir {} is group/world writable and cannot be fixed: {e}",
+                cache.display()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// Moves staging files left by an earlier run aside (nothing is deleted).
+fn keep_leftovers(cache: &Path) {
+    let staging = cache.join("staging");
+    let Ok(rd) = std::fs::read_dir(&staging) else { return };
+    let left: Vec<_> = rd.flatten().collect();
+    if left.is_empty() {
+        return;
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let dest = cache.join("lost+found").join(secs.to_string());
+    if std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dest)
+        .is_ok()
+    {
+        for e in &left {
+            let _ = std::fs::rename(e.path(), dest.join(e.file_name()));
+        }
+        tracing::warn!(count = left.len(), dir = %dest.display(), "staging files from an earlier run were moved aside");
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length.
+    if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } != 0 {
+        return "host".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end])
+        .split('.')
+        .next()
+        .unwrap_or("host")
+        .to_string()
+}
+
+/// Blocks the termination signals in this thread (and the threads it starts),
+/// so one thread can wait for them with sigwait.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local, zero-initialised set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn run_daemon(cfg: Config, mut ready: Option<OwnedFd>) -> Result<(), String> {
+    let r = start(&cfg, &mut ready);
+    match r {
+        Ok(mounted) => mounted.run(&cfg),
+        Err(e) => {
+            report(&mut ready, &format!("error: {e}\n"));
+            Err(e)
+        }
+    }
+}
+
+struct Running {
+    fs: Arc<Fs>,
+    sched: Arc<Scheduler>,
+    mounted: session::Mounted,
+    socket: PathBuf,
+}
+
+fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
+    let sigset = block_signals();
+    // SAFETY: umask has no failure mode; created backend objects get exact modes.
+    unsafe { libc::umask(0) };
+    let md = std::fs::metadata(&cfg.mountpoint);
+    match md {
+        Ok(m) if !m.is_dir() => return Err(format!("mountpoint {} is not a directory", cfg.mountpoint.display())),
+        Err(e) if e.raw_os_error() != Some(libc::ENOTCONN) => {
+            return Err(format!("mountpoint {}: {e}", cfg.mountpoint.display()));
+        }
+        _ => {}
+    }
+    clear_dead_mount(&cfg.mountpoint)?;
+    if cfg.backend != cfg.mountpoint {
+        clear_dead_mount(&cfg.backend).ok();
+    }
+    let md = std::fs::metadata(&cfg.backend).map_err(|e| format!("backend {}: {e}", cfg.backend.display()))?;
+    if !md.is_dir() {
+        return Err(format!("backend {} is not a directory", cfg.backend.display()));
+    }
+    // Opened before the mount: afterwards the path means efscache itself.
+    let backend =
+        PosixBackend::open(&cfg.backend).map_err(|e| format!("cannot open backend {}: {e}", cfg.backend.display()))?;
+    let cache = match &cfg.cache_dir {
+        Some(c) => abs(c, "cache_dir")?,
+        None => default_cache_dir(&cfg.mountpoint),
+    };
+    check_cache_dir(&cache, cfg)?;
+    keep_leftovers(&cache);
+    let staging = Staging::open(&cache).map_err(|e| format!("cannot open staging in {}: {e}", cache.display()))?;
+    let backend: Arc<dyn Backend> = Arc::new(backend);
+    let sched = Arc::new(Scheduler::new(
+        cfg.dir_concurrency,
+        RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        },
+    ));
+    let instance = format!(
+        "{:x}{:x}",
+        std::process::id(),
+        Instant::now().elapsed().subsec_nanos()
+            ^ (std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .subsec_nanos())
+    );
+    let temps = TempNames::new(&hostname(), &instance);
+    let fs_cfg = FsConfig {
+        attr_ttl: cfg.attr_ttl,
+        exclusive: cfg.exclusive,
+        debounce: cfg.debounce,
+        fsync_remote: cfg.fsync == FsyncMode::Remote,
+        meta_parallel: cfg.meta_parallel,
+    };
+    let fs =
+        Arc::new(Fs::new(backend, staging, sched.clone(), temps, fs_cfg).map_err(|e| format!("backend root: {e}"))?);
+    for i in 0..cfg.flushers {
+        let fs = fs.clone();
+        std::thread::Builder::new()
+            .name(format!("efscache-flush-{i}"))
+            .spawn(move || fs.run_worker())
+            .map_err(|e| e.to_string())?;
+    }
+    {
+        let fs = fs.clone();
+        let period = (cfg.debounce / 4).clamp(Duration::from_millis(5), Duration::from_millis(100));
+        std::thread::Builder::new()
+            .name("efscache-tick".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(period);
+                    fs.tick(false);
+                }
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    let socket = control::socket_path(&cfg.mountpoint);
+    let mounted = session::mount(fs.clone(), &cfg.backend, &cfg.mountpoint, cfg.io_threads, cfg.threads)
+        .map_err(|e| format!("cannot mount {}: {e}", cfg.mountpoint.display()))?;
+    let handler = control_handler(fs.clone(), cfg.clone());
+    control::serve(&socket, handler).map_err(|e| format!("control socket {}: {e}", socket.display()))?;
+    signal_thread(sigset, fs.clone(), cfg.clone());
+    tracing::info!(backend = %cfg.backend.display(), mountpoint = %cfg.mountpoint.display(), cache = %cache.display(), "mounted");
+    report(ready, "ok\n");
+    Ok(Running {
+        fs,
+        sched,
+        mounted,
+        socket,
+    })
+}
+
+impl Running {
+    fn run(self, cfg: &Config) -> Result<(), String> {
+        let served = self.mounted.serve();
+        // Unmounted (by us after a drain, or from outside): finish what is queued.
+        let report = self.fs.sync(Some(Instant::now() + cfg.drain_timeout));
+        if !report.complete {
+            tracing::error!(queued = self.sched.queued(), "exiting with work not yet on the backend");
+        }
+        for f in &report.failures {
+            tracing::error!(op = %f.op, path = %f.path, error = %f.error, "not published");
+        }
+        self.sched.shutdown();
+        let _ = std::fs::remove_file(&self.socket);
+        served.map_err(|e| format!("FUSE session ended with an error: {e}"))
+    }
+}
+
+/// Drains (bounded) and unmounts the mount this daemon serves.
+fn drain_and_unmount(fs: &Fs, cfg: &Config, timeout: Option<Duration>) -> serde_json::Value {
+    let deadline = Instant::now() + timeout.unwrap_or(cfg.drain_timeout);
+    let report = fs.sync(Some(deadline));
+    let unmount = fusemount::unmount_if_ours(&cfg.mountpoint, SUBTYPE, Some(&session::fsname(&cfg.backend)), false);
+    let unmounted = match unmount {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("the top mount at the mountpoint is not this efscache".to_string()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            Err("target is busy: a process still uses the mount (see `fuser -vm MOUNTPOINT`)".to_string())
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    serde_json::json!({ "sync": report, "unmounted": unmounted.is_ok(), "unmount_error": unmounted.err() })
+}
+
+fn control_handler(fs: Arc<Fs>, cfg: Config) -> Arc<dyn Fn(Request) -> serde_json::Value + Send + Sync> {
+    let started = Instant::now();
+    Arc::new(move |req| match req {
+        Request::Status => crate::status::collect(&fs, &cfg, started),
+        Request::Sync { timeout_ms } => {
+            let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
+            serde_json::to_value(fs.sync(deadline)).expect("report serializes")
+        }
+        Request::Drain { timeout_ms } => drain_and_unmount(&fs, &cfg, timeout_ms.map(Duration::from_millis)),
+    })
+}
+
+fn signal_thread(set: libc::sigset_t, fs: Arc<Fs>, cfg: Config) {
+    let _ = std::thread::Builder::new()
+        .name("efscache-signals".into())
+        .spawn(move || {
+            loop {
+                let mut sig = 0;
+                // SAFETY: set holds the signals blocked in every thread; sig is a valid out-pointer.
+                if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                    continue;
+                }
+                tracing::info!(signal = sig, "draining and unmounting");
+                let r = drain_and_unmount(&fs, &cfg, None);
+                if r["unmounted"] != serde_json::Value::Bool(true) {
+                    tracing::error!(result = %r, "cannot unmount on signal");
+                }
+            }
+        });
+}

@@ -1,0 +1,67 @@
+//! The staging area: local files holding data the backend has not seen yet.
+//!
+//! Files are keyed by a stable numeric id (never by path, so renames in the
+//! overlay never touch staging) and live in `<cache_dir>/staging/`, created
+//! 0600 in a 0700 directory.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug)]
+pub struct Staging {
+    dir: PathBuf,
+}
+
+impl Staging {
+    /// Opens (creating if needed) the staging directory under `cache_dir`.
+    pub fn open(cache_dir: &Path) -> io::Result<Staging> {
+        let dir = cache_dir.join("staging");
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        Ok(Staging { dir })
+    }
+
+    pub fn path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:016x}"))
+    }
+
+    /// Creates an empty staging file (replacing any leftover with the same id).
+    pub fn create(&self, id: u64) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(self.path(id))
+    }
+
+    /// Opens an existing staging file for reading and writing.
+    pub fn open_rw(&self, id: u64) -> io::Result<File> {
+        OpenOptions::new().read(true).write(true).open(self.path(id))
+    }
+
+    pub fn open_read(&self, id: u64) -> io::Result<File> {
+        File::open(self.path(id))
+    }
+
+    pub fn remove(&self, id: u64) {
+        if let Err(e) = std::fs::remove_file(self.path(id))
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(id, error = %e, "cannot remove staging file");
+        }
+    }
+
+    /// Removes every staging file (start of a mount without a journal to replay).
+    pub fn clear(&self) -> io::Result<()> {
+        for e in std::fs::read_dir(&self.dir)? {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        Ok(())
+    }
+}

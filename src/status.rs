@@ -1,0 +1,91 @@
+//! `efscache status`: what the daemon reports, and how the CLI prints it.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::fs::Fs;
+
+/// The daemon's status as JSON (the `--json` output, stable field names).
+pub fn collect(fs: &Fs, cfg: &Config, started: Instant) -> serde_json::Value {
+    let st = fs.status();
+    let sched = fs.sched.snapshot();
+    let s = &fs.sched.stats;
+    serde_json::json!({
+        "mountpoint": cfg.mountpoint,
+        "backend": cfg.backend,
+        "uptime_s": started.elapsed().as_secs_f64(),
+        "pending_files": st.dirty_files + sched.pending_publishes,
+        "pending_bytes": st.pending_bytes,
+        "open_for_write": st.open_for_write,
+        "waiting_debounce": st.waiting_debounce,
+        "dirty_dirs": st.dirty_dirs,
+        "queued_ops": sched.queued_ops,
+        "in_flight": sched.in_flight,
+        "retry_waiting": sched.retry_waiting,
+        "published_files": s.files_published.load(Ordering::Relaxed),
+        "published_bytes": s.bytes_published.load(Ordering::Relaxed),
+        "ops_done": s.ops_done.load(Ordering::Relaxed),
+        "retries": s.retries.load(Ordering::Relaxed),
+        "failed": s.failed.load(Ordering::Relaxed),
+        "failures": sched.failures,
+        "cached_inodes": st.inodes,
+        "backend_ops": fs.backend.stats().snapshot(),
+        "config": cfg,
+    })
+}
+
+/// Human-readable rendering of `collect`'s output.
+pub fn render(v: &serde_json::Value) -> String {
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let mut out = String::new();
+    out.push_str(&format!("mountpoint    {}\n", v["mountpoint"].as_str().unwrap_or("?")));
+    out.push_str(&format!("backend       {}\n", v["backend"].as_str().unwrap_or("?")));
+    out.push_str(&format!(
+        "pending       {} files, {} bytes ({} open for writing, {} waiting to settle)\n",
+        n("pending_files"),
+        n("pending_bytes"),
+        n("open_for_write"),
+        n("waiting_debounce")
+    ));
+    out.push_str(&format!(
+        "queue         {} ops queued, {} in flight, {} waiting to retry\n",
+        n("queued_ops"),
+        n("in_flight"),
+        n("retry_waiting")
+    ));
+    out.push_str(&format!(
+        "published     {} files, {} bytes ({} backend changes)\n",
+        n("published_files"),
+        n("published_bytes"),
+        n("ops_done")
+    ));
+    out.push_str(&format!(
+        "retries       {}\nfailed        {}\n",
+        n("retries"),
+        n("failed")
+    ));
+    if let Some(fails) = v["failures"].as_array() {
+        for f in fails.iter().take(20) {
+            out.push_str(&format!(
+                "  FAILED {} {}: {}\n",
+                f["op"].as_str().unwrap_or("?"),
+                f["path"].as_str().unwrap_or("?"),
+                f["error"].as_str().unwrap_or("?")
+            ));
+        }
+    }
+    out.push_str(&format!("cached inodes {}\n", n("cached_inodes")));
+    if let Some(ops) = v["backend_ops"]["ops"].as_object() {
+        let list: Vec<String> = ops
+            .iter()
+            .filter(|(_, c)| c.as_u64().unwrap_or(0) > 0)
+            .map(|(k, c)| format!("{k}={c}"))
+            .collect();
+        out.push_str(&format!(
+            "backend ops   {}\n",
+            if list.is_empty() { "none".into() } else { list.join(" ") }
+        ));
+    }
+    out
+}
