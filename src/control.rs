@@ -33,10 +33,6 @@ pub enum Request {
     Sync {
         timeout_ms: Option<u64>,
     },
-    /// Sync, then unmount.
-    Drain {
-        timeout_ms: Option<u64>,
-    },
 }
 
 /// The daemon side: answers requests with `handler`.

@@ -441,11 +441,18 @@ impl Fs {
         self.change(parent, may_block, |ns, fx| ns.unlink(parent, name, fx))
     }
 
+    /// The directory named `name` in `parent`, if there is one.
+    fn child_dir(&self, parent: Ino, name: &OsStr) -> FsResult<Option<Ino>> {
+        let ns = self.ns.lock();
+        Ok(match ns.lookup(parent, name)? {
+            Some(c) if ns.get(c)?.kind == Kind::Dir => Some(c),
+            _ => None,
+        })
+    }
+
     pub fn rmdir(&self, parent: Ino, name: &OsStr, may_block: bool) -> FsResult<()> {
         self.ensure_loaded(parent, may_block)?;
-        if let Some(child) = self.ns.lock().lookup(parent, name)?
-            && self.ns.lock().get(child)?.kind == Kind::Dir
-        {
+        if let Some(child) = self.child_dir(parent, name)? {
             self.ensure_loaded(child, may_block)?;
         }
         self.change(parent, may_block, |ns, fx| ns.rmdir(parent, name, fx))
@@ -464,9 +471,7 @@ impl Fs {
             return Err(FsError::Invalid); // RENAME_EXCHANGE / WHITEOUT: not supported
         }
         self.ensure_loaded(newparent, may_block)?;
-        if let Some(t) = self.ns.lock().lookup(newparent, newname)?
-            && self.ns.lock().get(t)?.kind == Kind::Dir
-        {
+        if let Some(t) = self.child_dir(newparent, newname)? {
             self.ensure_loaded(t, may_block)?;
         }
         self.change(parent, may_block, |ns, fx| {

@@ -134,41 +134,35 @@ fn print_sync(v: &serde_json::Value) -> i32 {
 }
 
 fn umount(mp: &Path, timeout_ms: Option<u64>) -> Result<i32, String> {
-    match control::call(mp, &control::Request::Drain { timeout_ms }) {
-        Ok(v) => {
-            let code = print_sync(&v["sync"]);
-            if v["unmounted"] != serde_json::Value::Bool(true) {
-                return Err(format!(
-                    "cannot unmount {}: {}",
-                    mp.display(),
-                    v["unmount_error"].as_str().unwrap_or("unknown error")
-                ));
-            }
-            // Wait for the daemon to finish and the mount to disappear.
-            for _ in 0..200 {
-                match fusemount::top_mount_at(mp) {
-                    Ok(Some(m)) if m.is_fuse_subtype(fuse::session::SUBTYPE) => {
-                        std::thread::sleep(Duration::from_millis(50))
-                    }
-                    _ => break,
-                }
-            }
-            Ok(code)
-        }
-        Err(e) => {
-            // No daemon: a dead mount (after kill -9) is detached; pending work
-            // stays in the cache dir for the next mount.
-            match fusemount::top_mount_at(mp) {
-                Ok(Some(m)) if m.is_fuse_subtype(fuse::session::SUBTYPE) => {
-                    fusemount::unmount(mp, true).map_err(|e2| format!("{e}; detaching failed too: {e2}"))?;
-                    eprintln!(
-                        "efscache: the daemon was not running; detached the dead mount at {}",
-                        mp.display()
-                    );
-                    Ok(0)
-                }
-                _ => Err(format!("{} is not an efscache mount ({e})", mp.display())),
-            }
-        }
+    let mounted = |mp: &Path| {
+        fusemount::top_mount_at(mp)
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.is_fuse_subtype(fuse::session::SUBTYPE))
+    };
+    if !mounted(mp) {
+        return Err(format!("{} is not an efscache mount", mp.display()));
     }
+    let code = match control::call(mp, &control::Request::Sync { timeout_ms }) {
+        Ok(v) => print_sync(&v),
+        Err(e) => {
+            // No daemon (killed): detach the dead mount; pending work stays in
+            // the cache dir for the next mount.
+            fusemount::unmount(mp, true).map_err(|e2| format!("{e}; detaching failed too: {e2}"))?;
+            eprintln!(
+                "efscache: the daemon was not running; detached the dead mount at {}",
+                mp.display()
+            );
+            return Ok(0);
+        }
+    };
+    run::unmount(mp)?;
+    // The daemon finishes and exits once the kernel ends the session.
+    for _ in 0..200 {
+        if !mounted(mp) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(code)
 }

@@ -66,6 +66,34 @@ impl Attr {
             ctime: now,
         }
     }
+    /// The fields of `self` the backend (with attributes `known`) lacks.
+    pub fn diff(&self, kind: Kind, known: &AttrSet) -> AttrSet {
+        let want = self.to_set(kind);
+        let pick = |w: Option<u32>, k: Option<u32>| if w == k { None } else { w };
+        let pick_t = |w: Option<Timespec>, k: Option<Timespec>| if w == k { None } else { w };
+        let mut d = AttrSet {
+            perm: pick(want.perm, known.perm),
+            uid: pick(want.uid, known.uid),
+            gid: pick(want.gid, known.gid),
+            atime: None,
+            mtime: pick_t(want.mtime, known.mtime),
+        };
+        if d.mtime.is_some() || pick_t(want.atime, known.atime).is_some() {
+            // utimensat sets both; send both so neither is lost.
+            d.atime = want.atime;
+            d.mtime = want.mtime;
+        }
+        if d.uid.is_some() || d.gid.is_some() {
+            // chown may clear setuid/setgid: restore the mode after it.
+            d.uid = want.uid;
+            d.gid = want.gid;
+            if want.perm.is_some_and(|p| p & 0o6000 != 0) {
+                d.perm = want.perm;
+            }
+        }
+        d
+    }
+
     /// Everything a publish or attribute flush sets on the backend.
     pub fn to_set(&self, kind: Kind) -> AttrSet {
         AttrSet {
@@ -153,6 +181,9 @@ pub struct Inode {
     pub fetched: Option<Instant>,
     /// A publish of the staged content is queued or running.
     pub publish_queued: bool,
+    /// The attributes the backend will have once the queued ops ran (None:
+    /// unknown), so attribute flushes send only what differs.
+    pub backend_attr: AttrSet,
 }
 
 impl Inode {
@@ -174,6 +205,7 @@ impl Inode {
             times_explicit: false,
             fetched: None,
             publish_queued: false,
+            backend_attr: AttrSet::default(),
         }
     }
     pub fn nlink(&self) -> u32 {
@@ -388,6 +420,7 @@ impl Namespace {
             i.on_backend = true;
             i.backend_ino = Some(st.ino);
             i.fetched = Some(now);
+            i.backend_attr = i.attr.to_set(st.kind);
             i
         });
         inode.links.push((dir, name.clone()));
@@ -470,12 +503,15 @@ impl Namespace {
         Ok(keys)
     }
 
+    /// The directory's entries changed: new mtime, and the backend gets the
+    /// overlay's times once the backend's own changes in it are done.
     fn touch_dir(&mut self, dir: Ino) {
         if let Some(i) = self.inodes.get_mut(&dir) {
             let now = Timespec::now();
             i.attr.mtime = now;
             i.attr.ctime = now;
-            i.times_explicit = false;
+            i.times_explicit = true;
+            self.dirty_dir_attrs.insert(dir);
         }
     }
 
@@ -510,8 +546,17 @@ impl Namespace {
         let ino = self.new_ino();
         let mut i = Inode::new(ino, Kind::Dir, Attr::new(perm, uid, gid));
         i.on_backend = true;
+        i.backend_attr = AttrSet {
+            perm: Some(perm),
+            uid: Some(uid),
+            gid: Some(gid),
+            atime: None,
+            mtime: None,
+        };
+        i.times_explicit = true;
         i.dir.as_mut().expect("dir").loaded = Some(Instant::now());
         self.insert_new(parent, name, i)?;
+        self.dirty_dir_attrs.insert(ino);
         let path = self.path_of(ino)?;
         fx.ops
             .push(self.op(&[(parent, name)], &[ino], Action::Mkdir { path, perm, uid, gid })?);
@@ -543,15 +588,11 @@ impl Namespace {
         i.attr.size = target.len() as u64;
         i.symlink_target = Some(target.to_owned());
         i.on_backend = true;
+        // The backend object gets the overlay's times, so both agree.
+        let attrs = i.attr.to_set(Kind::Symlink);
+        i.backend_attr = attrs.clone();
         self.insert_new(parent, name, i)?;
         let path = self.path_of(ino)?;
-        let attrs = AttrSet {
-            perm: None,
-            uid: Some(uid),
-            gid: Some(gid),
-            atime: None,
-            mtime: None,
-        };
         fx.ops.push(self.op(
             &[(parent, name)],
             &[ino],
@@ -580,15 +621,11 @@ impl Namespace {
         let mut i = Inode::new(ino, kind, Attr::new(perm, uid, gid));
         i.attr.rdev = rdev;
         i.on_backend = true;
+        let mut attrs = i.attr.to_set(kind);
+        i.backend_attr = attrs.clone();
+        attrs.perm = None; // set at mknod
         self.insert_new(parent, name, i)?;
         let path = self.path_of(ino)?;
-        let attrs = AttrSet {
-            perm: None,
-            uid: Some(uid),
-            gid: Some(gid),
-            atime: None,
-            mtime: None,
-        };
         fx.ops.push(self.op(
             &[(parent, name)],
             &[ino],
@@ -841,17 +878,15 @@ impl Namespace {
                 self.dirty_dir_attrs.insert(ino);
             }
         } else if on_backend && !pending_content {
-            let path = self.path_of(ino)?;
-            let names: Vec<(Ino, OsString)> = self.get(ino)?.links.clone();
-            let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
-            fx.ops.push(self.op(
-                &names_ref,
-                &[ino],
-                Action::SetAttr {
-                    path,
-                    attrs: attr.to_set(kind),
-                },
-            )?);
+            let diff = attr.diff(kind, &self.get(ino)?.backend_attr);
+            if !diff.is_empty() {
+                let path = self.path_of(ino)?;
+                let names: Vec<(Ino, OsString)> = self.get(ino)?.links.clone();
+                let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
+                fx.ops
+                    .push(self.op(&names_ref, &[ino], Action::SetAttr { path, attrs: diff })?);
+                self.get_mut(ino)?.backend_attr = attr.to_set(kind);
+            }
         }
         Ok(attr)
     }
@@ -919,6 +954,7 @@ impl Namespace {
         i.on_backend = true;
         i.content = Content::Staged { id, dirty: false };
         i.publish_queued = true;
+        i.backend_attr = i.attr.to_set(Kind::File);
         Ok(Some(op))
     }
 
@@ -954,8 +990,14 @@ impl Namespace {
         if i.links.is_empty() && dir != ROOT {
             return Ok(None);
         }
-        let attrs = i.attr.to_set(Kind::Dir);
+        let attrs = i.attr.diff(Kind::Dir, &i.backend_attr);
+        if attrs.is_empty() {
+            return Ok(None);
+        }
+        let full = i.attr.to_set(Kind::Dir);
         let path = self.path_of(dir)?;
+        self.get_mut(dir)?.backend_attr = full;
+        let i = self.get(dir)?;
         let keys = if dir == ROOT {
             vec![(Key::Ino(ROOT), Access::Exclusive)]
         } else {
@@ -971,6 +1013,10 @@ impl Namespace {
     /// The backend changed the entries of `dir` (an op in it finished): its
     /// explicitly set times must be applied again afterwards.
     pub fn entries_changed_on_backend(&mut self, dir: Ino) {
+        if let Some(i) = self.inodes.get_mut(&dir) {
+            i.backend_attr.mtime = None;
+            i.backend_attr.atime = None;
+        }
         if self.inodes.get(&dir).is_some_and(|i| i.times_explicit) {
             self.dirty_dir_attrs.insert(dir);
         }

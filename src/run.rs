@@ -352,20 +352,29 @@ impl Running {
     }
 }
 
-/// Drains (bounded) and unmounts the mount this daemon serves.
-fn drain_and_unmount(fs: &Fs, cfg: &Config, timeout: Option<Duration>) -> serde_json::Value {
-    let deadline = Instant::now() + timeout.unwrap_or(cfg.drain_timeout);
-    let report = fs.sync(Some(deadline));
-    let unmount = fusemount::unmount_if_ours(&cfg.mountpoint, SUBTYPE, Some(&session::fsname(&cfg.backend)), false);
-    let unmounted = match unmount {
+/// Drains (bounded) and unmounts the mount this daemon serves (on SIGTERM).
+fn drain_and_unmount(fs: &Fs, cfg: &Config) {
+    let report = fs.sync(Some(Instant::now() + cfg.drain_timeout));
+    if !report.complete {
+        tracing::warn!("drain timed out; pending work stays queued until the daemon exits");
+    }
+    if let Err(e) = unmount(&cfg.mountpoint) {
+        tracing::error!(error = %e, "cannot unmount on signal");
+    }
+}
+
+/// Unmounts an efscache mount at `mountpoint` (never anything else there).
+pub fn unmount(mountpoint: &Path) -> Result<(), String> {
+    match fusemount::unmount_if_ours(mountpoint, SUBTYPE, None, false) {
         Ok(true) => Ok(()),
-        Ok(false) => Err("the top mount at the mountpoint is not this efscache".to_string()),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            Err("target is busy: a process still uses the mount (see `fuser -vm MOUNTPOINT`)".to_string())
-        }
-        Err(e) => Err(e.to_string()),
-    };
-    serde_json::json!({ "sync": report, "unmounted": unmounted.is_ok(), "unmount_error": unmounted.err() })
+        Ok(false) => Err(format!("the top mount at {} is not efscache", mountpoint.display())),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(format!(
+            "{} is busy: a process still uses the mount (see `fuser -vm {}`)",
+            mountpoint.display(),
+            mountpoint.display()
+        )),
+        Err(e) => Err(format!("cannot unmount {}: {e}", mountpoint.display())),
+    }
 }
 
 fn control_handler(fs: Arc<Fs>, cfg: Config) -> Arc<dyn Fn(Request) -> serde_json::Value + Send + Sync> {
@@ -376,7 +385,6 @@ fn control_handler(fs: Arc<Fs>, cfg: Config) -> Arc<dyn Fn(Request) -> serde_jso
             let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
             serde_json::to_value(fs.sync(deadline)).expect("report serializes")
         }
-        Request::Drain { timeout_ms } => drain_and_unmount(&fs, &cfg, timeout_ms.map(Duration::from_millis)),
     })
 }
 
@@ -391,10 +399,7 @@ fn signal_thread(set: libc::sigset_t, fs: Arc<Fs>, cfg: Config) {
                     continue;
                 }
                 tracing::info!(signal = sig, "draining and unmounting");
-                let r = drain_and_unmount(&fs, &cfg, None);
-                if r["unmounted"] != serde_json::Value::Bool(true) {
-                    tracing::error!(result = %r, "cannot unmount on signal");
-                }
+                drain_and_unmount(&fs, &cfg);
             }
         });
 }

@@ -194,6 +194,27 @@ impl PosixBackend {
         f(dir.as_raw_fd(), &c)
     }
 
+    /// Applies owner, mode and times through an fd.
+    fn apply_fd(&self, fd: RawFd, attrs: &AttrSet, chown: bool) -> io::Result<()> {
+        if chown {
+            self.stats.count(OpKind::chown);
+            // SAFETY: fd is open; -1 leaves an id unchanged.
+            check(unsafe { libc::fchown(fd, attrs.uid.unwrap_or(u32::MAX), attrs.gid.unwrap_or(u32::MAX)) })?;
+        }
+        if let Some(perm) = attrs.perm {
+            self.stats.count(OpKind::chmod);
+            // SAFETY: fd is open.
+            check(unsafe { libc::fchmod(fd, perm) })?;
+        }
+        if attrs.atime.is_some() || attrs.mtime.is_some() {
+            self.stats.count(OpKind::utimens);
+            let times = [timespec(attrs.atime), timespec(attrs.mtime)];
+            // SAFETY: fd open, times points to two timespecs.
+            check(unsafe { libc::futimens(fd, times.as_ptr()) })?;
+        }
+        Ok(())
+    }
+
     fn needs_chown(&self, attrs: &AttrSet) -> bool {
         attrs.uid.is_some_and(|u| u != self.euid) || attrs.gid.is_some_and(|g| g != self.egid)
     }
@@ -376,6 +397,11 @@ impl Backend for PosixBackend {
         } else {
             attrs.uid.is_some() || attrs.gid.is_some()
         };
+        if path.0.is_empty() {
+            // The backend root itself: through an fd (it has no parent here).
+            let fd = self.open_beneath(path, libc::O_RDONLY | libc::O_DIRECTORY, 0)?;
+            return self.apply_fd(fd.as_raw_fd(), attrs, chown);
+        }
         self.at_parent(path, |d, name| {
             if chown {
                 self.stats.count(OpKind::chown);
@@ -400,24 +426,7 @@ impl Backend for PosixBackend {
     }
 
     fn set_attrs_fd(&self, file: &File, attrs: &AttrSet) -> io::Result<()> {
-        let fd = file.as_raw_fd();
-        if self.needs_chown(attrs) {
-            self.stats.count(OpKind::chown);
-            // SAFETY: fd is open; -1 leaves an id unchanged.
-            check(unsafe { libc::fchown(fd, attrs.uid.unwrap_or(u32::MAX), attrs.gid.unwrap_or(u32::MAX)) })?;
-        }
-        if let Some(perm) = attrs.perm {
-            self.stats.count(OpKind::chmod);
-            // SAFETY: fd is open.
-            check(unsafe { libc::fchmod(fd, perm) })?;
-        }
-        if attrs.atime.is_some() || attrs.mtime.is_some() {
-            self.stats.count(OpKind::utimens);
-            let times = [timespec(attrs.atime), timespec(attrs.mtime)];
-            // SAFETY: fd open, times points to two timespecs.
-            check(unsafe { libc::futimens(fd, times.as_ptr()) })?;
-        }
-        Ok(())
+        self.apply_fd(file.as_raw_fd(), attrs, self.needs_chown(attrs))
     }
 
     fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {

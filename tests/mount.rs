@@ -1,0 +1,325 @@
+//! Real-mount tests of the core: rsync fidelity, write-back behaviour,
+//! identity, metadata loading, stacking safety and bad input. Every test
+//! mounts through `common::Mount`, which unmounts on every path.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn rsync(src: &Path, dst: &Path, extra: &[&str]) -> String {
+    let mut c = Command::new("rsync");
+    c.args(["-aH", "--numeric-ids"])
+        .args(extra)
+        .arg(format!("{}/", src.display()))
+        .arg(dst);
+    run(&mut c)
+}
+
+/// SEMANTICS.md "Fidelity": after `sync` the backend equals what rsync -aH
+/// --numeric-ids writing directly would produce; rsync's temp names never
+/// reach the backend; a second rsync transfers nothing and writes no data.
+#[test]
+fn rsync_tree_is_published_faithfully_and_resync_is_free() {
+    let s = Scratch::new();
+    make_tree(&s.path("src"), 7, Some(64 << 20));
+    // Record every name created on the backend while the rsync runs.
+    let mut watch = Command::new("inotifywait")
+        .args(["-m", "-r", "-q", "-e", "create,moved_to", "--format", "%f"])
+        .arg(s.path("backend"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("inotifywait (package inotify-tools)");
+    std::thread::sleep(Duration::from_millis(300));
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=50ms");
+    rsync(&s.path("src"), &s.path("mnt").join("dst"), &[]);
+    m.sync();
+    assert_same_tree(&s.path("src"), &s.path("backend").join("dst"));
+    assert_same_tree(&s.path("src"), &s.path("mnt").join("dst"));
+
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = watch.kill();
+    let mut raw = Vec::new();
+    watch.stdout.take().unwrap().read_to_end(&mut raw).unwrap();
+    let names = String::from_utf8_lossy(&raw);
+    let _ = watch.wait();
+    let created: Vec<&str> = names.lines().collect();
+    assert!(created.len() > 50, "inotify saw the publishes: {}", created.len());
+    for n in &created {
+        // rsync's temp files are ".NAME.XXXXXX"; efscache's own are ".efscache.*".
+        let rsync_temp = n.starts_with('.') && !n.starts_with(".efscache.") && n.len() > 8;
+        assert!(!rsync_temp, "an rsync temp name reached the backend: {n:?}");
+    }
+
+    // Second rsync: nothing to transfer, no backend data writes.
+    let (writes, creates) = (m.backend_op("write"), m.backend_op("create"));
+    let changes = rsync(&s.path("src"), &s.path("mnt").join("dst"), &["--itemize-changes"]);
+    assert_eq!(changes.trim(), "", "second rsync changed something");
+    m.sync();
+    assert_eq!(
+        m.backend_op("write"),
+        writes,
+        "no-change rsync wrote data to the backend"
+    );
+    assert_eq!(
+        m.backend_op("create"),
+        creates,
+        "no-change rsync created files on the backend"
+    );
+    let after: Vec<String> = std::fs::read_dir(s.path("backend").join("dst"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".efscache."))
+        .collect();
+    assert!(after.is_empty(), "temp files left: {after:?}");
+    m.umount();
+}
+
+/// Write-back: renames, unlinks, truncates and chmods of files that are still
+/// waiting for their publish; read-your-writes; a directory rename with
+/// dirty children; a file created and removed before its flush never reaches
+/// the backend.
+#[test]
+fn changes_to_unpublished_files_land_correctly() {
+    let s = Scratch::new();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=1h");
+    let mnt = s.path("mnt");
+    std::fs::create_dir_all(mnt.join("d/sub")).unwrap();
+    std::fs::write(mnt.join("d/a"), b"aaaa").unwrap();
+    std::fs::write(mnt.join("d/b"), b"bbbbbbbb").unwrap();
+    std::fs::write(mnt.join("d/sub/c"), b"cc").unwrap();
+    std::fs::write(mnt.join("d/gone"), b"never published").unwrap();
+    std::fs::write(mnt.join("d/t"), b"truncate me please").unwrap();
+    // Read-your-writes while dirty.
+    assert_eq!(std::fs::read(mnt.join("d/a")).unwrap(), b"aaaa");
+    std::fs::rename(mnt.join("d/a"), mnt.join("d/a2")).unwrap();
+    std::fs::remove_file(mnt.join("d/gone")).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("d/t"))
+        .unwrap()
+        .set_len(8)
+        .unwrap();
+    std::fs::set_permissions(mnt.join("d/b"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    std::fs::rename(mnt.join("d"), mnt.join("e")).unwrap();
+    std::fs::rename(mnt.join("e/sub"), mnt.join("sub2")).unwrap();
+    assert!(
+        !s.path("backend").join("e/a2").exists(),
+        "nothing published before sync (debounce=1h)"
+    );
+    assert_eq!(std::fs::read(mnt.join("e/t")).unwrap(), b"truncate");
+    m.sync();
+    let b = s.path("backend");
+    assert_eq!(std::fs::read(b.join("e/a2")).unwrap(), b"aaaa");
+    assert_eq!(std::fs::read(b.join("e/t")).unwrap(), b"truncate");
+    assert_eq!(std::fs::metadata(b.join("e/b")).unwrap().mode() & 0o777, 0o600);
+    assert_eq!(std::fs::read(b.join("sub2/c")).unwrap(), b"cc");
+    for gone in ["d", "e/a", "e/gone", "e/sub"] {
+        assert!(!b.join(gone).exists(), "{gone} should not exist on the backend");
+    }
+    // Changes after the publish: rewrite in place, rename over, unlink.
+    std::fs::write(mnt.join("e/b"), b"new content").unwrap();
+    std::fs::write(mnt.join("e/.tmp.XXXXXX"), b"replacement").unwrap();
+    std::fs::rename(mnt.join("e/.tmp.XXXXXX"), mnt.join("e/a2")).unwrap();
+    std::fs::remove_file(mnt.join("e/t")).unwrap();
+    m.sync();
+    assert_eq!(std::fs::read(b.join("e/b")).unwrap(), b"new content");
+    assert_eq!(std::fs::read(b.join("e/a2")).unwrap(), b"replacement");
+    assert!(!b.join("e/t").exists());
+    assert!(!b.join("e/.tmp.XXXXXX").exists());
+    assert_same_tree(&b, &mnt);
+    m.umount();
+}
+
+/// Identity: hard links share one inode number (made through the mount and
+/// existing on the backend); a write through one name shows through the
+/// other; st_ino is stable across a publish and, for backend files, across a
+/// remount.
+#[test]
+fn inode_numbers_are_stable_and_hard_links_share_one() {
+    let s = Scratch::new();
+    std::fs::write(s.path("backend/old"), b"old").unwrap();
+    std::fs::hard_link(s.path("backend/old"), s.path("backend/old.link")).unwrap();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=1h");
+    let mnt = s.path("mnt");
+    let ino = |p: &str| std::fs::symlink_metadata(mnt.join(p)).unwrap().ino();
+    assert_eq!(ino("old"), ino("old.link"));
+    let old_ino = ino("old");
+    std::fs::write(mnt.join("new"), b"v1").unwrap();
+    std::fs::hard_link(mnt.join("new"), mnt.join("new.link")).unwrap();
+    assert_eq!(ino("new"), ino("new.link"));
+    let before = ino("new");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(mnt.join("new.link"))
+        .unwrap();
+    f.write_all(b"+more").unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(mnt.join("new")).unwrap(), b"v1+more");
+    m.sync();
+    assert_eq!(ino("new"), before, "st_ino changed across the publish");
+    let b = s.path("backend");
+    assert_eq!(
+        std::fs::metadata(b.join("new")).unwrap().ino(),
+        std::fs::metadata(b.join("new.link")).unwrap().ino()
+    );
+    assert_eq!(std::fs::read(b.join("new.link")).unwrap(), b"v1+more");
+    m.umount();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "");
+    assert_eq!(ino("old"), old_ino, "a backend file's st_ino changed across a remount");
+    m.umount();
+}
+
+/// Loading a directory of 10,000 entries costs one directory sweep; later
+/// lookups and misses cost no backend call (exclusive mode).
+#[test]
+fn big_directory_loads_in_one_sweep_and_then_costs_nothing() {
+    let s = Scratch::new();
+    let d = s.path("backend/big");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..10_000 {
+        std::fs::write(d.join(format!("file{i:05}")), b"x").unwrap();
+    }
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "exclusive");
+    let list = run(Command::new("ls").arg("-l").arg(s.path("mnt/big")));
+    assert_eq!(list.lines().count(), 10_001);
+    let (sweeps, stats) = (m.backend_op("readdir"), m.backend_op("stat"));
+    assert_eq!(sweeps, 2, "one sweep of the root and one of big/");
+    assert!(stats <= 10_002, "stats: {stats}");
+    for i in (0..10_000).step_by(7) {
+        std::fs::symlink_metadata(s.path("mnt/big").join(format!("file{i:05}"))).unwrap();
+    }
+    assert!(std::fs::symlink_metadata(s.path("mnt/big/nope")).is_err());
+    let after = m.status()["backend_ops"]["ops"].clone();
+    assert_eq!(after["readdir"].as_u64(), Some(sweeps));
+    assert_eq!(
+        after["stat"].as_u64(),
+        Some(stats),
+        "lookups after the load reached the backend"
+    );
+    m.umount();
+}
+
+/// A directory listed while entries are added and removed returns no
+/// duplicates and skips no entry that existed throughout.
+#[test]
+fn readdir_offsets_stay_valid_while_the_directory_changes() {
+    let s = Scratch::new();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "");
+    let d = s.path("mnt/dir");
+    std::fs::create_dir(&d).unwrap();
+    for i in 0..3000 {
+        std::fs::File::create(d.join(format!("keep{i:04}"))).unwrap();
+        std::fs::File::create(d.join(format!("drop{i:04}"))).unwrap();
+    }
+    let mut seen = HashSet::new();
+    let mut it = std::fs::read_dir(&d).unwrap();
+    for _ in 0..200 {
+        let n = it.next().unwrap().unwrap().file_name();
+        assert!(seen.insert(n.clone()), "duplicate {n:?}");
+    }
+    for i in 0..3000 {
+        std::fs::remove_file(d.join(format!("drop{i:04}"))).unwrap();
+        std::fs::File::create(d.join(format!("added{i:04}"))).unwrap();
+    }
+    for e in it {
+        let n = e.unwrap().file_name();
+        assert!(seen.insert(n.clone()), "duplicate {n:?}");
+    }
+    for i in 0..3000 {
+        let k = std::ffi::OsString::from(format!("keep{i:04}"));
+        assert!(seen.contains(&k), "skipped {k:?}");
+    }
+    m.umount();
+}
+
+/// Known hazard: efscache stacked on another mount at the same path; an
+/// external umount of efscache must never take the lower mount with it.
+#[test]
+fn stacked_on_another_mount_an_external_umount_leaves_the_lower_one() {
+    let s = Scratch::new();
+    let lower = s.path("efs");
+    std::fs::create_dir(&lower).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64m", "efs-stand-in"])
+        .arg(&lower));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = fusemount::unmount(&self.0, true);
+        }
+    }
+    let _lower_guard = Unmount(lower.clone());
+    std::fs::write(lower.join("precious"), b"on efs").unwrap();
+    let mut m = Mount::start(&lower, &lower, &s.path("cache"), "debounce=10ms");
+    std::fs::write(lower.join("through-cache"), b"cached").unwrap();
+    m.sync();
+    run(Command::new("umount").arg(&lower));
+    let mut child = m.child.take().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "daemon exit after external umount: {status}");
+    let top = fusemount::top_mount_at(&lower)
+        .unwrap()
+        .expect("lower mount still there");
+    assert_eq!(top.fstype, "tmpfs", "the lower mount must survive");
+    assert_eq!(std::fs::read(lower.join("precious")).unwrap(), b"on efs");
+    assert_eq!(std::fs::read(lower.join("through-cache")).unwrap(), b"cached");
+}
+
+/// Bad input: a clear one-line error, a non-zero exit, nothing mounted.
+#[test]
+fn bad_input_is_refused_clearly() {
+    let s = Scratch::new();
+    std::fs::write(s.path("afile"), b"x").unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["-o".into(), "flushers=0".into()], "between 1 and 1024"),
+        (vec!["-o".into(), "nosuchoption".into()], "unknown option"),
+        (vec!["-o".into(), "debounce=soon".into()], "duration"),
+        (
+            vec!["-o".into(), format!("cache_dir={}", s.path("backend/cache").display())],
+            "inside the backend",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let out = Command::new(BIN)
+            .arg("mount")
+            .args(&extra)
+            .arg(s.path("backend"))
+            .arg(s.path("mnt"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains(needle), "{extra:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(!is_efscache_mounted(&s.path("mnt")));
+    }
+    for (backend, needle) in [
+        (s.path("missing"), "No such file"),
+        (s.path("afile"), "not a directory"),
+    ] {
+        let out = Command::new(BIN)
+            .arg("mount")
+            .arg(&backend)
+            .arg(s.path("mnt"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{}: {err}",
+            backend.display()
+        );
+        assert!(!is_efscache_mounted(&s.path("mnt")));
+    }
+    let out = Command::new(BIN).arg("sync").arg(s.path("mnt")).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the efscache daemon"));
+}
