@@ -37,6 +37,14 @@ fn rsync_tree_is_published_faithfully_and_resync_is_free() {
         .stderr(Stdio::null())
         .spawn()
         .expect("inotifywait (package inotify-tools)");
+    struct Reap(u32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            // SAFETY: signalling the watcher this test started (already reaped is harmless).
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+    let _reap = Reap(watch.id());
     std::thread::sleep(Duration::from_millis(300));
     let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=50ms");
     rsync(&s.path("src"), &s.path("mnt").join("dst"), &[]);
