@@ -97,6 +97,15 @@ pub struct Timespec {
 }
 
 impl Timespec {
+    pub fn to_system_time(self) -> std::time::SystemTime {
+        let epoch = std::time::UNIX_EPOCH;
+        if self.sec >= 0 {
+            epoch + std::time::Duration::new(self.sec as u64, self.nsec)
+        } else {
+            epoch - std::time::Duration::new(self.sec.unsigned_abs(), 0) + std::time::Duration::new(0, self.nsec)
+        }
+    }
+
     pub fn now() -> Self {
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

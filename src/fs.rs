@@ -64,10 +64,23 @@ pub struct DirEntryOut {
 }
 
 enum Handle {
-    /// Staged content: all I/O on the local staging file.
-    Staged { ino: Ino, file: Arc<File>, write: bool },
+    /// Staged content: all I/O on the local staging file, by the kernel
+    /// directly (`passthrough`) or served by the daemon.
+    Staged {
+        ino: Ino,
+        file: Arc<File>,
+        write: bool,
+        passthrough: bool,
+    },
     /// Clean content read from the backend.
     Remote { ino: Ino, file: Arc<File> },
+}
+
+/// An open file handle, and the staging file the kernel should do the I/O on
+/// itself (FUSE passthrough), if any.
+pub struct Opened {
+    pub fh: u64,
+    pub backing: Option<Arc<File>>,
 }
 
 /// What `status` shows of the filesystem core.
@@ -99,6 +112,8 @@ pub struct Fs {
     staging: Staging,
     temps: TempNames,
     cfg: FsConfig,
+    /// The kernel accepted FUSE passthrough for this mount.
+    passthrough: std::sync::atomic::AtomicBool,
 }
 
 fn io_err(e: io::Error) -> FsError {
@@ -123,6 +138,7 @@ impl Fs {
             staging,
             temps,
             cfg,
+            passthrough: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -233,6 +249,9 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: Ino, may_block: bool) -> FsResult<AttrOut> {
+        if self.ns.lock().get(ino)?.writers > 0 {
+            self.refresh_from_staging(ino);
+        }
         let (path, stale) = {
             let ns = self.ns.lock();
             let i = ns.get(ino)?;
@@ -266,6 +285,24 @@ impl Fs {
     pub fn setattr(&self, ino: Ino, ch: SetAttr, may_block: bool) -> FsResult<AttrOut> {
         if let Some(size) = ch.size {
             self.truncate(ino, size, may_block)?;
+        }
+        if ch.atime.is_some() || ch.mtime.is_some() {
+            // The staging file carries the times too, set before the overlay:
+            // writes through passthrough are seen through its mtime, and a
+            // release arriving after the utimens must not undo it.
+            let staged = self.ns.lock().get(ino)?.staged_id();
+            if let Some(id) = staged {
+                let mut times = std::fs::FileTimes::new();
+                if let Some(t) = ch.atime {
+                    times = times.set_accessed(t.to_system_time());
+                }
+                if let Some(t) = ch.mtime {
+                    times = times.set_modified(t.to_system_time());
+                }
+                if let Ok(f) = self.staging.open_rw(id) {
+                    f.set_times(times).map_err(io_err)?;
+                }
+            }
         }
         let mut fx = Effects::default();
         let mut ns = self.ns.lock();
@@ -404,8 +441,8 @@ impl Fs {
     ) -> FsResult<AttrOut> {
         let kind = Kind::from_mode(mode).ok_or(FsError::Invalid)?;
         if kind == Kind::File {
-            let (out, fh) = self.create(parent, name, mode & 0o7777, libc::O_WRONLY, uid, gid, may_block)?;
-            self.release(fh);
+            let (out, opened) = self.create(parent, name, mode & 0o7777, libc::O_WRONLY, uid, gid, may_block)?;
+            self.release(opened.fh);
             return Ok(out);
         }
         if kind == Kind::Dir || kind == Kind::Symlink {
@@ -512,18 +549,19 @@ impl Fs {
         uid: u32,
         gid: u32,
         may_block: bool,
-    ) -> FsResult<(AttrOut, u64)> {
+    ) -> FsResult<(AttrOut, Opened)> {
         self.ensure_loaded(parent, may_block)?;
         let mut ns = self.ns.lock();
         if let Some(existing) = ns.lookup(parent, name)? {
             if flags & libc::O_EXCL != 0 {
                 return Err(FsError::Exists);
             }
-            ns.add_lookup(existing);
             drop(ns);
-            let fh = self.open(existing, flags, may_block)?;
-            let out = Self::attr_out(&self.ns.lock(), existing)?;
-            return Ok((out, fh));
+            let opened = self.open(existing, flags, may_block)?;
+            let mut ns = self.ns.lock();
+            ns.add_lookup(existing);
+            let out = Self::attr_out(&ns, existing)?;
+            return Ok((out, opened));
         }
         let gid = inherit_gid(&ns, parent, gid)?;
         let ino = ns.create_file(parent, name, perm & 0o7777, uid, gid)?;
@@ -542,15 +580,82 @@ impl Fs {
         i.writers += 1;
         let out = Self::attr_out(&ns, ino)?;
         drop(ns);
+        let file = Arc::new(file);
+        let passthrough = self.passthrough_enabled();
         let fh = self.new_handle(Handle::Staged {
             ino,
-            file: Arc::new(file),
+            file: file.clone(),
             write: true,
+            passthrough,
         });
-        Ok((out, fh))
+        Ok((
+            out,
+            Opened {
+                fh,
+                backing: passthrough.then_some(file),
+            },
+        ))
     }
 
-    pub fn open(&self, ino: Ino, flags: i32, may_block: bool) -> FsResult<u64> {
+    /// Turns FUSE passthrough on (the kernel granted it at init).
+    pub fn enable_passthrough(&self) {
+        self.passthrough.store(true, Ordering::Relaxed);
+    }
+
+    pub fn passthrough_enabled(&self) -> bool {
+        self.passthrough.load(Ordering::Relaxed)
+    }
+
+    /// The kernel refused a backing file for `fh`: serve its I/O instead (and
+    /// stop offering passthrough, whose set-up evidently does not work here).
+    pub fn passthrough_refused(&self, fh: u64) {
+        self.passthrough.store(false, Ordering::Relaxed);
+        if let Some(Handle::Staged { passthrough, .. }) = self.handles.lock().get_mut(&fh) {
+            *passthrough = false;
+        }
+    }
+
+    /// Whether `ino` has handles open, and if so whether they use passthrough
+    /// (the kernel refuses to mix the two on one inode).
+    fn open_mode(&self, ino: Ino) -> Option<bool> {
+        self.handles.lock().values().find_map(|h| match h {
+            Handle::Staged {
+                ino: i, passthrough, ..
+            } if *i == ino => Some(*passthrough),
+            Handle::Remote { ino: i, .. } if *i == ino => Some(false),
+            _ => None,
+        })
+    }
+
+    /// Size and mtime of a file written through passthrough come from its
+    /// staging file: the daemon does not see those writes.
+    fn refresh_from_staging(&self, ino: Ino) {
+        let file = self.handles.lock().values().find_map(|h| match h {
+            Handle::Staged {
+                ino: i,
+                file,
+                passthrough: true,
+                ..
+            } if *i == ino => Some(file.clone()),
+            _ => None,
+        });
+        let Some(file) = file else { return };
+        use std::os::unix::fs::MetadataExt;
+        // fstat under the namespace lock, so a concurrent utimens (which sets
+        // the staging file's times first) is never overwritten by stale ones.
+        let mut ns = self.ns.lock();
+        let Ok(md) = file.metadata() else { return };
+        if let Ok(i) = ns.get_mut(ino) {
+            i.attr.size = md.len();
+            i.attr.blocks = md.blocks();
+            i.attr.mtime = Timespec {
+                sec: md.mtime(),
+                nsec: md.mtime_nsec() as u32,
+            };
+        }
+    }
+
+    pub fn open(&self, ino: Ino, flags: i32, may_block: bool) -> FsResult<Opened> {
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
         let trunc = write && flags & libc::O_TRUNC != 0;
@@ -583,6 +688,11 @@ impl Fs {
                 i.attr.mtime = now;
                 i.attr.ctime = now;
             }
+            let passthrough = self.passthrough_enabled() && self.open_mode(ino) != Some(false);
+            if write && passthrough {
+                // Writes will bypass the daemon: the content counts as changed now.
+                ns.mark_dirty(ino)?;
+            }
             let i = ns.get_mut(ino)?;
             i.opens += 1;
             if write {
@@ -590,11 +700,17 @@ impl Fs {
                 ns.debounce.remove(&ino);
             }
             drop(ns);
-            return Ok(self.new_handle(Handle::Staged {
+            let file = Arc::new(file);
+            let fh = self.new_handle(Handle::Staged {
                 ino,
-                file: Arc::new(file),
+                file: file.clone(),
                 write,
-            }));
+                passthrough,
+            });
+            return Ok(Opened {
+                fh,
+                backing: passthrough.then_some(file),
+            });
         }
         if !may_block {
             return Err(FsError::WouldBlock);
@@ -603,10 +719,11 @@ impl Fs {
         let path = self.ns.lock().path_of(ino)?;
         let file = self.backend.open_read(&path).map_err(io_err)?;
         self.ns.lock().get_mut(ino)?.opens += 1;
-        Ok(self.new_handle(Handle::Remote {
+        let fh = self.new_handle(Handle::Remote {
             ino,
             file: Arc::new(file),
-        }))
+        });
+        Ok(Opened { fh, backing: None })
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32, may_block: bool) -> FsResult<Vec<u8>> {
@@ -630,7 +747,9 @@ impl Fs {
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let (ino, file) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
-            Handle::Staged { ino, file, write: true } => (*ino, file.clone()),
+            Handle::Staged {
+                ino, file, write: true, ..
+            } => (*ino, file.clone()),
             _ => return Err(FsError::BadHandle),
         };
         file.write_all_at(data, offset).map_err(io_err)?;
@@ -650,13 +769,22 @@ impl Fs {
     }
 
     pub fn release(&self, fh: u64) {
-        let Some(h) = self.handles.lock().remove(&fh) else {
+        let Some((ino, write, passthrough)) = self.handles.lock().get(&fh).map(|h| match h {
+            Handle::Staged {
+                ino,
+                write,
+                passthrough,
+                ..
+            } => (*ino, *write, *passthrough),
+            Handle::Remote { ino, .. } => (*ino, false, false),
+        }) else {
             return;
         };
-        let (ino, write) = match h {
-            Handle::Staged { ino, write, .. } => (ino, write),
-            Handle::Remote { ino, .. } => (ino, false),
-        };
+        if write && passthrough {
+            // Size and mtime from the file, while this handle still holds it.
+            self.refresh_from_staging(ino);
+        }
+        self.handles.lock().remove(&fh);
         let mut fx = Effects::default();
         let mut ns = self.ns.lock();
         if let Ok(i) = ns.get_mut(ino) {

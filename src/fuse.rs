@@ -8,7 +8,7 @@ pub mod session;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
@@ -50,6 +50,55 @@ impl BlockingPool {
 pub struct EfsFuse {
     fs: Arc<Fs>,
     pool: BlockingPool,
+    backing: Arc<Backing>,
+}
+
+/// One kernel backing file per inode while any passthrough handle of it is
+/// open (the kernel refuses two different backing files for one inode).
+#[derive(Default)]
+struct Backing {
+    by_ino: parking_lot::Mutex<std::collections::HashMap<u64, (Arc<fuser::BackingId>, usize)>>,
+    /// Passthrough handles and their inode.
+    handles: parking_lot::Mutex<std::collections::HashMap<u64, u64>>,
+}
+
+impl Backing {
+    /// The backing id for `ino`, registering `file` with the kernel if the
+    /// inode has none yet.
+    fn acquire(
+        &self,
+        ino: u64,
+        fh: u64,
+        register: impl FnOnce() -> std::io::Result<fuser::BackingId>,
+    ) -> std::io::Result<Arc<fuser::BackingId>> {
+        let mut map = self.by_ino.lock();
+        let id = match map.get_mut(&ino) {
+            Some((id, n)) => {
+                *n += 1;
+                id.clone()
+            }
+            None => {
+                let id = Arc::new(register()?);
+                map.insert(ino, (id.clone(), 1));
+                id
+            }
+        };
+        self.handles.lock().insert(fh, ino);
+        Ok(id)
+    }
+
+    fn release(&self, fh: u64) {
+        let Some(ino) = self.handles.lock().remove(&fh) else {
+            return;
+        };
+        let mut map = self.by_ino.lock();
+        if let Some((_, n)) = map.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&ino); // drops the BackingId: the kernel closes it
+            }
+        }
+    }
 }
 
 fn errno(e: &FsError) -> Errno {
@@ -57,11 +106,7 @@ fn errno(e: &FsError) -> Errno {
 }
 
 fn time(t: Timespec) -> SystemTime {
-    if t.sec >= 0 {
-        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec)
-    } else {
-        UNIX_EPOCH - Duration::new(t.sec.unsigned_abs(), 0) + Duration::new(0, t.nsec)
-    }
+    t.to_system_time()
 }
 
 fn timespec(t: SystemTime) -> Timespec {
@@ -130,6 +175,7 @@ impl EfsFuse {
         EfsFuse {
             fs,
             pool: BlockingPool::new(pool_threads),
+            backing: Arc::default(),
         }
     }
 
@@ -185,6 +231,15 @@ impl fuser::Filesystem for EfsFuse {
             if config.add_capabilities(cap).is_err() {
                 tracing::debug!(?cap, "kernel lacks FUSE capability");
             }
+        }
+        // Passthrough: the kernel does the data I/O of open staged files on the
+        // staging file itself. It needs max_stack_depth >= 1 (fuser sends 0)
+        // and excludes the kernel writeback cache, which is not requested.
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(1).is_ok() {
+            self.fs.enable_passthrough();
+            tracing::info!("FUSE passthrough enabled for staged files");
+        } else {
+            tracing::info!("FUSE passthrough unavailable: serving file I/O through the daemon");
         }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_background(64);
@@ -325,14 +380,21 @@ impl fuser::Filesystem for EfsFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.run(
-            reply,
-            move |fs, b| fs.open(ino.0, flags.0, b),
-            |reply, r| match r {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-                Err(e) => reply.error(errno(&e)),
+        let (fs, backing) = (self.fs.clone(), self.backing.clone());
+        self.run(reply, move |fs, b| fs.open(ino.0, flags.0, b), move |reply, r| match r {
+            Ok(o) => match o.backing {
+                Some(file) => match backing.acquire(ino.0, o.fh, || reply.open_backing(&*file)) {
+                    Ok(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "kernel refused a passthrough backing file; serving I/O instead");
+                        fs.passthrough_refused(o.fh);
+                        reply.opened(FileHandle(o.fh), FopenFlags::empty())
+                    }
+                },
+                None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
             },
-        );
+            Err(e) => reply.error(errno(&e)),
+        });
     }
 
     fn read(
@@ -388,6 +450,7 @@ impl fuser::Filesystem for EfsFuse {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.backing.release(fh.0);
         self.fs.release(fh.0);
         reply.ok();
     }
@@ -509,11 +572,25 @@ impl fuser::Filesystem for EfsFuse {
     ) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         let ttl = self.fs.kernel_ttl();
+        let (fs, backing) = (self.fs.clone(), self.backing.clone());
         self.run(
             reply,
             move |fs, b| fs.create(parent.0, &name, mode & 0o7777, flags, uid, gid, b),
             move |reply, r| match r {
-                Ok((a, fh)) => reply.created(&ttl, &file_attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
+                Ok((a, o)) => {
+                    let (attr, fh) = (file_attr(&a), FileHandle(o.fh));
+                    match o.backing {
+                        Some(file) => match backing.acquire(a.ino, o.fh, || reply.open_backing(&*file)) {
+                            Ok(id) => reply.created_passthrough(&ttl, &attr, Generation(0), fh, FopenFlags::empty(), &id),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "kernel refused a passthrough backing file; serving I/O instead");
+                                fs.passthrough_refused(o.fh);
+                                reply.created(&ttl, &attr, Generation(0), fh, FopenFlags::empty())
+                            }
+                        },
+                        None => reply.created(&ttl, &attr, Generation(0), fh, FopenFlags::empty()),
+                    }
+                }
                 Err(e) => reply.error(errno(&e)),
             },
         );

@@ -30,6 +30,7 @@ pub fn collect(fs: &Fs, cfg: &Config, started: Instant) -> serde_json::Value {
         "failed": s.failed.load(Ordering::Relaxed),
         "failures": sched.failures,
         "cached_inodes": st.inodes,
+        "data_path": if fs.passthrough_enabled() { "passthrough" } else { "served" },
         "backend_ops": fs.backend.stats().snapshot(),
         "config": cfg,
     })
@@ -76,6 +77,7 @@ pub fn render(v: &serde_json::Value) -> String {
         }
     }
     out.push_str(&format!("cached inodes {}\n", n("cached_inodes")));
+    out.push_str(&format!("data path     {}\n", v["data_path"].as_str().unwrap_or("?")));
     if let Some(ops) = v["backend_ops"]["ops"].as_object() {
         let list: Vec<String> = ops
             .iter()
