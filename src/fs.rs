@@ -221,11 +221,20 @@ impl Fs {
         self.wait_path_stable(dir)?;
         let path = self.ns.lock().path_of(dir)?;
         let listing = crate::meta::load_dir(&*self.backend, &path, self.cfg.meta_parallel).map_err(io_err)?;
+        let big = listing.len() >= 4096;
         let mut ns = self.ns.lock();
         if ns.dir(dir)?.loaded.is_some() && self.sched.dir_busy(dir) {
             return Ok(()); // changed while we listed: keep the overlay
         }
-        ns.merge_listing(dir, listing, Instant::now())
+        let r = ns.merge_listing(dir, listing, Instant::now());
+        drop(ns);
+        if big {
+            // A big listing leaves freed memory in the allocator's per-thread
+            // arenas; give it back so the cache's footprint is what it holds.
+            // SAFETY: malloc_trim has no preconditions.
+            unsafe { libc::malloc_trim(0) };
+        }
+        r
     }
 
     // ---- lookups and attributes ------------------------------------------

@@ -245,7 +245,8 @@ pub struct Effects {
 }
 
 pub struct Namespace {
-    inodes: HashMap<Ino, Inode>,
+    /// Boxed: the table stays small and dense; an inode is a few hundred bytes.
+    inodes: HashMap<Ino, Box<Inode>>,
     /// Backend inode number -> overlay inode, so hard links share one inode and a
     /// published file keeps the number it had before its publish.
     by_backend: HashMap<u64, Ino>,
@@ -284,7 +285,7 @@ impl Namespace {
         r.on_backend = true;
         r.backend_ino = Some(root.ino);
         r.lookups = 1;
-        inodes.insert(ROOT, r);
+        inodes.insert(ROOT, Box::new(r));
         let mut by_backend = HashMap::new();
         by_backend.insert(root.ino, ROOT);
         Namespace {
@@ -300,10 +301,10 @@ impl Namespace {
     }
 
     pub fn get(&self, ino: Ino) -> FsResult<&Inode> {
-        self.inodes.get(&ino).ok_or(FsError::BadHandle)
+        self.inodes.get(&ino).map(|b| &**b).ok_or(FsError::BadHandle)
     }
     pub fn get_mut(&mut self, ino: Ino) -> FsResult<&mut Inode> {
-        self.inodes.get_mut(&ino).ok_or(FsError::BadHandle)
+        self.inodes.get_mut(&ino).map(|b| &mut **b).ok_or(FsError::BadHandle)
     }
     pub fn len(&self) -> usize {
         self.inodes.len()
@@ -312,7 +313,7 @@ impl Namespace {
         self.inodes.is_empty()
     }
     pub fn inodes(&self) -> impl Iterator<Item = &Inode> {
-        self.inodes.values()
+        self.inodes.values().map(|b| &**b)
     }
 
     pub fn new_staging_id(&mut self) -> u64 {
@@ -421,7 +422,7 @@ impl Namespace {
             i.backend_ino = Some(st.ino);
             i.fetched = Some(now);
             i.backend_attr = i.attr.to_set(st.kind);
-            i
+            Box::new(i)
         });
         inode.links.push((dir, name.clone()));
         let is_dir = inode.kind == Kind::Dir;
@@ -524,7 +525,7 @@ impl Namespace {
         inode.links.push((parent, name.to_owned()));
         inode.lookups = 1;
         let is_dir = inode.kind == Kind::Dir;
-        self.inodes.insert(ino, inode);
+        self.inodes.insert(ino, Box::new(inode));
         let d = self.dir_mut(parent)?;
         d.insert(name.to_owned(), ino, false);
         if is_dir {
@@ -1044,5 +1045,20 @@ impl Namespace {
             i.lookups = i.lookups.saturating_sub(n);
             self.maybe_free(ino, fx);
         }
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    #[test]
+    fn print_sizes() {
+        eprintln!(
+            "Inode {} Attr {} AttrSet {} Dentry {} Content {}",
+            std::mem::size_of::<super::Inode>(),
+            std::mem::size_of::<super::Attr>(),
+            std::mem::size_of::<crate::backend::AttrSet>(),
+            std::mem::size_of::<super::Dentry>(),
+            std::mem::size_of::<super::Content>()
+        );
     }
 }

@@ -339,26 +339,17 @@ fn fio_writes_through_passthrough_verify_and_publish() {
     let s = Scratch::new();
     let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=50ms");
     assert_eq!(m.status()["data_path"], "passthrough");
+    // Global options (the directory) come before the first job.
     run(Command::new("fio")
-        .args([
-            "--name=seq",
-            "--rw=write",
-            "--bs=1M",
-            "--size=32M",
-            "--verify=crc32c",
-            "--do_verify=1",
-        ])
-        .args([
-            "--name=rand",
-            "--rw=randwrite",
-            "--bs=4k",
-            "--size=8M",
-            "--verify=crc32c",
-            "--do_verify=1",
-        ])
-        .arg(format!("--directory={}", s.path("mnt").display())));
+        .current_dir(s.path("cache"))
+        .arg(format!("--directory={}", s.path("mnt").display()))
+        .args(["--verify=crc32c", "--do_verify=1"])
+        .args(["--name=seq", "--rw=write", "--bs=1M", "--size=32M"])
+        .args(["--name=rand", "--rw=randwrite", "--bs=4k", "--size=8M"]));
     m.sync();
-    for f in std::fs::read_dir(s.path("mnt")).unwrap() {
+    let files: Vec<_> = std::fs::read_dir(s.path("mnt")).unwrap().collect();
+    assert_eq!(files.len(), 2, "both fio files are in the mount");
+    for f in files {
         let name = f.unwrap().file_name();
         let a = std::fs::read(s.path("mnt").join(&name)).unwrap();
         let b = std::fs::read(s.path("backend").join(&name)).unwrap();
