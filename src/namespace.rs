@@ -1048,17 +1048,3 @@ impl Namespace {
     }
 }
 
-#[cfg(test)]
-mod size_tests {
-    #[test]
-    fn print_sizes() {
-        eprintln!(
-            "Inode {} Attr {} AttrSet {} Dentry {} Content {}",
-            std::mem::size_of::<super::Inode>(),
-            std::mem::size_of::<super::Attr>(),
-            std::mem::size_of::<crate::backend::AttrSet>(),
-            std::mem::size_of::<super::Dentry>(),
-            std::mem::size_of::<super::Content>()
-        );
-    }
-}
