@@ -88,7 +88,6 @@ pub enum Action {
     Publish {
         ino: Ino,
         staging: u64,
-        generation: u64,
         paths: Vec<RelPath>,
         attrs: AttrSet,
     },
@@ -215,6 +214,9 @@ struct State {
     pending_per_dir: HashMap<Ino, usize>,
     pending_publishes: usize,
     failures: Vec<Failure>,
+    /// Finished ops whose caller has not yet recorded the result in the
+    /// namespace (see `settled`): still work in progress for `sync`.
+    settling: usize,
     shutdown: bool,
     /// Workers stop taking new ops (drain ended or paused).
     paused: bool,
@@ -451,9 +453,17 @@ impl Scheduler {
         for (k, a) in &e.op.keys {
             self.release(&mut st, k, *a);
         }
+        st.settling += 1;
         self.work.notify_all();
         self.done.notify_all();
         Some(e.op)
+    }
+
+    /// The caller of `finish` has recorded the op's result (every `Some`
+    /// returned by `finish` must be followed by one call).
+    pub fn settled(&self) {
+        self.state.lock().settling -= 1;
+        self.done.notify_all();
     }
 
     fn release(&self, st: &mut State, key: &Key, a: Access) {
@@ -502,8 +512,10 @@ impl Scheduler {
         })
     }
 
+    /// Ops queued, running, or finished but not yet recorded.
     pub fn queued(&self) -> usize {
-        self.state.lock().entries.len()
+        let st = self.state.lock();
+        st.entries.len() + st.settling
     }
 
     pub fn snapshot(&self) -> SchedSnapshot {
@@ -529,7 +541,7 @@ impl Scheduler {
     pub fn wait_idle(&self, deadline: Option<Instant>) -> bool {
         let mut st = self.state.lock();
         loop {
-            if st.entries.is_empty() {
+            if st.entries.is_empty() && st.settling == 0 {
                 return true;
             }
             match deadline {
@@ -670,11 +682,14 @@ mod tests {
         let l3 = s.next().unwrap();
         assert_eq!((l1.seq, l3.seq), (0, 2), "the second op on 'a' waits for the first");
         s.finish(l3, Outcome::Done);
+        s.settled();
         assert_eq!(s.snapshot().in_flight, 1);
         s.finish(l1, Outcome::Done);
+        s.settled();
         let l2 = s.next().unwrap();
         assert_eq!(l2.seq, 1);
         s.finish(l2, Outcome::Done);
+        s.settled();
         assert!(s.wait_idle(Some(Instant::now())));
     }
 
@@ -688,12 +703,15 @@ mod tests {
         assert_eq!(a.seq, 0);
         assert_eq!(s.snapshot().in_flight, 1);
         s.finish(a, Outcome::Done);
+        s.settled();
         let b = s.next().unwrap();
         assert_eq!(b.seq, 1);
         s.finish(b, Outcome::Done);
+        s.settled();
         let c = s.next().unwrap();
         assert_eq!(c.seq, 2);
         s.finish(c, Outcome::Done);
+        s.settled();
     }
 
     #[test]
@@ -708,10 +726,12 @@ mod tests {
         let again = s.next().unwrap();
         assert_eq!(again.seq, first, "the retried op runs before the op queued after it");
         s.finish(again, Outcome::Failed(std::io::Error::from_raw_os_error(libc::EPERM)));
+        s.settled();
         assert_eq!(s.failures().len(), 1);
         let b = s.next().unwrap();
         assert_eq!(b.seq, 1);
         s.finish(b, Outcome::Done);
+        s.settled();
         assert_eq!(s.stats.retries.load(Ordering::Relaxed), 1);
     }
 }

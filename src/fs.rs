@@ -330,10 +330,17 @@ impl Fs {
                 _ => return Err(FsError::Invalid),
             }
         }
-        let id = self.stage(ino, size > 0, may_block)?;
-        let f = self.staging.open_rw(id).map_err(io_err)?;
-        f.set_len(size).map_err(io_err)?;
-        let mut ns = self.ns.lock();
+        let mut ns = loop {
+            let id = self.stage(ino, size > 0, may_block)?;
+            // Under the lock, so a publish finishing now cannot drop the staging file.
+            let ns = self.ns.lock();
+            if ns.get(ino)?.staged_id() != Some(id) {
+                continue;
+            }
+            let f = self.staging.open_rw(id).map_err(io_err)?;
+            f.set_len(size).map_err(io_err)?;
+            break ns;
+        };
         ns.mark_dirty(ino)?;
         let i = ns.get_mut(ino)?;
         i.attr.size = size;
@@ -680,14 +687,21 @@ impl Fs {
             return Err(FsError::NotSupported); // fifos and devices are opened by the kernel
         }
         if write || content != Content::Remote {
-            let id = self.stage(ino, !trunc, may_block)?;
-            let file = if write {
-                self.staging.open_rw(id)
-            } else {
-                self.staging.open_read(id)
-            }
-            .map_err(io_err)?;
-            let mut ns = self.ns.lock();
+            let (mut ns, file) = loop {
+                let id = self.stage(ino, !trunc, may_block)?;
+                // Open and count the handle under the lock: a publish finishing
+                // now drops the staging copy only of files nobody has open.
+                let ns = self.ns.lock();
+                if ns.get(ino)?.staged_id() != Some(id) {
+                    continue;
+                }
+                let file = if write {
+                    self.staging.open_rw(id)
+                } else {
+                    self.staging.open_read(id)
+                };
+                break (ns, file.map_err(io_err)?);
+            };
             if trunc {
                 file.set_len(0).map_err(io_err)?;
                 ns.mark_dirty(ino)?;
@@ -809,7 +823,7 @@ impl Fs {
             // goes back to being read from the backend.
             if let Content::Staged { id, dirty: false } = content
                 && opens == 0
-                && !ns.get(ino).is_ok_and(|i| i.publish_queued)
+                && !ns.get(ino).is_ok_and(|i| i.publish_queued > 0)
             {
                 ns.get_mut(ino).expect("exists").content = Content::Remote;
                 fx.discard.push(id);
@@ -941,21 +955,48 @@ impl Fs {
     /// Runs flush ops until the scheduler shuts down (one call per worker thread).
     pub fn run_worker(&self) {
         while let Some(lent) = self.sched.next() {
-            let (pub_ino, pub_generation) = match &lent.action {
-                Action::Publish { ino, generation, .. } => (Some(*ino), *generation),
-                _ => (None, 0),
-            };
-            let result = publish::execute(
-                &*self.backend,
-                &self.temps,
-                &lent.action,
-                |id| match self.staging.open_read(id) {
-                    Ok(f) => Ok(Some(f)),
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                    Err(e) => Err(e),
+            // A publish copies the content as it is when the copy starts, and
+            // only while nobody has the file open for writing (writes through
+            // passthrough are invisible to the daemon); a change during the
+            // copy (a new open bumps the generation) means: copy again.
+            let mut published_generation = 0;
+            let writer_busy = match &lent.action {
+                Action::Publish { ino, .. } => match self.ns.lock().get(*ino) {
+                    Ok(i) if i.writers > 0 => true,
+                    Ok(i) => {
+                        published_generation = i.generation;
+                        false
+                    }
+                    Err(_) => false,
                 },
-                || pub_ino.is_some_and(|ino| self.ns.lock().get(ino).is_ok_and(|i| i.generation == pub_generation)),
-            );
+                _ => false,
+            };
+            let pub_ino = match &lent.action {
+                Action::Publish { ino, .. } => Some(*ino),
+                _ => None,
+            };
+            let result = if writer_busy {
+                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+            } else {
+                publish::execute(
+                    &*self.backend,
+                    &self.temps,
+                    &lent.action,
+                    |id| match self.staging.open_read(id) {
+                        Ok(f) => Ok(Some(f)),
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                        Err(e) => Err(e),
+                    },
+                    || {
+                        pub_ino.is_some_and(|ino| {
+                            self.ns
+                                .lock()
+                                .get(ino)
+                                .is_ok_and(|i| i.generation == published_generation && i.writers == 0)
+                        })
+                    },
+                )
+            };
             let (outcome, published) = match result {
                 Ok(p) => (Outcome::Done, Some(p)),
                 Err(e) if flush::is_transient(&e) => (Outcome::Retry(e), None),
@@ -967,15 +1008,18 @@ impl Fs {
             let mut discard = None;
             {
                 let mut ns = self.ns.lock();
-                for d in op.changed_dirs() {
-                    ns.entries_changed_on_backend(d);
+                // Attribute changes leave the parent's entries (and mtime) alone.
+                if !matches!(op.action, Action::SetAttr { .. } | Action::Barrier(_)) {
+                    for d in op.changed_dirs() {
+                        ns.entries_changed_on_backend(d);
+                    }
                 }
-                if let Action::Publish { ino, generation, .. } = op.action {
+                if let Action::Publish { ino, .. } = op.action {
                     match published {
                         Some(p) if !p.superseded => {
                             self.sched.stats.files_published.fetch_add(1, Ordering::Relaxed);
                             self.sched.stats.bytes_published.fetch_add(p.bytes, Ordering::Relaxed);
-                            discard = ns.publish_done(ino, generation, p.backend_ino);
+                            discard = ns.publish_done(ino, published_generation, p.backend_ino);
                         }
                         _ => ns.publish_abandoned(ino),
                     }
@@ -984,6 +1028,7 @@ impl Fs {
             if let Some(id) = discard {
                 self.staging.remove(id);
             }
+            self.sched.settled();
         }
     }
 
@@ -992,11 +1037,23 @@ impl Fs {
     pub fn sync(&self, deadline: Option<Instant>) -> SyncReport {
         let complete = loop {
             self.tick(true);
+            // Queue first: a finishing op may still re-dirty a directory, but
+            // once nothing is queued nothing can until someone changes the tree.
+            let idle = self.sched.queued() == 0;
             let pending = {
                 let ns = self.ns.lock();
-                !ns.debounce.is_empty() || !ns.dirty_dir_attrs.is_empty()
+                // Directories waiting only for files still open for writing do
+                // not hold up the barrier (those files are reported instead).
+                let held_open: std::collections::HashSet<Ino> = ns
+                    .dirty_files
+                    .iter()
+                    .filter_map(|i| ns.get(*i).ok())
+                    .filter(|i| i.writers > 0)
+                    .flat_map(|i| i.links.iter().map(|(p, _)| *p))
+                    .collect();
+                !ns.debounce.is_empty() || ns.dirty_dir_attrs.iter().any(|d| !held_open.contains(d))
             };
-            if !pending && self.sched.queued() == 0 {
+            if idle && !pending {
                 break true;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -1024,7 +1081,7 @@ impl Fs {
         let mut pending_bytes = 0;
         let mut open_for_write = 0;
         for i in ns.inodes() {
-            if i.is_dirty() || i.publish_queued {
+            if i.is_dirty() || i.publish_queued > 0 {
                 pending_bytes += i.attr.size;
             }
             if i.writers > 0 {

@@ -174,13 +174,11 @@ pub struct Inode {
     /// Bumped whenever the content may change (open for writing, truncate, write),
     /// so a publish can tell whether it copied the latest content.
     pub generation: u64,
-    /// Directories: times were set explicitly (rsync -a) and must be reapplied
-    /// after the backend finishes changing the directory's entries.
-    pub times_explicit: bool,
     /// When attributes were last read from the backend.
     pub fetched: Option<Instant>,
-    /// A publish of the staged content is queued or running.
-    pub publish_queued: bool,
+    /// Publishes of the staged content queued or running (the staged copy is
+    /// kept until the last of them is done).
+    pub publish_queued: u32,
     /// The attributes the backend will have once the queued ops ran (None:
     /// unknown), so attribute flushes send only what differs.
     pub backend_attr: AttrSet,
@@ -202,9 +200,8 @@ impl Inode {
             opens: 0,
             writers: 0,
             generation: 0,
-            times_explicit: false,
             fetched: None,
-            publish_queued: false,
+            publish_queued: 0,
             backend_attr: AttrSet::default(),
         }
     }
@@ -379,8 +376,9 @@ impl Namespace {
                 if cur != ino {
                     continue; // the overlay has another object here (pending change): it wins
                 }
+                let attrs_pending = self.dirty_dir_attrs.contains(&cur);
                 let i = self.get_mut(cur)?;
-                if i.kind == st.kind && i.content == Content::Remote && i.writers == 0 {
+                if i.kind == st.kind && i.content == Content::Remote && i.writers == 0 && !attrs_pending {
                     i.attr = Attr::from_stat(&st);
                     i.fetched = Some(now);
                 }
@@ -511,7 +509,6 @@ impl Namespace {
             let now = Timespec::now();
             i.attr.mtime = now;
             i.attr.ctime = now;
-            i.times_explicit = true;
             self.dirty_dir_attrs.insert(dir);
         }
     }
@@ -554,7 +551,6 @@ impl Namespace {
             atime: None,
             mtime: None,
         };
-        i.times_explicit = true;
         i.dir.as_mut().expect("dir").loaded = Some(Instant::now());
         self.insert_new(parent, name, i)?;
         self.dirty_dir_attrs.insert(ino);
@@ -821,7 +817,10 @@ impl Namespace {
         }
         let on_backend = i.on_backend;
         let existing = self.path_of(ino)?;
-        let keys = self.keys(&[(newparent, newname)], &[ino])?;
+        // The source name is locked too: a later rename over it must not run
+        // before the link, or the link would name the wrong file.
+        let (sp, sn) = self.get(ino)?.links[0].clone();
+        let keys = self.keys(&[(newparent, newname), (sp, &sn)], &[ino])?;
         check_name(newname)?;
         if self.lookup(newparent, newname)?.is_some() {
             return Err(FsError::Exists);
@@ -872,12 +871,8 @@ impl Namespace {
         }
         let (kind, on_backend, pending_content) = (i.kind, i.on_backend, self.dirty_files.contains(&ino));
         if kind == Kind::Dir {
-            if ch.mtime.is_some() {
-                self.get_mut(ino)?.times_explicit = true;
-            }
-            if ino != ROOT || ch.perm.is_some() || ch.uid.is_some() || ch.gid.is_some() || ch.mtime.is_some() {
-                self.dirty_dir_attrs.insert(ino);
-            }
+            // Applied once the directory's entries have settled on the backend.
+            self.dirty_dir_attrs.insert(ino);
         } else if on_backend && !pending_content {
             let diff = attr.diff(kind, &self.get(ino)?.backend_attr);
             if !diff.is_empty() {
@@ -929,7 +924,6 @@ impl Namespace {
         }
         let names: Vec<(Ino, OsString)> = i.links.clone();
         let attrs = i.attr.to_set(Kind::File);
-        let generation = i.generation;
         let mut paths = Vec::new();
         for (p, n) in &names {
             paths.push(self.path_for(*p, n)?);
@@ -941,7 +935,6 @@ impl Namespace {
             Action::Publish {
                 ino,
                 staging: id,
-                generation,
                 paths,
                 attrs,
             },
@@ -954,7 +947,7 @@ impl Namespace {
         let i = self.get_mut(ino)?;
         i.on_backend = true;
         i.content = Content::Staged { id, dirty: false };
-        i.publish_queued = true;
+        i.publish_queued += 1;
         i.backend_attr = i.attr.to_set(Kind::File);
         Ok(Some(op))
     }
@@ -966,9 +959,11 @@ impl Namespace {
             self.set_backend_ino(ino, b);
         }
         let i = self.inodes.get_mut(&ino)?;
-        i.publish_queued = false;
+        i.publish_queued = i.publish_queued.saturating_sub(1);
         match i.content {
-            Content::Staged { id, dirty: false } if i.generation == generation && i.opens == 0 => {
+            Content::Staged { id, dirty: false }
+                if i.generation == generation && i.opens == 0 && i.publish_queued == 0 =>
+            {
                 i.content = Content::Remote;
                 Some(id)
             }
@@ -980,7 +975,7 @@ impl Namespace {
     /// removed, or a permanent failure that `status` reports).
     pub fn publish_abandoned(&mut self, ino: Ino) {
         if let Some(i) = self.inodes.get_mut(&ino) {
-            i.publish_queued = false;
+            i.publish_queued = i.publish_queued.saturating_sub(1);
         }
     }
 
@@ -1011,14 +1006,15 @@ impl Namespace {
         }))
     }
 
-    /// The backend changed the entries of `dir` (an op in it finished): its
-    /// explicitly set times must be applied again afterwards.
+    /// The backend changed the entries of `dir` (an op in it finished).
     pub fn entries_changed_on_backend(&mut self, dir: Ino) {
         if let Some(i) = self.inodes.get_mut(&dir) {
             i.backend_attr.mtime = None;
             i.backend_attr.atime = None;
         }
-        if self.inodes.get(&dir).is_some_and(|i| i.times_explicit) {
+        // The backend just set the directory's mtime to "now": give it the
+        // overlay's times again once its entries settle.
+        if self.inodes.contains_key(&dir) {
             self.dirty_dir_attrs.insert(dir);
         }
     }
@@ -1047,4 +1043,3 @@ impl Namespace {
         }
     }
 }
-

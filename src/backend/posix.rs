@@ -426,7 +426,16 @@ impl Backend for PosixBackend {
     }
 
     fn set_attrs_fd(&self, file: &File, attrs: &AttrSet) -> io::Result<()> {
-        self.apply_fd(file.as_raw_fd(), attrs, self.needs_chown(attrs))
+        // The new file's owner is not always ours (a set-gid directory gives
+        // its group): compare with what the file has. NFS answers this fstat
+        // from the attributes that came back with the create.
+        let chown = if attrs.uid.is_some() || attrs.gid.is_some() {
+            let st = self.fstat(file.as_raw_fd())?;
+            attrs.uid.is_some_and(|u| u != st.uid) || attrs.gid.is_some_and(|g| g != st.gid)
+        } else {
+            false
+        };
+        self.apply_fd(file.as_raw_fd(), attrs, chown)
     }
 
     fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {

@@ -47,14 +47,14 @@ impl TempNames {
 pub struct Published {
     pub backend_ino: Option<u64>,
     pub bytes: u64,
-    /// The staged content changed while it was copied: nothing was published,
-    /// a later publish will carry the new content.
+    /// The staged content is gone (the file was removed): nothing to publish.
     pub superseded: bool,
 }
 
 /// Runs `action`. `content` opens the staged data of a publish (None: the
 /// staging file is gone, the file was removed meanwhile); `still_current`
-/// says whether the staged content is unchanged since the op was queued.
+/// says whether the staged content is unchanged since the copy started
+/// (otherwise the publish fails with EAGAIN and is retried).
 pub fn execute(
     backend: &dyn Backend,
     temps: &TempNames,

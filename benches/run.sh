@@ -1,0 +1,388 @@
+#!/usr/bin/env bash
+# Benchmark driver: efscache over efs-sim against direct rsync on the same
+# efs-sim and against local disk, in one run. See docs/BENCHMARKS.md.
+#
+# Usage: benches/run.sh [--quick] [--full] [--files N] [--dirs N] [--reps N]
+#                       [--profile NAME] [--workdir DIR] [--keep] [--no-build]
+# --no-build uses the binaries already in target/release.
+#
+# Exit status: 0 when every step ran and every verification passed, 1 otherwise.
+set -uo pipefail
+
+NOBUILD=0 QUICK=0 FULL=0 FILES=10000 DIRS=100 REPS=3 PROFILE=efs-typical KEEP=0
+WORKBASE=${TMPDIR:-/var/tmp}
+FILES_SET=0 DIRS_SET=0 REPS_SET=0
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --full) FULL=1 ;;
+    --files) FILES=$2; FILES_SET=1; shift ;;
+    --dirs) DIRS=$2; DIRS_SET=1; shift ;;
+    --reps) REPS=$2; REPS_SET=1; shift ;;
+    --profile) PROFILE=$2; shift ;;
+    --workdir) WORKBASE=$2; shift ;;
+    --keep) KEEP=1 ;;
+    --no-build) NOBUILD=1 ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ "$QUICK" = 1 ]; then
+  [ "$FILES_SET" = 1 ] || FILES=500
+  [ "$DIRS_SET" = 1 ] || DIRS=10
+  [ "$REPS_SET" = 1 ] || REPS=1
+fi
+FIO_SEQ=256M FIO_RAND=64M
+[ "$QUICK" = 1 ] && { FIO_SEQ=32M; FIO_RAND=8M; }
+[ "$FULL" = 1 ] && { FIO_SEQ=2G; FIO_RAND=256M; }
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+EFSCACHE=$ROOT/target/release/efscache
+EFSSIM=$ROOT/target/release/efs-sim
+
+FAILS=0
+fail() { echo "FAIL: $*" >&2; FAILS=$((FAILS + 1)); }
+log() { echo "# $*" >&2; }
+
+# ---------------------------------------------------------------- cleanup
+W="" SIM_PID="" SIM_MP="" EC_MPS=()
+is_mounted() { awk -v m="$1" '$5==m{f=1} END{exit !f}' /proc/self/mountinfo; }
+ec_umount() {
+  local mp=$1
+  if is_mounted "$mp"; then
+    timeout 120 "$EFSCACHE" umount --timeout 60s "$mp" >/dev/null 2>&1 || umount -l "$mp" 2>/dev/null
+  fi
+  local rest=() m
+  for m in "${EC_MPS[@]}"; do [ "$m" = "$mp" ] || rest+=("$m"); done
+  EC_MPS=("${rest[@]+"${rest[@]}"}")
+}
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  local m
+  for m in "${EC_MPS[@]+"${EC_MPS[@]}"}"; do ec_umount "$m"; done
+  if [ -n "$SIM_PID" ] && kill -0 "$SIM_PID" 2>/dev/null; then
+    kill -TERM "$SIM_PID" 2>/dev/null
+    for _ in $(seq 50); do kill -0 "$SIM_PID" 2>/dev/null || break; sleep 0.2; done
+  fi
+  if [ -n "$SIM_MP" ] && awk -v m="$SIM_MP" '$5==m{f=1} END{exit !f}' /proc/self/mountinfo; then
+    umount -l "$SIM_MP" 2>/dev/null
+  fi
+  if [ -n "$W" ] && [ "$KEEP" = 0 ]; then rm -rf "$W"; fi
+  [ -n "$W" ] && [ "$KEEP" = 1 ] && log "kept $W"
+  exit "$rc"
+}
+trap cleanup EXIT
+CHILD=""
+trap 'fail "interrupted"; [ -n "$CHILD" ] && kill -TERM "$CHILD" 2>/dev/null; exit 130' INT TERM
+
+# ---------------------------------------------------------------- helpers
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
+median() { sort -g | awk '{v[NR]=$1} END{if(NR==0){print "n/a"; exit} if(NR%2) print v[(NR+1)/2]; else printf "%.3f\n", (v[NR/2]+v[NR/2+1])/2}'; }
+div() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a=="n/a"||b=="n/a"||b+0==0) print "n/a"; else printf "%.2f", a/b }'; }
+# record METRIC VALUE ; med METRIC
+record() { echo "$2" >> "$W/metrics/$1"; }
+med() { if [ -f "$W/metrics/$1" ]; then median < "$W/metrics/$1"; else echo n/a; fi; }
+
+STATS=""
+# Ask efs-sim to rewrite its stats file and wait until it did.
+sim_snap() {
+  local before after
+  before=$(jq -r .elapsed_secs "$STATS" 2>/dev/null || echo none)
+  kill -USR1 "$SIM_PID" || { fail "efs-sim not running"; return 1; }
+  for _ in $(seq 100); do
+    sleep 0.05
+    after=$(jq -r .elapsed_secs "$STATS" 2>/dev/null || echo none)
+    [ "$after" != "$before" ] && [ "$after" != none ] && break
+  done
+  cp "$STATS" "$W/snap.$1.json"
+}
+# sim_delta A B : total request delta; sim_mix A B : per-kind deltas (nonzero)
+sim_delta() { jq -n --slurpfile a "$W/snap.$1.json" --slurpfile b "$W/snap.$2.json" '$b[0].requests - $a[0].requests'; }
+sim_mix() {
+  jq -rn --slurpfile a "$W/snap.$1.json" --slurpfile b "$W/snap.$2.json" \
+    '[$b[0].ops | to_entries[] | {k: .key, d: (.value.count - $a[0].ops[.key].count)} | select(.d > 0)]
+     | sort_by(-.d) | map("\(.k)=\(.d)") | join(" ")'
+}
+
+run_timed() { # run_timed VAR cmd... : sets VAR to seconds; fails the step on error
+  local __var=$1; shift
+  local t0 t1
+  t0=$(now)
+  # background + wait, so a SIGINT/SIGTERM trap runs at once (and stops it)
+  "$@" > "$W/last.out" 2>&1 &
+  CHILD=$!
+  if ! wait "$CHILD"; then
+    fail "command failed: $* ($(tail -3 "$W/last.out" | tr '\n' ' '))"
+  fi
+  CHILD=""
+  t1=$(now)
+  printf -v "$__var" '%s' "$(elapsed "$t0" "$t1")"
+}
+
+verify() { # verify SRC DST LABEL [extra rsync flags] : dry-run checksum compare, empty = identical
+  local out
+  out=$(rsync -aHnci --delete "${@:4}" "$1/" "$2/" 2>&1)
+  if [ -n "$out" ]; then
+    fail "verification $3: $(echo "$out" | wc -l) differences, e.g. $(echo "$out" | head -3 | tr '\n' ' ')"
+  else
+    log "verified $3: backing dir matches source"
+  fi
+}
+
+ec_mount() { # ec_mount BACKEND MP CACHE
+  mkdir -p "$2" "$3"
+  if ! timeout 60 "$EFSCACHE" mount "$1" "$2" -o "cache_dir=$3,debounce=100ms" > "$W/ecmount.out" 2>&1; then
+    fail "efscache mount $2: $(cat "$W/ecmount.out")"; return 1
+  fi
+  EC_MPS+=("$2")
+}
+ec_sync() { timeout 1800 "$EFSCACHE" sync "$1"; }
+
+# ---------------------------------------------------------------- setup
+if [ "$NOBUILD" = 1 ]; then
+  log "--no-build: using existing $EFSCACHE and $EFSSIM"
+else
+  log "building: cargo build --release --workspace"
+  if ! (cd "$ROOT" && cargo build --release --workspace) >&2; then
+    echo "FAIL: build" >&2; exit 1
+  fi
+fi
+[ -x "$EFSCACHE" ] && [ -x "$EFSSIM" ] || { echo "FAIL: binaries missing" >&2; exit 1; }
+for t in rsync jq fio python3; do
+  command -v "$t" >/dev/null || { echo "FAIL: $t not installed" >&2; exit 1; }
+done
+
+mkdir -p "$WORKBASE"
+W=$(mktemp -d "$WORKBASE/efscache-bench.XXXXXX")
+# private copies, so a concurrent rebuild cannot swap binaries mid-run
+mkdir -p "$W/bin" && cp "$EFSCACHE" "$EFSSIM" "$W/bin/" || { echo "FAIL: copy binaries" >&2; exit 1; }
+EFSCACHE=$W/bin/efscache EFSSIM=$W/bin/efs-sim
+mkdir -p "$W/metrics" "$W/local" "$W/back" "$W/sim" "$W/tmpdir" "$W/src"
+SIM_MP=$W/sim
+STATS=$W/sim-stats.json
+
+log "generating $FILES files in $DIRS dirs (1-64 KiB) under $W/src"
+python3 - "$W/src" "$FILES" "$DIRS" <<'EOF' || { echo "FAIL: tree generation" >&2; exit 1; }
+import os, random, sys
+root, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(42)
+blob = rng.randbytes(64 * 1024) if hasattr(rng, "randbytes") else os.urandom(64 * 1024)
+for i in range(d):
+    os.makedirs(os.path.join(root, "d%03d" % i), exist_ok=True)
+for i in range(n):
+    # log-uniform 1..64 KiB: most files small, a tail of larger ones
+    size = int(1024 * 2 ** rng.uniform(0, 6))
+    off = rng.randrange(0, 64 * 1024 - size + 1)
+    with open(os.path.join(root, "d%03d" % (i % d), "f%06d.dat" % i), "wb") as f:
+        f.write(blob[off:off + size] + i.to_bytes(8, "little"))
+EOF
+SRC_BYTES=$(du -sb "$W/src" | cut -f1)
+
+# efs-sim keeps one open fd per inode the kernel knows of; a 10,000-file tree
+# copied three times needs more than the usual 1024/20000 descriptors.
+ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+sim_start() {
+  SIM_PID=""
+  log "starting efs-sim --profile $PROFILE (open files limit $(ulimit -n))"
+  "$EFSSIM" --profile "$PROFILE" --daemon --stats-file "$STATS" "$W/back" "$SIM_MP" > "$W/sim.out" 2> "$W/sim.err" &
+  for _ in $(seq 200); do
+    SIM_PID=$(head -1 "$W/sim.out" 2>/dev/null | tr -dc 0-9)
+    [ -n "$SIM_PID" ] && break
+    sleep 0.05
+  done
+  if [ -z "$SIM_PID" ] || ! awk -v m="$SIM_MP" '$5==m{f=1} END{exit !f}' /proc/self/mountinfo; then
+    echo "FAIL: efs-sim did not mount: $(cat "$W/sim.err")" >&2; exit 1
+  fi
+}
+# Each phase gets a fresh efs-sim (and so a cold kernel cache): efs-sim holds
+# one fd per inode the kernel knows, and a long run would exhaust the limit.
+sim_restart() {
+  kill -TERM "$SIM_PID" 2>/dev/null
+  for _ in $(seq 50); do kill -0 "$SIM_PID" 2>/dev/null || break; sleep 0.2; done
+  awk -v m="$SIM_MP" '$5==m{f=1} END{exit !f}' /proc/self/mountinfo && umount -l "$SIM_MP"
+  rm -f "$STATS"
+  sim_start
+}
+sim_start
+
+echo "efscache benchmark  $(date -u +%Y-%m-%dT%H:%MZ)  profile=$PROFILE  files=$FILES dirs=$DIRS bytes=$SRC_BYTES reps=$REPS  cores=$(nproc)  kernel=$(uname -r)"
+echo "efscache mount options: cache_dir=<local>,debounce=100ms (other options default)"
+echo
+
+# ---------------------------------------------------------------- calibration
+calib_creates() { # parallel creates: 32 workers x 8 files, one dir vs 32 dirs
+  local base=$1 t0 t1
+  mkdir -p "$base/one"; for i in $(seq 0 31); do mkdir -p "$base/many/d$i"; done
+  t0=$(now)
+  seq 0 31 | xargs -P 32 -I{} sh -c 'for j in 0 1 2 3 4 5 6 7; do : > "$0/one/f{}_$j"; done' "$base"
+  t1=$(now); local one; one=$(elapsed "$t0" "$t1")
+  t0=$(now)
+  seq 0 31 | xargs -P 32 -I{} sh -c 'for j in 0 1 2 3 4 5 6 7; do : > "$0/many/d{}/f$j"; done' "$base"
+  t1=$(now); local many; many=$(elapsed "$t0" "$t1")
+  echo "$one $many"
+}
+
+# ---------------------------------------------------------------- workloads
+RSYNC_TUNED=(--numeric-ids --omit-dir-times --whole-file "--temp-dir=$W/tmpdir")
+for r in $(seq 1 "$REPS"); do
+  log "rep $r/$REPS"
+  # (a) local disk
+  run_timed t rsync -a "$W/src/" "$W/local/r$r/"; record w1_a_ret "$t"; record w1_a_dur "$t"
+  run_timed t rsync -a "$W/src/" "$W/local/r$r/"; record w3_a "$t"
+  rm -rf "$W/local/r$r"
+
+  # (b) efs-sim direct, plain rsync -a
+  sim_restart
+  sim_snap b0.$r
+  run_timed t rsync -a "$W/src/" "$SIM_MP/direct-r$r/"; record w1_b_ret "$t"; record w1_b_dur "$t"
+  sim_snap b1.$r
+  run_timed t rsync -a "$W/src/" "$SIM_MP/direct-r$r/"; record w3_b "$t"
+  sim_snap b2.$r
+  record req_b_pub "$(div "$(sim_delta b0.$r b1.$r)" "$FILES")"
+  record req_b_re "$(div "$(sim_delta b1.$r b2.$r)" "$FILES")"
+  [ "$r" = 1 ] && { MIX_B_PUB=$(sim_mix b0.$r b1.$r); MIX_B_RE=$(sim_mix b1.$r b2.$r); }
+  verify "$W/src" "$W/back/direct-r$r" "(b) direct rep $r"
+
+  # workload 2: tuned rsync, efs-sim direct (non-atomic)
+  sim_restart
+  sim_snap t0.$r
+  run_timed t rsync -a "${RSYNC_TUNED[@]}" "$W/src/" "$SIM_MP/tuned-r$r/"; record w2_ret "$t"
+  sim_snap t1.$r
+  record req_t_pub "$(div "$(sim_delta t0.$r t1.$r)" "$FILES")"
+  [ "$r" = 1 ] && MIX_T_PUB=$(sim_mix t0.$r t1.$r)
+  verify "$W/src" "$W/back/tuned-r$r" "(2) tuned rep $r" --omit-dir-times  # it does not set dir times
+
+  # (c) efscache over efs-sim (fresh mount and cache per rep)
+  EC=$W/ec$r
+  sim_restart
+  if ec_mount "$SIM_MP" "$EC" "$W/cache$r"; then
+    sim_snap c0.$r
+    t0=$(now)
+    rsync -a "$W/src/" "$EC/ec-r$r/" > "$W/last.out" 2>&1 || fail "rsync into efscache: $(tail -3 "$W/last.out")"
+    t1=$(now)
+    ec_sync "$EC" > "$W/last.out" 2>&1 || fail "efscache sync: $(tail -3 "$W/last.out")"
+    t2=$(now)
+    sim_snap c1.$r
+    record w1_c_ret "$(elapsed "$t0" "$t1")"; record w1_c_dur "$(elapsed "$t0" "$t2")"
+    verify "$W/src" "$W/back/ec-r$r" "(c) efscache rep $r"
+    t0=$(now)
+    rsync -a "$W/src/" "$EC/ec-r$r/" > "$W/last.out" 2>&1 || fail "re-sync into efscache: $(tail -3 "$W/last.out")"
+    t1=$(now)
+    ec_sync "$EC" > "$W/last.out" 2>&1 || fail "efscache sync (re-sync): $(tail -3 "$W/last.out")"
+    t2=$(now)
+    sim_snap c2.$r
+    record w3_c "$(elapsed "$t0" "$t1")"; record w3_c_dur "$(elapsed "$t0" "$t2")"
+    record req_c_pub "$(div "$(sim_delta c0.$r c1.$r)" "$FILES")"
+    record req_c_re "$(div "$(sim_delta c1.$r c2.$r)" "$FILES")"
+    if [ "$r" = 1 ]; then
+      MIX_C_PUB=$(sim_mix c0.$r c1.$r); MIX_C_RE=$(sim_mix c1.$r c2.$r)
+      "$EFSCACHE" status --json "$EC" > "$W/ecstatus.json" 2>/dev/null || true
+    fi
+    ec_umount "$EC"
+    sim_snap c3.$r
+    record req_c_umount "$(sim_delta c2.$r c3.$r)"
+  fi
+  rm -rf "$W/cache$r"
+done
+
+# optional tools
+FPSYNC_NOTE="skipped: not installed"
+if command -v fpsync >/dev/null; then
+  for r in $(seq 1 "$REPS"); do
+    run_timed t fpsync -n 8 -o "-a --numeric-ids" "$W/src/" "$SIM_MP/fpsync-r$r/"; record w1_fp "$t"
+  done
+  FPSYNC_NOTE=""
+fi
+RCLONE_NOTE="skipped: not installed"
+if command -v rclone >/dev/null; then
+  RCLONE_NOTE="skipped: installed, but the rclone mount workload is not implemented in this driver"
+fi
+
+# calibration (one dir vs 32 dirs)
+sim_restart
+read -r C_ONE C_MANY < <(calib_creates "$SIM_MP/calib")
+
+# fio through efscache vs local disk
+fio_run() { # fio_run NAME DIR RW BS SIZE -> MiB/s
+  mkdir -p "$2"
+  if fio --name="$1" --directory="$2" --rw="$3" --bs="$4" --size="$5" --ioengine=psync \
+         --end_fsync=1 --numjobs=1 --output-format=json > "$W/fio.$1.json" 2> "$W/fio.$1.err"; then
+    jq -r '.jobs[0].write.bw_bytes / 1048576 | . * 10 | round / 10' "$W/fio.$1.json"
+  else
+    fail "fio $1: $(tail -2 "$W/fio.$1.err" | tr '\n' ' ')"; echo n/a
+  fi
+  rm -rf "$2"
+}
+FIO_EC=$W/ecfio
+if ec_mount "$SIM_MP" "$FIO_EC" "$W/cachefio"; then
+  for r in $(seq 1 "$REPS"); do
+    record fio_seq_a "$(fio_run seq_a_$r "$W/local/fio" write 1M "$FIO_SEQ")"
+    record fio_seq_c "$(fio_run seq_c_$r "$FIO_EC/fio-seq-$r" write 1M "$FIO_SEQ")"
+    record fio_rand_a "$(fio_run rand_a_$r "$W/local/fio" randwrite 4k "$FIO_RAND")"
+    record fio_rand_c "$(fio_run rand_c_$r "$FIO_EC/fio-rand-$r" randwrite 4k "$FIO_RAND")"
+  done
+  ec_sync "$FIO_EC" >/dev/null 2>&1 || fail "efscache sync after fio"
+  ec_umount "$FIO_EC"
+fi
+
+# ---------------------------------------------------------------- report
+B_RET=$(med w1_b_ret) C_RET=$(med w1_c_ret) C_DUR=$(med w1_c_dur) A_RET=$(med w1_a_ret)
+T_RET=$(med w2_ret)
+echo "== calibration ($PROFILE)"
+printf 'direct rsync -a onto efs-sim: %s small files/s (published EFS figure: 40-80 files/s)\n' "$(div "$FILES" "$B_RET")"
+CAL=$(div "$FILES" "$B_RET")
+if awk -v c="$CAL" 'BEGIN{exit !(c+0 >= 40 && c+0 <= 80)}'; then echo "calibration: holds (within 40-80 files/s)"
+else echo "calibration: does NOT hold ($CAL files/s outside 40-80); read the ratios below with that in mind"; fi
+printf 'parallel creates, 32 workers x 8 files: one dir %ss, 32 dirs %ss, ratio 1:%s (published ~1:9)\n' \
+  "$C_ONE" "$C_MANY" "$(div "$C_ONE" "$C_MANY")"
+echo
+row() { printf '%-44s %10s %12s %10s %10s\n' "$@"; }
+echo "== workload 1: rsync -a of $FILES small files (median of $REPS; seconds)"
+row "target" "returns" "durable" "x(c)dur" "x(c)ret"
+row "(a) local disk" "$A_RET" "$A_RET" "$(div "$A_RET" "$C_DUR")" "$(div "$A_RET" "$C_RET")"
+row "(b) efs-sim direct, rsync -a" "$B_RET" "$B_RET" "$(div "$B_RET" "$C_DUR")" "$(div "$B_RET" "$C_RET")"
+row "(2) efs-sim direct, tuned rsync (non-atomic)" "$T_RET" "$T_RET" "$(div "$T_RET" "$C_DUR")" "$(div "$T_RET" "$C_RET")"
+row "(c) efscache over efs-sim" "$C_RET" "$C_DUR" "1.00" "1.00"
+if [ -z "$FPSYNC_NOTE" ]; then F=$(med w1_fp); row "(d) fpsync -n 8" "$F" "$F" "$(div "$F" "$C_DUR")" "$(div "$F" "$C_RET")"
+else row "(d) fpsync -n 8" "$FPSYNC_NOTE" "" "" ""; fi
+row "(d) rclone mount --vfs-cache-mode writes" "$RCLONE_NOTE" "" "" ""
+echo "x(c)dur = row time / (c) time to durable; x(c)ret = row time / (c) time until rsync returns"
+echo "(c)/(a) rsync returns: $(div "$C_RET" "$A_RET")x   (c)/(a) durable vs local: $(div "$C_DUR" "$A_RET")x"
+echo
+A3=$(med w3_a) B3=$(med w3_b) C3=$(med w3_c) C3D=$(med w3_c_dur)
+echo "== workload 3: no-change re-sync, rsync -a quick check (median of $REPS; seconds)"
+row "target" "returns" "+sync" "x(c)" ""
+row "(a) local disk" "$A3" "" "$(div "$A3" "$C3")" ""
+row "(b) efs-sim direct" "$B3" "" "$(div "$B3" "$C3")" ""
+row "(c) efscache over efs-sim (warm mount)" "$C3" "$C3D" "1.00" ""
+echo "(b)/(c): $(div "$B3" "$C3")x   (c)/(a): $(div "$C3" "$A3")x"
+echo
+echo "== workload 4: efs-sim requests per file (median of $REPS)"
+row "target" "publish" "re-sync" "" ""
+row "(b) efs-sim direct, rsync -a" "$(med req_b_pub)" "$(med req_b_re)" "" ""
+row "(2) tuned rsync" "$(med req_t_pub)" "" "" ""
+row "(c) efscache (rsync + sync)" "$(med req_c_pub)" "$(med req_c_re)" "" ""
+echo "request mix, rep 1 (efs-sim op kind = count):"
+echo "  (b) publish: ${MIX_B_PUB:-}"
+echo "  (b) re-sync: ${MIX_B_RE:-}"
+echo "  (2) publish: ${MIX_T_PUB:-}"
+echo "  (c) publish: ${MIX_C_PUB:-}"
+echo "  (c) re-sync: ${MIX_C_RE:-}"
+echo "  (c) requests during efscache umount (total): $(med req_c_umount)"
+echo
+echo "== workload 5: fio, one job, psync, end_fsync=1 (median of $REPS; MiB/s)"
+echo "data path: efscache serves reads/writes through its FUSE daemon into the local cache file (no FUSE passthrough); fsync=local"
+row "test" "local" "efscache" "(c)/(a)" ""
+FA=$(med fio_seq_a) FC=$(med fio_seq_c)
+row "seq write 1 MiB x $FIO_SEQ" "$FA" "$FC" "$(div "$FC" "$FA")" ""
+FA=$(med fio_rand_a) FC=$(med fio_rand_c)
+row "rand write 4 KiB x $FIO_RAND" "$FA" "$FC" "$(div "$FC" "$FA")" ""
+echo
+echo "efs-sim totals (last instance: calibration + fio): $(jq -r '"requests=\(.requests) errors=\(.errors)"' "$STATS")"
+if [ "$FAILS" -gt 0 ]; then echo "RESULT: $FAILS step(s) failed"; exit 1; fi
+echo "RESULT: ok"
+exit 0

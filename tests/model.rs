@@ -1,0 +1,2335 @@
+//! Model-based property tests of the filesystem core, without a FUSE mount.
+//!
+//! Random sequences of create/write/rename/unlink/mkdir/rmdir/link/symlink/
+//! setattr (and rsync's temp-then-rename pattern) are applied both to
+//! efscache's overlay (`Fs`, called the way the FUSE adapter calls it: first
+//! without blocking, then again on `WouldBlock`) and to a plain in-memory model.
+//! Every op must succeed, or fail with the same errno, as in the model; the
+//! overlay must show the model's tree (lookup, readdir, read, readlink, attrs,
+//! nlink, stable inode numbers); and after `sync` the backend directory, read
+//! directly with `std::fs`, must equal the model exactly: paths (no temp
+//! names), kinds, contents, modes, numeric owners, mtimes (the model's where it
+//! set them, else the overlay's), symlink targets, nlink and hard-link groups;
+//! nothing may be left dirty, staged or referenced. Flushing is interleaved
+//! with the ops (ticks, syncs, debounce 0, a paused scheduler so publishes stay
+//! queued while files are renamed, removed or rewritten). The second property
+//! also remounts: a fresh `Fs` over the flushed backend must show the same tree
+//! and go on agreeing with the model.
+//!
+//! Known bugs are pinned by `regression_*` tests (ignored while open); see
+//! `KNOWN_BUGS` for how the properties steer around them meanwhile.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ffi::OsStr;
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use efscache::backend::{Backend, Kind, PosixBackend, Timespec};
+use efscache::error::{FsError, FsResult};
+use efscache::flush::publish::TempNames;
+use efscache::flush::{RetryPolicy, Scheduler};
+use efscache::fs::{AttrOut, Fs, FsConfig};
+use efscache::namespace::{Ino, ROOT, SetAttr};
+use efscache::staging::Staging;
+use proptest::prelude::*;
+use tempfile::TempDir;
+
+// ---- names and paths ---------------------------------------------------------
+
+const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+/// rsync's temp name (`.name.XXXXXX`) for each of `NAMES`.
+const TEMPS: [&str; 4] = [".a.Xq7Tz1", ".b.Xq7Tz1", ".c.Xq7Tz1", ".d.Xq7Tz1"];
+const TARGETS: [&str; 4] = ["t", "../x", "a/b", "/abs/target"];
+const FILE_PERMS: [u32; 8] = [0o644, 0o600, 0o755, 0o444, 0o000, 0o4755, 0o2755, 0o1640];
+const DIR_PERMS: [u32; 6] = [0o755, 0o700, 0o2775, 0o1777, 0o555, 0o000];
+const OWNERS: [u32; 3] = [0, 1000, 65534];
+
+/// A path in the test tree: names below the root.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct P(Vec<&'static str>);
+
+impl fmt::Debug for P {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "/{}", self.0.join("/"))
+    }
+}
+
+impl P {
+    fn root() -> P {
+        P(Vec::new())
+    }
+    fn is_root(&self) -> bool {
+        self.0.is_empty()
+    }
+    fn parent(&self) -> P {
+        P(self.0[..self.0.len().saturating_sub(1)].to_vec())
+    }
+    fn name(&self) -> &'static str {
+        self.0.last().expect("the root has no name")
+    }
+    fn join(&self, name: &'static str) -> P {
+        let mut v = self.0.clone();
+        v.push(name);
+        P(v)
+    }
+    /// `self` is strictly below `other`.
+    fn below(&self, other: &P) -> bool {
+        self.0.len() > other.0.len() && self.0.starts_with(&other.0)
+    }
+    /// rsync's temp name next to `self`.
+    fn rsync_temp(&self) -> P {
+        let i = NAMES.iter().position(|n| *n == self.name()).unwrap_or(0);
+        self.parent().join(TEMPS[i])
+    }
+    fn strings(&self) -> Vec<String> {
+        self.0.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+fn mtime_of(t: u32) -> Timespec {
+    Timespec {
+        sec: 1_500_000_000 + i64::from(t) * 86_400,
+        nsec: (t.wrapping_mul(123_456_789)) % 1_000_000_000,
+    }
+}
+
+// ---- known bugs ------------------------------------------------------------------
+
+/// Known bugs in the core, each pinned by an ignored `regression_*` test below.
+/// While one is open the properties steer around it (so they stay green and keep
+/// finding other bugs); delete its entry once its regression test passes. Run
+/// with `EFSCACHE_MODEL_AVOID=none` to drive straight into all of them.
+const KNOWN_BUGS: &[Bug] = &[Bug::UnlistedNlink, Bug::SyncRace, Bug::PublishDropsNextPublish];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bug {
+    /// nlink of backend objects counts only names in directories listed so far
+    /// (see `regression_nlink_before_directory_is_listed`). While open, every
+    /// directory is listed after a remount before anything is checked.
+    UnlistedNlink,
+    /// `sync` can return before a worker's bookkeeping of the last op re-dirties
+    /// a directory's times (see `regression_sync_waits_for_directory_times`).
+    /// While open, the harness syncs again until nothing is dirty.
+    SyncRace,
+    /// A publish that runs after its file changed and was queued again drops
+    /// the staging copy the next publish needs, so the file's newest mode and
+    /// mtime never reach the backend (see
+    /// `regression_second_publish_keeps_latest_attrs`). While open, the flush
+    /// queue is drained before an existing file is changed.
+    PublishDropsNextPublish,
+}
+
+fn avoid(bug: Bug) -> bool {
+    std::env::var("EFSCACHE_MODEL_AVOID").map_or(true, |v| v != "none") && KNOWN_BUGS.contains(&bug)
+}
+
+// ---- the model ---------------------------------------------------------------
+
+type Id = u64;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Body {
+    Dir,
+    File(Vec<u8>),
+    Symlink(&'static str),
+}
+
+#[derive(Clone, Debug)]
+struct Obj {
+    body: Body,
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    /// Set explicitly (utimes) and not changed since.
+    mtime: Option<Timespec>,
+}
+
+impl Obj {
+    fn kind(&self) -> Kind {
+        match self.body {
+            Body::Dir => Kind::Dir,
+            Body::File(_) => Kind::File,
+            Body::Symlink(_) => Kind::Symlink,
+        }
+    }
+}
+
+/// Why the model refuses an op.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum No {
+    /// The op fails with one of these errnos (several when the VFS and
+    /// efscache check conditions in different orders: the kernel answers
+    /// the first of its own before efscache sees the request).
+    Fail(Vec<i32>),
+    /// The kernel never sends this request to a FUSE filesystem (it follows
+    /// a symlink, or answers itself): not tested.
+    Skip,
+}
+
+type MRes<T> = Result<T, No>;
+
+fn fail<T>(e: i32) -> MRes<T> {
+    Err(No::Fail(vec![e]))
+}
+
+/// The filesystem as POSIX (and efscache's documented semantics) says it is.
+#[derive(Clone, Debug)]
+struct Model {
+    /// Every name, the root included (as the empty path), and the object it names.
+    tree: BTreeMap<P, Id>,
+    objs: HashMap<Id, Obj>,
+    next: Id,
+}
+
+impl Model {
+    fn new(root: Obj) -> Model {
+        Model {
+            tree: BTreeMap::from([(P::root(), 0)]),
+            objs: HashMap::from([(0, root)]),
+            next: 1,
+        }
+    }
+    fn obj(&self, id: Id) -> &Obj {
+        &self.objs[&id]
+    }
+    fn is_dir(&self, id: Id) -> bool {
+        self.obj(id).body == Body::Dir
+    }
+    /// Resolves every component before the last one, as the VFS does (which
+    /// follows a symlink there: such paths leave the model and are skipped).
+    fn walk_parent(&self, p: &P) -> MRes<Id> {
+        let mut id = 0;
+        for i in 1..p.0.len() {
+            match self.tree.get(&P(p.0[..i].to_vec())) {
+                None => return fail(libc::ENOENT),
+                Some(&c) if matches!(self.obj(c).body, Body::Symlink(_)) => return Err(No::Skip),
+                Some(&c) if !self.is_dir(c) => return fail(libc::ENOTDIR),
+                Some(&c) => id = c,
+            }
+        }
+        Ok(id)
+    }
+    fn lookup(&self, p: &P) -> MRes<Id> {
+        self.walk_parent(p)?;
+        self.tree.get(p).copied().ok_or(()).or_else(|_| fail(libc::ENOENT))
+    }
+    fn children(&self, dir: &P) -> BTreeMap<&'static str, Id> {
+        self.tree
+            .iter()
+            .filter(|(q, _)| q.0.len() == dir.0.len() + 1 && q.0.starts_with(&dir.0))
+            .map(|(q, id)| (q.name(), *id))
+            .collect()
+    }
+    fn names(&self, id: Id) -> Vec<P> {
+        self.tree
+            .iter()
+            .filter(|(_, i)| **i == id)
+            .map(|(p, _)| p.clone())
+            .collect()
+    }
+    fn nlink(&self, id: Id) -> u32 {
+        if self.is_dir(id) {
+            let p = &self.names(id)[0];
+            2 + self.children(p).values().filter(|c| self.is_dir(**c)).count() as u32
+        } else {
+            self.names(id).len() as u32
+        }
+    }
+    /// The directory's entries changed: its explicitly set mtime is gone.
+    fn touch(&mut self, dir: Id) {
+        self.objs.get_mut(&dir).expect("dir").mtime = None;
+    }
+    fn add(&mut self, p: &P, obj: Obj) -> Id {
+        let id = self.next;
+        self.next += 1;
+        self.objs.insert(id, obj);
+        self.tree.insert(p.clone(), id);
+        id
+    }
+    /// Group that new objects in `parent` get (setgid directories pass theirs on).
+    fn new_gid(&self, parent: Id, gid: u32) -> u32 {
+        let p = self.obj(parent);
+        if p.perm & libc::S_ISGID != 0 { p.gid } else { gid }
+    }
+    /// Drops objects that have no name and are not held open.
+    fn gc(&mut self, open: &[Id]) {
+        let named: BTreeSet<Id> = self.tree.values().copied().collect();
+        self.objs.retain(|id, _| named.contains(id) || open.contains(id));
+    }
+
+    fn create(&mut self, p: &P, excl: bool, trunc: bool, perm: u32, uid: u32, gid: u32) -> MRes<Id> {
+        let parent = self.walk_parent(p)?;
+        if let Some(&id) = self.tree.get(p) {
+            if excl {
+                return fail(libc::EEXIST);
+            }
+            match self.obj(id).body {
+                Body::Dir => return fail(libc::EISDIR),
+                Body::Symlink(_) => return Err(No::Skip), // the kernel follows it
+                Body::File(_) => {}
+            }
+            if trunc {
+                self.set_size(id, 0);
+            }
+            return Ok(id);
+        }
+        let gid = self.new_gid(parent, gid);
+        self.touch(parent);
+        Ok(self.add(
+            p,
+            Obj {
+                body: Body::File(Vec::new()),
+                perm: perm & 0o7777,
+                uid,
+                gid,
+                mtime: None,
+            },
+        ))
+    }
+
+    fn open(&mut self, p: &P, trunc: bool) -> MRes<Id> {
+        let id = self.lookup(p)?;
+        match self.obj(id).body {
+            Body::Dir => fail(libc::EISDIR),
+            Body::Symlink(_) => Err(No::Skip),
+            Body::File(_) => {
+                if trunc {
+                    self.set_size(id, 0);
+                }
+                Ok(id)
+            }
+        }
+    }
+
+    fn set_size(&mut self, id: Id, size: usize) {
+        let o = self.objs.get_mut(&id).expect("file");
+        let Body::File(data) = &mut o.body else {
+            panic!("not a file")
+        };
+        data.resize(size, 0);
+        o.mtime = None;
+    }
+
+    /// A write through an open handle (data not empty).
+    fn write(&mut self, id: Id, offset: usize, buf: &[u8]) {
+        let o = self.objs.get_mut(&id).expect("file");
+        let Body::File(data) = &mut o.body else {
+            panic!("not a file")
+        };
+        if data.len() < offset + buf.len() {
+            data.resize(offset + buf.len(), 0);
+        }
+        data[offset..offset + buf.len()].copy_from_slice(buf);
+        o.mtime = None;
+        // Writes clear setuid, and setgid when group-executable (efscache's documented behaviour).
+        let sgid = if o.perm & 0o010 != 0 { libc::S_ISGID } else { 0 };
+        o.perm &= !(libc::S_ISUID | sgid);
+    }
+
+    fn truncate(&mut self, p: &P, size: usize) -> MRes<()> {
+        let id = self.lookup(p)?;
+        match self.obj(id).body {
+            Body::Dir => fail(libc::EISDIR),
+            Body::Symlink(_) => Err(No::Skip),
+            Body::File(_) => {
+                self.set_size(id, size);
+                Ok(())
+            }
+        }
+    }
+
+    fn mkdir(&mut self, p: &P, perm: u32, uid: u32, gid: u32) -> MRes<()> {
+        let parent = self.walk_parent(p)?;
+        if self.tree.contains_key(p) {
+            return fail(libc::EEXIST);
+        }
+        let perm = (perm | self.obj(parent).perm & libc::S_ISGID) & 0o7777;
+        let gid = self.new_gid(parent, gid);
+        self.touch(parent);
+        self.add(
+            p,
+            Obj {
+                body: Body::Dir,
+                perm,
+                uid,
+                gid,
+                mtime: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn symlink(&mut self, p: &P, target: &'static str, uid: u32, gid: u32) -> MRes<()> {
+        let parent = self.walk_parent(p)?;
+        if self.tree.contains_key(p) {
+            return fail(libc::EEXIST);
+        }
+        let gid = self.new_gid(parent, gid);
+        self.touch(parent);
+        self.add(
+            p,
+            Obj {
+                body: Body::Symlink(target),
+                perm: 0o777,
+                uid,
+                gid,
+                mtime: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn unlink(&mut self, p: &P) -> MRes<()> {
+        let parent = self.walk_parent(p)?;
+        let id = self.tree.get(p).copied().ok_or(()).or_else(|_| fail(libc::ENOENT))?;
+        if self.is_dir(id) {
+            return fail(libc::EISDIR);
+        }
+        self.tree.remove(p);
+        self.touch(parent);
+        Ok(())
+    }
+
+    fn rmdir(&mut self, p: &P) -> MRes<()> {
+        let parent = self.walk_parent(p)?;
+        let id = self.tree.get(p).copied().ok_or(()).or_else(|_| fail(libc::ENOENT))?;
+        if !self.is_dir(id) {
+            return fail(libc::ENOTDIR);
+        }
+        if !self.children(p).is_empty() {
+            return fail(libc::ENOTEMPTY);
+        }
+        self.tree.remove(p);
+        self.touch(parent);
+        Ok(())
+    }
+
+    fn rename(&mut self, from: &P, to: &P, noreplace: bool) -> MRes<()> {
+        let from_parent = self.walk_parent(from)?;
+        let to_parent = self.walk_parent(to)?;
+        let src = self.tree.get(from).copied().ok_or(()).or_else(|_| fail(libc::ENOENT))?;
+        let dst = self.tree.get(to).copied();
+        let src_dir = self.is_dir(src);
+        let kind_err = |m: &Model, d: Id| -> Option<i32> {
+            match (src_dir, m.is_dir(d)) {
+                (true, false) => Some(libc::ENOTDIR),
+                (false, true) => Some(libc::EISDIR),
+                (true, true) if !m.children(to).is_empty() => Some(libc::ENOTEMPTY),
+                _ => None,
+            }
+        };
+        // The order of checks in Linux's do_renameat2/vfs_rename.
+        let vfs = if noreplace && dst.is_some() {
+            Some(libc::EEXIST)
+        } else if src_dir && to.below(from) {
+            Some(libc::EINVAL)
+        } else if dst.is_some() && from.below(to) {
+            Some(libc::ENOTEMPTY)
+        } else if dst == Some(src) {
+            None
+        } else {
+            dst.and_then(|d| kind_err(self, d))
+        };
+        // The order of checks in efscache.
+        let efs = if dst == Some(src) {
+            None
+        } else if src_dir && to.below(from) {
+            Some(libc::EINVAL)
+        } else if noreplace && dst.is_some() {
+            Some(libc::EEXIST)
+        } else {
+            dst.and_then(|d| kind_err(self, d))
+        };
+        match (vfs, efs) {
+            (None, None) => {}
+            (Some(a), Some(b)) => return Err(No::Fail(vec![a, b])),
+            _ => return Err(No::Skip), // only the VFS refuses it: never reaches efscache
+        }
+        if dst == Some(src) {
+            return Ok(()); // rename(2): the same file, nothing happens
+        }
+        let moved: Vec<(P, Id)> = self
+            .tree
+            .range(from.clone()..)
+            .take_while(|(q, _)| q.0.starts_with(&from.0))
+            .map(|(q, id)| (q.clone(), *id))
+            .collect();
+        if dst.is_some() {
+            self.tree.remove(to);
+        }
+        for (q, _) in &moved {
+            self.tree.remove(q);
+        }
+        for (q, id) in moved {
+            let mut n = to.0.clone();
+            n.extend_from_slice(&q.0[from.0.len()..]);
+            self.tree.insert(P(n), id);
+        }
+        self.touch(from_parent);
+        self.touch(to_parent);
+        Ok(())
+    }
+
+    fn link(&mut self, from: &P, to: &P) -> MRes<()> {
+        let src = self.lookup(from)?;
+        let to_parent = self.walk_parent(to)?;
+        match (self.tree.contains_key(to), self.is_dir(src)) {
+            (true, true) => return Err(No::Fail(vec![libc::EEXIST, libc::EPERM])),
+            (true, false) => return fail(libc::EEXIST),
+            (false, true) => return fail(libc::EPERM),
+            (false, false) => {}
+        }
+        self.tree.insert(to.clone(), src);
+        self.touch(to_parent);
+        Ok(())
+    }
+
+    fn setattr(&mut self, p: &P, ch: &Change) -> MRes<()> {
+        let id = self.lookup(p)?;
+        let o = self.objs.get_mut(&id).expect("obj");
+        if let Some(perm) = ch.perm {
+            if matches!(o.body, Body::Symlink(_)) {
+                return Err(No::Skip); // chmod follows symlinks
+            }
+            o.perm = perm & 0o7777;
+        }
+        if let Some((u, g)) = ch.owner {
+            o.uid = u;
+            o.gid = g;
+        }
+        if let Some(t) = ch.mtime {
+            o.mtime = Some(t);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Change {
+    perm: Option<u32>,
+    owner: Option<(u32, u32)>,
+    mtime: Option<Timespec>,
+}
+
+// ---- ops -----------------------------------------------------------------------
+
+const SLOTS: usize = 3;
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// open(O_CREAT|O_WRONLY[|O_EXCL][|O_TRUNC]), write `data`, then close or keep open in a slot.
+    Create {
+        path: P,
+        excl: bool,
+        trunc: bool,
+        data: Vec<u8>,
+        keep: Option<usize>,
+        perm: u32,
+        owner: u32,
+    },
+    /// open(O_RDWR[|O_TRUNC]) kept in a slot.
+    Open {
+        path: P,
+        trunc: bool,
+        slot: usize,
+    },
+    Write {
+        slot: usize,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Close {
+        slot: usize,
+    },
+    /// open(O_RDWR[|O_TRUNC]), write, close.
+    Rewrite {
+        path: P,
+        trunc: bool,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Truncate {
+        path: P,
+        size: u64,
+    },
+    Mkdir {
+        path: P,
+        perm: u32,
+        owner: u32,
+    },
+    Symlink {
+        path: P,
+        target: &'static str,
+    },
+    Unlink {
+        path: P,
+    },
+    Rmdir {
+        path: P,
+    },
+    Rename {
+        from: P,
+        to: P,
+        noreplace: bool,
+    },
+    Link {
+        from: P,
+        to: P,
+    },
+    Chmod {
+        path: P,
+        perm: u32,
+    },
+    Chown {
+        path: P,
+        uid: u32,
+        gid: u32,
+    },
+    Utimes {
+        path: P,
+        t: u32,
+    },
+    /// rsync: create `.name.XXXXXX` exclusively, write, close, chmod, utimes, rename over `name`.
+    RsyncPut {
+        path: P,
+        data: Vec<u8>,
+        perm: u32,
+        t: u32,
+    },
+    Read {
+        path: P,
+    },
+    CheckAll,
+    Tick,
+    TickForce,
+    Sync,
+    /// Flush workers stop taking ops (queued publishes stay queued) until
+    /// `Resume`, a sync, or a request that must wait for the backend.
+    Pause,
+    Resume,
+    /// The kernel drops every inode reference it can.
+    ForgetAll,
+    /// Sync, verify, and mount a fresh `Fs` over the backend.
+    Remount,
+}
+
+fn path() -> impl Strategy<Value = P> {
+    let n = || (0..NAMES.len()).prop_map(|i| NAMES[i]);
+    prop_oneof![
+        5 => n().prop_map(|a| P(vec![a])),
+        3 => (n(), n()).prop_map(|(a, b)| P(vec![a, b])),
+        1 => (n(), n(), n()).prop_map(|(a, b, c)| P(vec![a, b, c])),
+    ]
+}
+
+fn path_or_root() -> impl Strategy<Value = P> {
+    prop_oneof![9 => path(), 1 => Just(P::root())]
+}
+
+fn data() -> impl Strategy<Value = Vec<u8>> {
+    prop::collection::vec(any::<u8>(), 1..7)
+}
+
+fn file_perm() -> impl Strategy<Value = u32> {
+    (0..FILE_PERMS.len()).prop_map(|i| FILE_PERMS[i])
+}
+
+fn owner() -> impl Strategy<Value = u32> {
+    (0..OWNERS.len()).prop_map(|i| OWNERS[i])
+}
+
+fn op(remounts: bool) -> impl Strategy<Value = Op> {
+    prop_oneof![
+        10 => (path(), any::<bool>(), any::<bool>(), prop::collection::vec(any::<u8>(), 0..7),
+               prop::option::weighted(0.3, 0..SLOTS), file_perm(), owner())
+            .prop_map(|(path, excl, trunc, data, keep, perm, owner)| Op::Create { path, excl, trunc, data, keep, perm, owner }),
+        3 => (path(), any::<bool>(), 0..SLOTS).prop_map(|(path, trunc, slot)| Op::Open { path, trunc, slot }),
+        5 => (0..SLOTS, 0..6u64, data()).prop_map(|(slot, offset, data)| Op::Write { slot, offset, data }),
+        4 => (0..SLOTS).prop_map(|slot| Op::Close { slot }),
+        4 => (path(), any::<bool>(), 0..6u64, data())
+            .prop_map(|(path, trunc, offset, data)| Op::Rewrite { path, trunc, offset, data }),
+        2 => (path(), 0..9u64).prop_map(|(path, size)| Op::Truncate { path, size }),
+        8 => (path(), (0..DIR_PERMS.len()).prop_map(|i| DIR_PERMS[i]), owner())
+            .prop_map(|(path, perm, owner)| Op::Mkdir { path, perm, owner }),
+        2 => (path(), (0..TARGETS.len()).prop_map(|i| TARGETS[i])).prop_map(|(path, target)| Op::Symlink { path, target }),
+        5 => path().prop_map(|path| Op::Unlink { path }),
+        4 => path().prop_map(|path| Op::Rmdir { path }),
+        10 => (path(), path(), prop::bool::weighted(0.2))
+            .prop_map(|(from, to, noreplace)| Op::Rename { from, to, noreplace }),
+        4 => (path(), path()).prop_map(|(from, to)| Op::Link { from, to }),
+        3 => (path_or_root(), prop_oneof![file_perm(), (0..DIR_PERMS.len()).prop_map(|i| DIR_PERMS[i])])
+            .prop_map(|(path, perm)| Op::Chmod { path, perm }),
+        2 => (path_or_root(), owner(), owner()).prop_map(|(path, uid, gid)| Op::Chown { path, uid, gid }),
+        3 => (path_or_root(), 0..50u32).prop_map(|(path, t)| Op::Utimes { path, t }),
+        6 => (path(), prop::collection::vec(any::<u8>(), 0..7), file_perm(), 0..50u32)
+            .prop_map(|(path, data, perm, t)| Op::RsyncPut { path, data, perm, t }),
+        2 => path().prop_map(|path| Op::Read { path }),
+        2 => Just(Op::CheckAll),
+        3 => Just(Op::Tick),
+        4 => Just(Op::TickForce),
+        2 => Just(Op::Sync),
+        3 => Just(Op::Pause),
+        2 => Just(Op::Resume),
+        2 => Just(Op::ForgetAll),
+        2 => Just(if remounts { Op::Remount } else { Op::CheckAll }),
+    ]
+}
+
+/// How one test case runs the core.
+#[derive(Clone, Debug)]
+struct Cfg {
+    /// Debounce 0 (publish as soon as a tick sees a closed file) or an hour (only forced ticks and syncs).
+    debounce_zero: bool,
+    /// Trust the cache (exclusive) or revalidate directories on every access (TTL 0).
+    exclusive: bool,
+    workers: usize,
+    /// Lists with readdirplus (which takes lookup references).
+    plus: bool,
+    /// Forget every reference after each op, like a kernel under memory pressure.
+    eager_forget: bool,
+    /// Flush workers run concurrently with the ops (races, not reproducible), or
+    /// only when the sequence says so (`Resume`, `Sync`, or a request that must
+    /// wait for the backend), which makes a case reproducible and shrinkable.
+    free_running: bool,
+}
+
+fn cfg() -> impl Strategy<Value = Cfg> {
+    (
+        any::<bool>(),
+        any::<bool>(),
+        1..4usize,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(debounce_zero, exclusive, workers, plus, eager_forget, free_running)| Cfg {
+                debounce_zero,
+                exclusive,
+                workers,
+                plus,
+                eager_forget,
+                free_running,
+            },
+        )
+}
+
+// ---- driving the core ------------------------------------------------------------
+
+static UMASK: Once = Once::new();
+
+/// The daemon runs with umask 0 so backend objects get exact modes; do the same.
+fn daemon_umask() {
+    UMASK.call_once(|| {
+        // SAFETY: umask cannot fail and touches no memory.
+        unsafe { libc::umask(0) };
+    });
+}
+
+/// One "mount": an `Fs` with its own cache dir and flush workers.
+struct Mount {
+    fs: Arc<Fs>,
+    sched: Arc<Scheduler>,
+    workers: Vec<JoinHandle<()>>,
+    cache: TempDir,
+}
+
+impl Mount {
+    fn new(backend_dir: &Path, cfg: &Cfg, instance: usize) -> Mount {
+        let cache = TempDir::new().expect("cache dir");
+        let backend: Arc<dyn Backend> = Arc::new(PosixBackend::open(backend_dir).expect("backend"));
+        let sched = Arc::new(Scheduler::new(
+            4,
+            RetryPolicy {
+                initial: Duration::from_millis(1),
+                max: Duration::from_millis(10),
+            },
+        ));
+        let fs = Arc::new(
+            Fs::new(
+                backend,
+                Staging::open(cache.path()).expect("staging"),
+                sched.clone(),
+                TempNames::new("host", &format!("m{instance}")),
+                FsConfig {
+                    attr_ttl: if cfg.exclusive {
+                        Duration::from_secs(3600)
+                    } else {
+                        Duration::ZERO
+                    },
+                    exclusive: cfg.exclusive,
+                    debounce: if cfg.debounce_zero {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_secs(3600)
+                    },
+                    fsync_remote: false,
+                    meta_parallel: 2,
+                },
+            )
+            .expect("fs"),
+        );
+        let workers = (0..cfg.workers)
+            .map(|_| {
+                let fs = fs.clone();
+                std::thread::spawn(move || fs.run_worker())
+            })
+            .collect();
+        Mount {
+            fs,
+            sched,
+            workers,
+            cache,
+        }
+    }
+    fn staging_files(&self) -> Vec<String> {
+        std::fs::read_dir(self.cache.path().join("staging"))
+            .expect("staging dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.sched.set_paused(false);
+        self.sched.shutdown();
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    fh: u64,
+    ino: Ino,
+    id: Id,
+}
+
+struct Harness {
+    backend_dir: TempDir,
+    cfg: Cfg,
+    mount: Option<Mount>,
+    mounts: usize,
+    model: Model,
+    slots: [Option<Slot>; SLOTS],
+    /// Lookup references the "kernel" holds, per inode.
+    refs: HashMap<Ino, u64>,
+    /// The inode number each object showed first (stable for the life of a mount).
+    inos: HashMap<Id, Ino>,
+    paused: bool,
+    /// Alternates between two ways of doing the same thing.
+    alt: bool,
+    step: usize,
+    op: String,
+}
+
+fn same<T, U: fmt::Debug>(m: &MRes<T>, r: &FsResult<U>) -> bool {
+    match (m, r) {
+        (Ok(_), Ok(_)) => true,
+        (Err(No::Fail(errs)), Err(e)) => errs.contains(&e.errno()),
+        _ => false,
+    }
+}
+
+fn show<T>(m: &MRes<T>) -> String {
+    match m {
+        Ok(_) => "Ok".into(),
+        Err(No::Fail(e)) => format!(
+            "Err({})",
+            e.iter().map(|e| errno_name(*e)).collect::<Vec<_>>().join("|")
+        ),
+        Err(No::Skip) => "Skip".into(),
+    }
+}
+
+fn errno_name(e: i32) -> String {
+    match e {
+        libc::ENOENT => "ENOENT".into(),
+        libc::EEXIST => "EEXIST".into(),
+        libc::ENOTDIR => "ENOTDIR".into(),
+        libc::EISDIR => "EISDIR".into(),
+        libc::ENOTEMPTY => "ENOTEMPTY".into(),
+        libc::EINVAL => "EINVAL".into(),
+        libc::EPERM => "EPERM".into(),
+        e => format!("errno {e}"),
+    }
+}
+
+impl Harness {
+    fn new(cfg: Cfg) -> Harness {
+        daemon_umask();
+        let backend_dir = TempDir::new().expect("backend dir");
+        let meta = std::fs::symlink_metadata(backend_dir.path()).expect("stat backend");
+        let root = Obj {
+            body: Body::Dir,
+            perm: meta.mode() & 0o7777,
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mtime: None,
+        };
+        let mount = Mount::new(backend_dir.path(), &cfg, 0);
+        let paused = !cfg.free_running;
+        mount.sched.set_paused(paused);
+        let mut h = Harness {
+            backend_dir,
+            cfg,
+            mount: Some(mount),
+            mounts: 1,
+            model: Model::new(root),
+            slots: [None; SLOTS],
+            refs: HashMap::new(),
+            inos: HashMap::new(),
+            paused,
+            alt: false,
+            step: 0,
+            op: "setup".into(),
+        };
+        h.check_path(&P::root());
+        h
+    }
+
+    fn fs(&self) -> Arc<Fs> {
+        self.mount.as_ref().expect("mounted").fs.clone()
+    }
+    fn mount(&self) -> &Mount {
+        self.mount.as_ref().expect("mounted")
+    }
+
+    fn ctx(&self) -> String {
+        format!("step {} ({}), {:?}", self.step, self.op, self.cfg)
+    }
+
+    /// Calls the core the way the FUSE adapter does: first without blocking,
+    /// then, if it must wait for the backend, again on a thread that may block.
+    fn call<T>(&mut self, f: impl Fn(&Fs, bool) -> FsResult<T>) -> FsResult<T> {
+        let fs = self.fs();
+        match f(&fs, false) {
+            Err(FsError::WouldBlock) => {
+                // Waiting for the backend needs running flush workers.
+                if self.cfg.free_running {
+                    self.resume();
+                } else {
+                    self.drain();
+                }
+                let r = f(&fs, true);
+                assert!(
+                    !matches!(r, Err(FsError::WouldBlock)),
+                    "{}: WouldBlock with may_block",
+                    self.ctx()
+                );
+                r
+            }
+            r => r,
+        }
+    }
+
+    fn pause(&mut self) {
+        self.mount().sched.set_paused(true);
+        self.paused = true;
+    }
+    fn resume(&mut self) {
+        if self.paused {
+            self.mount().sched.set_paused(false);
+            self.paused = false;
+        }
+    }
+    /// See `Bug::PublishDropsNextPublish`: lets queued publishes finish before
+    /// an existing file changes.
+    fn settle_publishes(&mut self) {
+        if !avoid(Bug::PublishDropsNextPublish) {
+            return;
+        }
+        if !self.cfg.free_running {
+            self.drain();
+            return;
+        }
+        self.resume();
+        let idle = self
+            .mount()
+            .sched
+            .wait_idle(Some(Instant::now() + Duration::from_secs(20)));
+        assert!(idle, "{}: flush queue did not drain", self.ctx());
+        std::thread::sleep(Duration::from_millis(1)); // see `drain`
+    }
+
+    /// Lets the flush workers run everything queued, then stops them again.
+    fn drain(&mut self) {
+        self.resume();
+        let idle = self
+            .mount()
+            .sched
+            .wait_idle(Some(Instant::now() + Duration::from_secs(20)));
+        assert!(idle, "{}: flush queue did not drain", self.ctx());
+        // A worker finishes an op (in the scheduler) before it records the
+        // result in the namespace: give it that moment.
+        std::thread::sleep(Duration::from_millis(2));
+        self.pause();
+    }
+
+    fn take_ref(&mut self, ino: Ino) {
+        *self.refs.entry(ino).or_default() += 1;
+    }
+
+    fn forget_all(&mut self) {
+        let fs = self.fs();
+        let open: Vec<Ino> = self.slots.iter().flatten().map(|s| s.ino).collect();
+        for (ino, n) in self.refs.iter_mut() {
+            // An open file keeps one reference (the kernel's inode is pinned by the file).
+            let keep = u64::from(open.contains(ino)).min(*n);
+            fs.forget(*ino, *n - keep);
+            *n = keep;
+        }
+        self.refs.retain(|_, n| *n > 0);
+    }
+
+    fn open_ids(&self) -> Vec<Id> {
+        self.slots.iter().flatten().map(|s| s.id).collect()
+    }
+
+    // ---- path resolution through the overlay (what the kernel does with lookups)
+
+    fn lookup(&mut self, parent: Ino, name: &str) -> FsResult<AttrOut> {
+        let r = self.call(|fs, b| fs.lookup(parent, OsStr::new(name), b));
+        if let Ok(a) = &r {
+            self.take_ref(a.ino);
+        }
+        r
+    }
+
+    fn resolve_parent(&mut self, p: &P) -> FsResult<Ino> {
+        let mut ino = ROOT;
+        for name in &p.0[..p.0.len().saturating_sub(1)] {
+            let a = self.lookup(ino, name)?;
+            if a.kind != Kind::Dir {
+                // The VFS walks only through directories (symlinks are skipped by the model).
+                return Err(FsError::NotDir);
+            }
+            ino = a.ino;
+        }
+        Ok(ino)
+    }
+
+    fn resolve(&mut self, p: &P) -> FsResult<AttrOut> {
+        if p.is_root() {
+            return self.call(|fs, b| fs.getattr(ROOT, b));
+        }
+        let parent = self.resolve_parent(p)?;
+        self.lookup(parent, p.name())
+    }
+
+    fn agree<T, U: fmt::Debug>(&self, what: &str, m: &MRes<T>, r: &FsResult<U>) {
+        assert!(
+            same(m, r),
+            "{}: {what}: the model says {}, efscache says {:?}",
+            self.ctx(),
+            show(m),
+            r.as_ref().map_err(|e| (errno_name(e.errno()), e.to_string()))
+        );
+    }
+
+    // ---- ops ---------------------------------------------------------------------
+
+    fn run(&mut self, op: &Op) {
+        self.op = format!("{op:?}");
+        self.apply(op.clone());
+        let open = self.open_ids();
+        self.model.gc(&open);
+        if self.cfg.eager_forget {
+            self.forget_all();
+        }
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Create {
+                path,
+                excl,
+                trunc,
+                data,
+                keep,
+                perm,
+                owner,
+            } => {
+                if let Some((fh, ino, id)) = self.create(&path, excl, trunc, perm, owner) {
+                    if !data.is_empty() {
+                        self.write_fh(fh, id, 0, &data);
+                    }
+                    match keep {
+                        Some(slot) => self.put_slot(slot, Slot { fh, ino, id }),
+                        None => self.fs().release(fh),
+                    }
+                }
+                self.check_around(&[&path]);
+            }
+            Op::Open { path, trunc, slot } => {
+                if let Some(s) = self.open(&path, trunc) {
+                    self.put_slot(slot, s);
+                }
+                self.check_around(&[&path]);
+            }
+            Op::Write { slot, offset, data } => {
+                if let Some(s) = self.slots[slot] {
+                    self.write_fh(s.fh, s.id, offset, &data);
+                }
+            }
+            Op::Close { slot } => self.close(slot),
+            Op::Rewrite {
+                path,
+                trunc,
+                offset,
+                data,
+            } => {
+                if let Some(s) = self.open(&path, trunc) {
+                    self.write_fh(s.fh, s.id, offset, &data);
+                    self.fs().release(s.fh);
+                }
+                self.check_around(&[&path]);
+            }
+            Op::Truncate { path, size } => {
+                self.settle_publishes();
+                let m = self.model.truncate(&path, size as usize);
+                if m != Err(No::Skip) {
+                    let r = self.resolve(&path).and_then(|a| {
+                        self.call(|fs, b| {
+                            fs.setattr(
+                                a.ino,
+                                SetAttr {
+                                    size: Some(size),
+                                    ..Default::default()
+                                },
+                                b,
+                            )
+                        })
+                    });
+                    self.agree("truncate", &m, &r);
+                }
+                self.check_around(&[&path]);
+            }
+            Op::Mkdir { path, perm, owner } => {
+                self.mkdir(&path, perm, owner);
+                self.check_around(&[&path]);
+            }
+            Op::Symlink { path, target } => {
+                let m = self.model.symlink(&path, target, 0, 0);
+                if m == Err(No::Skip) {
+                    return;
+                }
+                let r = self.resolve_parent(&path).and_then(|parent| {
+                    self.call(|fs, b| fs.symlink(parent, OsStr::new(path.name()), OsStr::new(target), 0, 0, b))
+                });
+                self.agree("symlink", &m, &r);
+                if let Ok(a) = r {
+                    self.take_ref(a.ino);
+                }
+                self.check_around(&[&path]);
+            }
+            Op::Unlink { path } => {
+                self.unlink(&path);
+                self.check_around(&[&path]);
+            }
+            Op::Rmdir { path } => {
+                let m = self.model.rmdir(&path);
+                if m == Err(No::Skip) {
+                    return;
+                }
+                let r = self
+                    .resolve_parent(&path)
+                    .and_then(|parent| self.call(|fs, b| fs.rmdir(parent, OsStr::new(path.name()), b)));
+                self.agree("rmdir", &m, &r);
+                self.check_around(&[&path]);
+            }
+            Op::Rename { from, to, noreplace } => {
+                self.rename(&from, &to, noreplace);
+                self.check_around(&[&from, &to]);
+            }
+            Op::Link { from, to } => {
+                let m = self.model.link(&from, &to);
+                if m == Err(No::Skip) {
+                    return;
+                }
+                let r = self.resolve(&from).and_then(|src| {
+                    let parent = self.resolve_parent(&to)?;
+                    self.call(|fs, b| fs.link(src.ino, parent, OsStr::new(to.name()), b))
+                });
+                self.agree("link", &m, &r);
+                if let Ok(a) = r {
+                    self.take_ref(a.ino);
+                }
+                self.check_around(&[&from, &to]);
+            }
+            Op::Chmod { path, perm } => {
+                self.setattr(
+                    &path,
+                    Change {
+                        perm: Some(perm),
+                        ..Default::default()
+                    },
+                );
+                self.check_around(&[&path]);
+            }
+            Op::Chown { path, uid, gid } => {
+                self.setattr(
+                    &path,
+                    Change {
+                        owner: Some((uid, gid)),
+                        ..Default::default()
+                    },
+                );
+                self.check_around(&[&path]);
+            }
+            Op::Utimes { path, t } => {
+                self.setattr(
+                    &path,
+                    Change {
+                        mtime: Some(mtime_of(t)),
+                        ..Default::default()
+                    },
+                );
+                self.check_around(&[&path]);
+            }
+            Op::RsyncPut { path, data, perm, t } => {
+                let tmp = path.rsync_temp();
+                if let Some((fh, _, id)) = self.create(&tmp, true, false, 0o600, 0) {
+                    if !data.is_empty() {
+                        self.write_fh(fh, id, 0, &data);
+                    }
+                    self.fs().release(fh);
+                    self.setattr(
+                        &tmp,
+                        Change {
+                            perm: Some(perm),
+                            mtime: Some(mtime_of(t)),
+                            ..Default::default()
+                        },
+                    );
+                    if !self.rename(&tmp, &path, false) {
+                        self.unlink(&tmp);
+                    }
+                }
+                self.check_around(&[&path, &tmp]);
+            }
+            Op::Read { path } => {
+                self.check_path(&path);
+            }
+            Op::CheckAll => {
+                self.check_all();
+            }
+            Op::Tick => self.fs().tick(false),
+            Op::TickForce => self.fs().tick(true),
+            Op::Sync => self.sync(),
+            Op::Pause if self.cfg.free_running => self.pause(),
+            Op::Resume if self.cfg.free_running => self.resume(),
+            Op::Pause => {}
+            Op::Resume => self.drain(),
+            Op::ForgetAll => self.forget_all(),
+            Op::Remount => self.remount(),
+        }
+    }
+
+    fn create(&mut self, p: &P, excl: bool, trunc: bool, perm: u32, owner: u32) -> Option<(u64, Ino, Id)> {
+        // Half the time, reach an existing name the way the kernel does when it
+        // has the name cached (lookup, then open), else with FUSE_CREATE.
+        let existing = self.alt && !excl && self.model.lookup(p).is_ok();
+        self.alt = !self.alt;
+        if self.model.lookup(p).is_ok() {
+            self.settle_publishes();
+        }
+        let m = self.model.create(p, excl, trunc, perm, owner, owner);
+        if m == Err(No::Skip) {
+            return None;
+        }
+        let mut flags = libc::O_WRONLY | libc::O_CREAT;
+        if excl {
+            flags |= libc::O_EXCL;
+        }
+        if trunc {
+            flags |= libc::O_TRUNC;
+        }
+        let r = if existing {
+            self.resolve(p).and_then(|a| {
+                let fh = self.call(|fs, b| fs.open(a.ino, flags & !libc::O_CREAT, b).map(|o| o.fh))?;
+                Ok((a, fh))
+            })
+        } else {
+            self.resolve_parent(p).and_then(|parent| {
+                self.call(|fs, b| {
+                    fs.create(parent, OsStr::new(p.name()), perm, flags, owner, owner, b)
+                        .map(|(a, o)| (a, o.fh))
+                })
+            })
+        };
+        self.agree("create", &m, &r);
+        let (Ok(id), Ok((a, fh))) = (m, r) else {
+            return None;
+        };
+        if !existing {
+            self.take_ref(a.ino); // resolve took it otherwise
+        }
+        Some((fh, a.ino, id))
+    }
+
+    fn open(&mut self, p: &P, trunc: bool) -> Option<Slot> {
+        self.settle_publishes();
+        let m = self.model.open(p, trunc);
+        if m == Err(No::Skip) {
+            return None;
+        }
+        let flags = libc::O_RDWR | if trunc { libc::O_TRUNC } else { 0 };
+        let r = self.resolve(p).and_then(|a| {
+            self.call(|fs, b| fs.open(a.ino, flags, b).map(|o| o.fh))
+                .map(|fh| (a.ino, fh))
+        });
+        self.agree("open", &m, &r);
+        let (Ok(id), Ok((ino, fh))) = (m, r) else {
+            return None;
+        };
+        Some(Slot { fh, ino, id })
+    }
+
+    fn write_fh(&mut self, fh: u64, id: Id, offset: u64, data: &[u8]) {
+        let r = self.fs().write(fh, offset, data);
+        assert_eq!(r.ok(), Some(data.len() as u32), "{}: write", self.ctx());
+        self.model.write(id, offset as usize, data);
+    }
+
+    fn put_slot(&mut self, slot: usize, s: Slot) {
+        self.close(slot);
+        self.slots[slot] = Some(s);
+    }
+
+    fn close(&mut self, slot: usize) {
+        if let Some(s) = self.slots[slot].take() {
+            self.fs().release(s.fh);
+            let open = self.open_ids();
+            self.model.gc(&open);
+        }
+    }
+
+    fn close_all(&mut self) {
+        for slot in 0..SLOTS {
+            self.close(slot);
+        }
+    }
+
+    fn mkdir(&mut self, p: &P, perm: u32, owner: u32) {
+        let m = self.model.mkdir(p, perm, owner, owner);
+        if m == Err(No::Skip) {
+            return;
+        }
+        let r = self
+            .resolve_parent(p)
+            .and_then(|parent| self.call(|fs, b| fs.mkdir(parent, OsStr::new(p.name()), perm, owner, owner, b)));
+        self.agree("mkdir", &m, &r);
+        if let Ok(a) = r {
+            self.take_ref(a.ino);
+        }
+    }
+
+    fn unlink(&mut self, p: &P) {
+        let m = self.model.unlink(p);
+        if m == Err(No::Skip) {
+            return;
+        }
+        let r = self
+            .resolve_parent(p)
+            .and_then(|parent| self.call(|fs, b| fs.unlink(parent, OsStr::new(p.name()), b)));
+        self.agree("unlink", &m, &r);
+        let open = self.open_ids();
+        self.model.gc(&open);
+    }
+
+    /// True if the rename happened.
+    fn rename(&mut self, from: &P, to: &P, noreplace: bool) -> bool {
+        let m = self.model.rename(from, to, noreplace);
+        if m == Err(No::Skip) {
+            return false;
+        }
+        let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
+        let r = self.resolve_parent(from).and_then(|fp| {
+            let tp = self.resolve_parent(to)?;
+            self.call(|fs, b| fs.rename(fp, OsStr::new(from.name()), tp, OsStr::new(to.name()), flags, b))
+        });
+        self.agree("rename", &m, &r);
+        let open = self.open_ids();
+        self.model.gc(&open);
+        r.is_ok()
+    }
+
+    fn setattr(&mut self, p: &P, ch: Change) {
+        self.settle_publishes();
+        let m = self.model.setattr(p, &ch);
+        if m == Err(No::Skip) {
+            return;
+        }
+        let sa = SetAttr {
+            perm: ch.perm,
+            uid: ch.owner.map(|o| o.0),
+            gid: ch.owner.map(|o| o.1),
+            size: None,
+            atime: ch.mtime,
+            mtime: ch.mtime,
+        };
+        let r = self
+            .resolve(p)
+            .and_then(|a| self.call(|fs, b| fs.setattr(a.ino, sa.clone(), b)));
+        self.agree("setattr", &m, &r);
+    }
+
+    fn sync(&mut self) {
+        self.resume();
+        let mut r = self.fs().sync(Some(Instant::now() + Duration::from_secs(5)));
+        std::thread::sleep(Duration::from_millis(2)); // see `drain`
+        // See `Bug::SyncRace`: sync again until the workers' bookkeeping has
+        // settled (clean on two checks in a row).
+        let mut clean = 0;
+        for _ in 0..100 {
+            if !(avoid(Bug::SyncRace) && r.complete) || clean == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            let st = self.fs().status();
+            if st.dirty_dirs == 0 && st.waiting_debounce == 0 {
+                clean += 1;
+                continue;
+            }
+            clean = 0;
+            let again = self.fs().sync(Some(Instant::now() + Duration::from_secs(5)));
+            r.complete = again.complete;
+            r.failures = again.failures;
+        }
+        if !self.cfg.free_running {
+            self.pause();
+        }
+        assert!(r.complete, "{}: sync did not complete: {r:?}", self.ctx());
+        assert!(r.failures.is_empty(), "{}: sync reports failures: {r:?}", self.ctx());
+        if self.slots.iter().all(Option::is_none) {
+            assert!(r.open_files.is_empty(), "{}: {r:?}", self.ctx());
+            let mtimes = self.check_all();
+            self.check_backend(&mtimes);
+        }
+    }
+
+    /// Closes everything, syncs, verifies overlay and backend, and checks that
+    /// nothing leaked (inodes, staging files, dirty state).
+    fn finish(&mut self) {
+        self.close_all();
+        self.sync();
+        self.forget_all();
+        let st = self.fs().status();
+        assert_eq!(st.dirty_files, 0, "{}: {st:?}", self.ctx());
+        assert_eq!(st.waiting_debounce, 0, "{}: {st:?}", self.ctx());
+        assert_eq!(st.open_for_write, 0, "{}: {st:?}", self.ctx());
+        assert_eq!(st.dirty_dirs, 0, "{}: {st:?}", self.ctx());
+        assert_eq!(
+            st.inodes,
+            self.model.objs.len(),
+            "{}: inodes in the overlay vs live objects: {st:?}",
+            self.ctx()
+        );
+        let staged = self.mount().staging_files();
+        assert!(staged.is_empty(), "{}: staging files left: {staged:?}", self.ctx());
+    }
+
+    fn remount(&mut self) {
+        self.finish();
+        self.mount = None;
+        self.refs.clear();
+        self.inos.clear();
+        self.paused = false;
+        self.mount = Some(Mount::new(self.backend_dir.path(), &self.cfg, self.mounts));
+        self.mounts += 1;
+        if !self.cfg.free_running {
+            self.pause();
+        }
+        if avoid(Bug::UnlistedNlink) {
+            let dirs: Vec<P> = self
+                .model
+                .tree
+                .iter()
+                .filter(|(_, id)| self.model.is_dir(**id))
+                .map(|(p, _)| p.clone())
+                .collect();
+            for d in dirs {
+                let a = self.resolve(&d).expect("directory");
+                self.list(a.ino);
+            }
+        }
+        self.check_all();
+    }
+
+    // ---- checks ------------------------------------------------------------------
+
+    /// Checks the paths an op touched and their parent directories' listings.
+    fn check_around(&mut self, paths: &[&P]) {
+        let mut all = BTreeSet::new();
+        for p in paths {
+            all.insert((*p).clone());
+            all.insert(p.parent());
+        }
+        for p in all {
+            self.check_path(&p);
+        }
+    }
+
+    /// Checks one path against the model; returns the object and its inode.
+    fn check_path(&mut self, p: &P) -> Option<(Id, AttrOut)> {
+        let want = self.model.lookup(p);
+        if want == Err(No::Skip) {
+            return None;
+        }
+        let got = self.resolve(p);
+        match (want, got) {
+            (Ok(id), Ok(a)) => {
+                self.check_obj(p, id, &a);
+                Some((id, a))
+            }
+            (Err(No::Fail(e)), Err(g)) if e.contains(&g.errno()) => None,
+            (w, g) => panic!(
+                "{}: lookup {p:?}: the model says {}, efscache says {:?}",
+                self.ctx(),
+                show(&w),
+                g.map(|a| a.ino).map_err(|e| e.to_string())
+            ),
+        }
+    }
+
+    fn check_obj(&mut self, p: &P, id: Id, a: &AttrOut) {
+        let o = self.model.obj(id).clone();
+        let ctx = format!("{}: {p:?}", self.ctx());
+        assert_eq!(a.kind, o.kind(), "{ctx}: kind");
+        if p.is_root() {
+            assert_eq!(a.ino, ROOT, "{ctx}: root inode");
+        }
+        let prev = *self.inos.entry(id).or_insert(a.ino);
+        assert_eq!(a.ino, prev, "{ctx}: inode number changed");
+        assert_eq!(
+            a.attr.perm, o.perm,
+            "{ctx}: mode {:o} vs model {:o}",
+            a.attr.perm, o.perm
+        );
+        assert_eq!((a.attr.uid, a.attr.gid), (o.uid, o.gid), "{ctx}: owner");
+        if let Some(t) = o.mtime {
+            assert_eq!(a.attr.mtime, t, "{ctx}: mtime");
+        }
+        assert_eq!(a.nlink, self.model.nlink(id), "{ctx}: nlink");
+        match &o.body {
+            Body::File(data) => {
+                assert_eq!(a.attr.size, data.len() as u64, "{ctx}: size");
+                let got = self.read_all(a.ino);
+                assert_eq!(&got, data, "{ctx}: content");
+            }
+            Body::Symlink(t) => {
+                let got = self.call(|fs, b| fs.readlink(a.ino, b));
+                assert_eq!(got.ok().as_deref(), Some(OsStr::new(t)), "{ctx}: symlink target");
+            }
+            Body::Dir => {
+                let entries = self.list(a.ino);
+                let want = self.model.children(p);
+                let names: BTreeSet<&str> = entries.keys().map(String::as_str).collect();
+                let want_names: BTreeSet<&str> = want.keys().copied().collect();
+                assert_eq!(names, want_names, "{ctx}: listing");
+                for (name, (ino, kind)) in &entries {
+                    let cid = want[name.as_str()];
+                    assert_eq!(*kind, self.model.obj(cid).kind(), "{ctx}: kind of entry {name}");
+                    let prev = *self.inos.entry(cid).or_insert(*ino);
+                    assert_eq!(*ino, prev, "{ctx}: inode number of entry {name}");
+                }
+            }
+        }
+    }
+
+    fn read_all(&mut self, ino: Ino) -> Vec<u8> {
+        let fh = self
+            .call(|fs, b| fs.open(ino, libc::O_RDONLY, b).map(|o| o.fh))
+            .unwrap_or_else(|e| panic!("{}: open for reading: {e}", self.ctx()));
+        let mut out = Vec::new();
+        loop {
+            let off = out.len() as u64;
+            let chunk = self
+                .call(|fs, b| fs.read(fh, off, 5, b))
+                .unwrap_or_else(|e| panic!("{}: read: {e}", self.ctx()));
+            let n = chunk.len();
+            out.extend(chunk);
+            if n < 5 {
+                break;
+            }
+        }
+        self.fs().release(fh);
+        out
+    }
+
+    /// A directory's entries (name -> inode, kind), checking "." and "..".
+    fn list(&mut self, dir: Ino) -> BTreeMap<String, (Ino, Kind)> {
+        let plus = self.cfg.plus;
+        let mut out = BTreeMap::new();
+        let mut off = 0;
+        loop {
+            let batch = self
+                .call(|fs, b| fs.readdir(dir, off, plus, b))
+                .unwrap_or_else(|e| panic!("{}: readdir: {e}", self.ctx()));
+            let Some(last) = batch.last() else { break };
+            off = last.offset;
+            for e in batch {
+                let name = e.name.to_string_lossy().into_owned();
+                if name == "." {
+                    assert_eq!(e.ino, dir, "{}: '.'", self.ctx());
+                    continue;
+                }
+                if name == ".." {
+                    continue;
+                }
+                if plus {
+                    self.take_ref(e.ino);
+                }
+                assert!(
+                    out.insert(name.clone(), (e.ino, e.kind)).is_none(),
+                    "{}: {name} listed twice",
+                    self.ctx()
+                );
+            }
+        }
+        out
+    }
+
+    /// Checks the whole overlay; returns the overlay's mtime of every object.
+    fn check_all(&mut self) -> HashMap<Id, Timespec> {
+        let paths: Vec<P> = self.model.tree.keys().cloned().collect();
+        let mut by_ino: HashMap<Ino, Id> = HashMap::new();
+        let mut mtimes = HashMap::new();
+        for p in paths {
+            let (id, a) = self
+                .check_path(&p)
+                .unwrap_or_else(|| panic!("{}: {p:?} missing", self.ctx()));
+            let other = *by_ino.entry(a.ino).or_insert(id);
+            assert_eq!(
+                other,
+                id,
+                "{}: {p:?} shares inode {} with another object",
+                self.ctx(),
+                a.ino
+            );
+            mtimes.insert(id, a.attr.mtime);
+        }
+        mtimes
+    }
+
+    /// The backend directory, read directly, equals the model.
+    fn check_backend(&self, overlay_mtimes: &HashMap<Id, Timespec>) {
+        let ctx = self.ctx();
+        let mut found: BTreeMap<Vec<String>, std::fs::Metadata> = BTreeMap::new();
+        walk(self.backend_dir.path(), &mut Vec::new(), &mut found);
+        let want: BTreeMap<Vec<String>, Id> = self.model.tree.iter().map(|(p, id)| (p.strings(), *id)).collect();
+        let extra: Vec<_> = found.keys().filter(|k| !want.contains_key(*k)).collect();
+        let missing: Vec<_> = want.keys().filter(|k| !found.contains_key(*k)).collect();
+        assert!(
+            extra.is_empty() && missing.is_empty(),
+            "{ctx}: backend tree differs: extra {extra:?}, missing {missing:?}"
+        );
+        let mut identity: HashMap<Id, (u64, u64)> = HashMap::new();
+        let mut ids: HashMap<(u64, u64), Id> = HashMap::new();
+        for (path, meta) in &found {
+            let id = want[path];
+            let o = self.model.obj(id);
+            let ctx = format!("{ctx}: backend /{}", path.join("/"));
+            let ft = meta.file_type();
+            let kind = if ft.is_dir() {
+                Kind::Dir
+            } else if ft.is_symlink() {
+                Kind::Symlink
+            } else if ft.is_file() {
+                Kind::File
+            } else {
+                panic!("{ctx}: unexpected file type {ft:?}")
+            };
+            assert_eq!(kind, o.kind(), "{ctx}: kind");
+            if kind != Kind::Symlink {
+                assert_eq!(
+                    meta.mode() & 0o7777,
+                    o.perm,
+                    "{ctx}: mode {:o} vs {:o}",
+                    meta.mode() & 0o7777,
+                    o.perm
+                );
+            }
+            assert_eq!((meta.uid(), meta.gid()), (o.uid, o.gid), "{ctx}: owner");
+            let mtime = Timespec {
+                sec: meta.mtime(),
+                nsec: meta.mtime_nsec() as u32,
+            };
+            if let Some(t) = o.mtime {
+                assert_eq!(mtime, t, "{ctx}: mtime");
+            }
+            if let Some(t) = overlay_mtimes.get(&id) {
+                assert_eq!(mtime, *t, "{ctx}: mtime differs from the overlay's");
+            }
+            assert_eq!(meta.nlink() as u32, self.model.nlink(id), "{ctx}: nlink");
+            let full: PathBuf = path
+                .iter()
+                .fold(self.backend_dir.path().to_path_buf(), |acc, c| acc.join(c));
+            match &o.body {
+                Body::File(data) => {
+                    let got = std::fs::read(&full).expect("read backend file");
+                    assert_eq!(&got, data, "{ctx}: content");
+                }
+                Body::Symlink(t) => {
+                    let got = std::fs::read_link(&full).expect("readlink");
+                    assert_eq!(got.as_os_str(), OsStr::new(t), "{ctx}: symlink target");
+                }
+                Body::Dir => {}
+            }
+            let key = (meta.dev(), meta.ino());
+            let prev = *identity.entry(id).or_insert(key);
+            assert_eq!(prev, key, "{ctx}: names of one file are different backend files");
+            let other = *ids.entry(key).or_insert(id);
+            assert_eq!(other, id, "{ctx}: different files share a backend inode");
+        }
+    }
+}
+
+fn walk(dir: &Path, prefix: &mut Vec<String>, out: &mut BTreeMap<Vec<String>, std::fs::Metadata>) {
+    if prefix.is_empty() {
+        out.insert(Vec::new(), std::fs::symlink_metadata(dir).expect("stat backend root"));
+    }
+    for e in std::fs::read_dir(dir).expect("read backend dir") {
+        let e = e.expect("backend entry");
+        let name = e.file_name().to_string_lossy().into_owned();
+        let meta = std::fs::symlink_metadata(e.path()).expect("stat backend entry");
+        prefix.push(name);
+        out.insert(prefix.clone(), meta.clone());
+        if meta.is_dir() {
+            walk(&e.path(), prefix, out);
+        }
+        prefix.pop();
+    }
+}
+
+fn run_case(cfg: Cfg, ops: &[Op]) {
+    let mut h = Harness::new(cfg);
+    for (i, op) in ops.iter().enumerate() {
+        h.step = i;
+        h.run(op);
+    }
+    h.step = ops.len();
+    h.op = "final sync".into();
+    h.finish();
+}
+
+fn config() -> ProptestConfig {
+    ProptestConfig {
+        // PROPTEST_CASES=n runs more (or fewer) cases.
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64),
+        // Failures are reported, never written next to the sources.
+        failure_persistence: None,
+        max_shrink_iters: 4000,
+        ..ProptestConfig::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Overlay and model agree after every op; after sync the backend equals the model.
+    #[test]
+    fn overlay_and_backend_agree_with_model(cfg in cfg(), ops in prop::collection::vec(op(false), 1..40)) {
+        run_case(cfg, &ops);
+    }
+
+    /// The same, with remounts: a fresh `Fs` over the flushed backend shows the
+    /// model's tree through its own lookup/readdir/read, and further ops on
+    /// objects loaded from the backend keep agreeing.
+    #[test]
+    fn remount_shows_the_same_tree(cfg in cfg(), ops in prop::collection::vec(op(true), 1..40)) {
+        let mut ops = ops;
+        ops.push(Op::Remount);
+        run_case(cfg, &ops);
+    }
+}
+
+// ---- regression tests for known bugs ----------------------------------------------
+
+/// A mount for the regression tests: debounce 0, exclusive, two free-running workers.
+fn regression_mount(backend: &Path) -> Mount {
+    daemon_umask();
+    let cfg = Cfg {
+        debounce_zero: true,
+        exclusive: true,
+        workers: 2,
+        plus: false,
+        eager_forget: false,
+        free_running: true,
+    };
+    Mount::new(backend, &cfg, 0)
+}
+
+/// Runs `f` on its own thread; None if it has not returned after `limit`
+/// (a deadlocked thread is left behind).
+fn returns_within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(v) => Some(v),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the operation panicked"),
+    }
+}
+
+fn name(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+/// Creates `n` with `data` and closes it; returns its inode.
+fn put(fs: &Fs, n: &str, data: &[u8]) -> Ino {
+    let (a, opened) = fs
+        .create(ROOT, name(n), 0o644, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
+        .expect("create");
+    let fh = opened.fh;
+    fs.write(fh, 0, data).expect("write");
+    fs.release(fh);
+    a.ino
+}
+
+fn sync_ok(fs: &Fs) {
+    let r = fs.sync(Some(Instant::now() + Duration::from_secs(10)));
+    assert!(r.complete && r.failures.is_empty(), "sync: {r:?}");
+}
+
+/// (Fixed.) `rmdir` of an existing directory never returned: `Fs::rmdir` held the
+/// namespace guard of `self.ns.lock().lookup(..)` (the `if let` scrutinee of a
+/// let chain) while the chain's second condition called `self.ns.lock()` again.
+/// `Fs::rename` onto an existing name had the same pattern (next test).
+#[test]
+fn regression_rmdir_deadlocks() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let fs = m.fs.clone();
+    let r = returns_within(Duration::from_secs(5), move || {
+        fs.mkdir(ROOT, name("a"), 0o755, 0, 0, true).expect("mkdir");
+        fs.rmdir(ROOT, name("a"), true).map_err(|e| e.errno())
+    });
+    let Some(r) = r else {
+        std::mem::forget(m); // its workers wait for the namespace lock forever
+        panic!("mkdir a; rmdir a: rmdir did not return (deadlock)");
+    };
+    assert_eq!(r, Ok(()));
+}
+
+/// (Fixed.) `rename` onto an existing name (rsync's temp-then-rename) never returned; see above.
+#[test]
+fn regression_rename_over_existing_deadlocks() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let fs = m.fs.clone();
+    let r = returns_within(Duration::from_secs(5), move || {
+        put(&fs, ".a.Xq7Tz1", b"new");
+        put(&fs, "a", b"old");
+        fs.rename(ROOT, name(".a.Xq7Tz1"), ROOT, name("a"), 0, true)
+            .map_err(|e| e.errno())
+    });
+    let Some(r) = r else {
+        std::mem::forget(m);
+        panic!("create .a.Xq7Tz1; create a; rename .a.Xq7Tz1 -> a: rename did not return (deadlock)");
+    };
+    assert_eq!(r, Ok(()));
+}
+
+/// (Fixed.) chmod/utimes of the mount's root directory (what `rsync -a src/
+/// /mnt/efs/` does last) was queued as a SetAttr of the empty path, which the
+/// backend refused (EINVAL from `at_parent` of the root).
+#[test]
+fn regression_root_setattr_is_flushed() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let t = mtime_of(7);
+    m.fs.setattr(
+        ROOT,
+        SetAttr {
+            perm: Some(0o750),
+            mtime: Some(t),
+            atime: Some(t),
+            ..Default::default()
+        },
+        true,
+    )
+    .expect("setattr");
+    sync_ok(&m.fs);
+    let meta = std::fs::metadata(dir.path()).expect("stat");
+    assert_eq!(meta.mode() & 0o7777, 0o750);
+    assert_eq!((meta.mtime(), meta.mtime_nsec() as u32), (t.sec, t.nsec));
+}
+
+/// (Fixed.) A publish is queued (on_backend is set at once), then a chmod queues a
+/// SetAttr behind it; the file is written again before the publish runs, so the
+/// publish is abandoned as superseded and creates nothing. The SetAttr then
+/// fails with ENOENT and `sync` reports a permanent failure, although the next
+/// publish does put the file (with the mode) on the backend.
+#[test]
+fn regression_setattr_after_abandoned_publish() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    m.sched.set_paused(true);
+    let ino = put(fs, "a", b"1");
+    fs.tick(true); // the publish of "a" is queued
+    fs.setattr(
+        ino,
+        SetAttr {
+            perm: Some(0o640),
+            ..Default::default()
+        },
+        true,
+    )
+    .expect("chmod");
+    let fh = fs.open(ino, libc::O_RDWR, true).expect("open").fh;
+    fs.write(fh, 0, b"2").expect("write");
+    fs.release(fh);
+    m.sched.set_paused(false);
+    sync_ok(fs);
+    let meta = std::fs::metadata(dir.path().join("a")).expect("stat a");
+    assert_eq!(meta.mode() & 0o7777, 0o640);
+    assert_eq!(std::fs::read(dir.path().join("a")).expect("read"), b"2");
+}
+
+/// (Fixed.) Same cause: a rename queued behind an abandoned publish fails with ENOENT.
+#[test]
+fn regression_rename_after_abandoned_publish() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    m.sched.set_paused(true);
+    let ino = put(fs, "a", b"1");
+    fs.tick(true);
+    let fh = fs.open(ino, libc::O_RDWR, true).expect("open").fh;
+    fs.write(fh, 0, b"2").expect("write");
+    fs.release(fh);
+    fs.rename(ROOT, name("a"), ROOT, name("b"), 0, true).expect("rename");
+    m.sched.set_paused(false);
+    sync_ok(fs);
+    assert_eq!(std::fs::read(dir.path().join("b")).expect("read"), b"2");
+    assert!(!dir.path().join("a").exists());
+}
+
+/// (Fixed.) `create` of a name that exists took a lookup reference before
+/// opening the file; when the open failed (EISDIR) or had to block (WouldBlock,
+/// then the FUSE layer calls again) the reference was never returned, so the
+/// inode (and any staged copy) outlived its last name and the kernel's forget.
+#[test]
+fn regression_create_of_existing_name_leaks_lookup() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    let ino = put(fs, "a", b"data"); // the kernel holds 1 reference
+    sync_ok(fs); // "a" is clean on the backend: opening it for writing needs the backend
+    let flags = libc::O_WRONLY | libc::O_CREAT;
+    // The FUSE adapter: first without blocking, then again on the blocking pool.
+    let (a, opened) = match fs.create(ROOT, name("a"), 0o644, flags, 0, 0, false) {
+        Err(FsError::WouldBlock) => fs.create(ROOT, name("a"), 0o644, flags, 0, 0, true),
+        r => r,
+    }
+    .expect("create");
+    assert_eq!(a.ino, ino);
+    fs.release(opened.fh); // the kernel now holds 2 references
+    fs.unlink(ROOT, name("a"), true).expect("unlink");
+    fs.forget(ino, 2);
+    assert_eq!(fs.status().inodes, 1, "only the root should be left: {:?}", fs.status());
+    // An existing directory: the open fails, no reference may stay behind.
+    let d = fs.mkdir(ROOT, name("d"), 0o755, 0, 0, true).expect("mkdir"); // 1 reference
+    let r = fs
+        .create(ROOT, name("d"), 0o644, flags, 0, 0, true)
+        .map(|(a, o)| (a, o.fh));
+    assert_eq!(r.map_err(|e| e.errno()).err(), Some(libc::EISDIR));
+    fs.rmdir(ROOT, name("d"), true).expect("rmdir");
+    fs.forget(d.ino, 1);
+    assert_eq!(fs.status().inodes, 1, "only the root should be left: {:?}", fs.status());
+}
+
+/// nlink of objects loaded from the backend counts only what the overlay has
+/// listed so far: a directory shows 2 until its own listing is loaded, and a
+/// file hard-linked from another directory shows 1 until that directory is
+/// loaded (tar, cp -a and rsync -H use st_nlink > 1 to find hard links).
+#[test]
+#[ignore = "known bug: nlink of backend objects depends on which directories were listed"]
+fn regression_nlink_before_directory_is_listed() {
+    daemon_umask();
+    let dir = TempDir::new().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("d/sub")).expect("mkdir");
+    std::fs::write(dir.path().join("x"), b"x").expect("write");
+    std::fs::hard_link(dir.path().join("x"), dir.path().join("d/y")).expect("link");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    let root = fs.getattr(ROOT, true).expect("getattr /");
+    let x = fs.lookup(ROOT, name("x"), true).expect("lookup x");
+    let d = fs.lookup(ROOT, name("d"), true).expect("lookup d");
+    let got = (root.nlink, x.nlink, d.nlink);
+    let meta = |p: &str| std::fs::symlink_metadata(dir.path().join(p)).expect("stat").nlink() as u32;
+    assert_eq!(got, (meta(""), meta("x"), meta("d")), "nlink of /, /x, /d");
+}
+
+/// (Fixed.) A mount like the daemon's default (not exclusive), here with TTL 0 so every
+/// access revalidates. chown of a directory loaded from the backend waits in
+/// `dirty_dir_attrs`; the next lookup in its parent reloads the parent and
+/// `merge_listing` overwrites the directory's attributes with the backend's, so
+/// the chown is gone from the overlay and never reaches the backend.
+#[test]
+fn regression_dir_attrs_survive_revalidation() {
+    daemon_umask();
+    let dir = TempDir::new().expect("tempdir");
+    std::fs::create_dir(dir.path().join("d")).expect("mkdir");
+    let cfg = Cfg {
+        debounce_zero: true,
+        exclusive: false,
+        workers: 2,
+        plus: false,
+        eager_forget: false,
+        free_running: true,
+    };
+    let m = Mount::new(dir.path(), &cfg, 0);
+    let fs = &m.fs;
+    let d = fs.lookup(ROOT, name("d"), true).expect("lookup d");
+    let t = mtime_of(3);
+    fs.setattr(
+        d.ino,
+        SetAttr {
+            uid: Some(1000),
+            gid: Some(1000),
+            perm: Some(0o700),
+            atime: Some(t),
+            mtime: Some(t),
+            ..Default::default()
+        },
+        true,
+    )
+    .expect("setattr");
+    let again = fs.lookup(ROOT, name("d"), true).expect("lookup d again");
+    assert_eq!(
+        (again.attr.uid, again.attr.gid, again.attr.perm, again.attr.mtime),
+        (1000, 1000, 0o700, t),
+        "overlay after revalidation"
+    );
+    sync_ok(fs);
+    let meta = std::fs::metadata(dir.path().join("d")).expect("stat");
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (1000, 1000, 0o700),
+        "backend"
+    );
+}
+
+/// (Fixed.) `sync` publishes everything and reports files still open for writing; but
+/// creating a file marks its directory's times dirty, and directory attributes
+/// wait until no file in the directory is unpublished, so `sync` loops until
+/// its deadline (forever without one) while any file is open for writing.
+#[test]
+fn regression_sync_with_a_file_open_for_writing() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    put(fs, "done", b"1");
+    let (_, opened) = fs
+        .create(ROOT, name("log"), 0o644, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
+        .expect("create");
+    let fh = opened.fh;
+    fs.write(fh, 0, b"x").expect("write");
+    let r = fs.sync(Some(Instant::now() + Duration::from_secs(3)));
+    assert!(r.complete, "sync: {r:?}");
+    assert_eq!(r.open_files, vec!["log".to_string()]);
+    assert_eq!(std::fs::read(dir.path().join("done")).expect("read"), b"1");
+    fs.release(fh);
+}
+
+/// `sync` returns as soon as the scheduler's queue is empty, but a worker
+/// records an op's effects in the namespace only after it has reported the op
+/// finished to the scheduler: `entries_changed_on_backend` then marks the
+/// directory's times for re-application. When the last op was a publish that
+/// changed a directory's entries on the backend (a rewritten file: temp file +
+/// rename), `sync` can return "complete" in that window, leaving the backend
+/// directory with the publish's mtime instead of the overlay's (and the
+/// directory still dirty).
+#[test]
+#[ignore = "known bug (race): sync can return before the last op's bookkeeping re-dirties a directory"]
+fn regression_sync_waits_for_directory_times() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    let ino = put(fs, "f", b"0");
+    sync_ok(fs);
+    let mut bad = Vec::new();
+    for i in 0..2000u32 {
+        let fh = fs.open(ino, libc::O_RDWR | libc::O_TRUNC, true).expect("open").fh;
+        fs.write(fh, 0, &i.to_le_bytes()).expect("write");
+        fs.release(fh);
+        sync_ok(fs);
+        let st = fs.status();
+        let root = fs.getattr(ROOT, true).expect("getattr");
+        let meta = std::fs::metadata(dir.path()).expect("stat");
+        let backend = Timespec {
+            sec: meta.mtime(),
+            nsec: meta.mtime_nsec() as u32,
+        };
+        if st.dirty_dirs != 0 || backend != root.attr.mtime {
+            bad.push((i, st.dirty_dirs, backend, root.attr.mtime));
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "after sync: (iteration, dirty dirs, backend / mtime, overlay / mtime): {bad:?}"
+    );
+}
+
+/// (Fixed.) Rewriting an existing file changes no directory entry, so its directory's
+/// mtime must not change (and the overlay indeed keeps it). But the publish
+/// writes a temp file next to it and renames it over the file, which sets the
+/// backend directory's mtime to the publish time; `entries_changed_on_backend`
+/// re-applies the overlay's times only to directories touched through this
+/// mount (`times_explicit`), so a directory that existed before the mount keeps
+/// the wrong mtime on the backend, and the overlay and backend disagree.
+#[test]
+fn regression_rewrite_keeps_directory_mtime() {
+    daemon_umask();
+    let dir = TempDir::new().expect("tempdir");
+    std::fs::create_dir(dir.path().join("d")).expect("mkdir");
+    std::fs::write(dir.path().join("d/f"), b"old").expect("write");
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_500_000_000);
+    std::fs::File::open(dir.path().join("d"))
+        .and_then(|f| f.set_modified(t))
+        .expect("set mtime of d");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    let d = fs.lookup(ROOT, name("d"), true).expect("lookup d");
+    let f = fs.lookup(d.ino, name("f"), true).expect("lookup f");
+    let fh = fs.open(f.ino, libc::O_RDWR, true).expect("open").fh;
+    fs.write(fh, 0, b"new").expect("write");
+    fs.release(fh);
+    sync_ok(fs);
+    let overlay = fs.getattr(d.ino, true).expect("getattr d").attr.mtime;
+    let meta = std::fs::metadata(dir.path().join("d")).expect("stat d");
+    assert_eq!(std::fs::read(dir.path().join("d/f")).expect("read"), b"new");
+    assert_eq!(overlay.sec, 1_500_000_000, "overlay mtime of d");
+    assert_eq!(meta.mtime(), 1_500_000_000, "backend mtime of d");
+}
+
+/// (Fixed.) rsync -a --numeric-ids copies a root-owned file into a setgid directory of
+/// group 1000: the new file first gets the directory's group, then rsync
+/// chowns it to 0:0. The publish creates the temp file on the backend (where it
+/// inherits group 1000) and skips the chown because 0:0 are the daemon's own
+/// ids, so the backend file keeps group 1000.
+#[test]
+fn regression_group_in_setgid_directory() {
+    daemon_umask();
+    let dir = TempDir::new().expect("tempdir");
+    let d = dir.path().join("d");
+    std::fs::create_dir(&d).expect("mkdir");
+    std::os::unix::fs::chown(&d, Some(1000), Some(1000)).expect("chown");
+    std::fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(0o2775)).expect("chmod");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    let d = fs.lookup(ROOT, name("d"), true).expect("lookup d");
+    let (f, opened) = fs
+        .create(d.ino, name("f"), 0o644, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
+        .expect("create");
+    let fh = opened.fh;
+    assert_eq!(f.attr.gid, 1000, "inherited from the setgid directory");
+    fs.write(fh, 0, b"x").expect("write");
+    fs.release(fh);
+    let a = fs
+        .setattr(
+            f.ino,
+            SetAttr {
+                uid: Some(0),
+                gid: Some(0),
+                ..Default::default()
+            },
+            true,
+        )
+        .expect("chown");
+    assert_eq!((a.attr.uid, a.attr.gid), (0, 0));
+    sync_ok(fs);
+    let meta = std::fs::metadata(dir.path().join("d/f")).expect("stat");
+    assert_eq!((meta.uid(), meta.gid()), (0, 0), "owner on the backend");
+}
+
+/// (Fixed.) `ln x z; ln x y` are queued as Link ops that find their source by path
+/// ("x") when they run, but lock only the object and the new name. rsync then
+/// replaces x (temp file renamed over it); the publish of the new x locks the
+/// name x, not the old object, so it overtakes the second Link, which then
+/// links the *new* x as y: y loses the old content.
+#[test]
+fn regression_link_source_replaced_before_link_runs() {
+    daemon_umask();
+    let dir = TempDir::new().expect("tempdir");
+    let cfg = Cfg {
+        debounce_zero: true,
+        exclusive: true,
+        workers: 1,
+        plus: false,
+        eager_forget: false,
+        free_running: true,
+    };
+    let m = Mount::new(dir.path(), &cfg, 0);
+    let fs = &m.fs;
+    let x = put(fs, "x", b"old");
+    sync_ok(fs);
+    m.sched.set_paused(true);
+    fs.link(x, ROOT, name("z"), true).expect("link z");
+    fs.link(x, ROOT, name("y"), true).expect("link y");
+    put(fs, ".x.Xq7Tz1", b"new");
+    fs.rename(ROOT, name(".x.Xq7Tz1"), ROOT, name("x"), 0, true)
+        .expect("rename over x");
+    fs.tick(true);
+    m.sched.set_paused(false);
+    sync_ok(fs);
+    let read = |n: &str| std::fs::read(dir.path().join(n)).expect("read");
+    assert_eq!(
+        (read("x"), read("y"), read("z")),
+        (b"new".to_vec(), b"old".to_vec(), b"old".to_vec())
+    );
+}
+
+/// (Fixed.) `Fs::open` for writing takes the file's staging id (`stage`), opens that
+/// staging file and only then, under a second namespace lock, counts the open.
+/// A publish of the file that finishes in between sees `opens == 0`, turns the
+/// content back to `Remote` and deletes the staging file: the writes then go to
+/// a deleted file, `mark_dirty` finds no staged content, and they are lost (the
+/// file reads, and stays, as the backend's old content).
+#[test]
+fn regression_open_racing_a_finishing_publish_loses_writes() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    let ino = put(fs, "f", b"start");
+    let mut bad = Vec::new();
+    for i in 0..3000u32 {
+        fs.tick(true); // publish the previous content, racing the open below
+        // Vary the delay so that some publishes end inside the open's window.
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_micros(u64::from(i % 400)) {
+            std::hint::spin_loop();
+        }
+        let data = i.to_le_bytes();
+        let opened = match fs.open(ino, libc::O_RDWR, false) {
+            Err(FsError::WouldBlock) => fs.open(ino, libc::O_RDWR, true),
+            r => r,
+        };
+        let opened = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                // The staging file was deleted under the open.
+                bad.push(format!("{i}: open failed: {e}"));
+                continue;
+            }
+        };
+        fs.write(opened.fh, 0, &data).expect("write");
+        fs.release(opened.fh);
+        let r = fs.open(ino, libc::O_RDONLY, true).expect("open for reading");
+        let got = fs.read(r.fh, 0, 64, true).expect("read");
+        fs.release(r.fh);
+        if got[..4.min(got.len())] != data {
+            bad.push(format!("{i}: wrote {data:?}, read back {got:?}"));
+        }
+    }
+    assert!(bad.is_empty(), "{} of 3000 rewrites went wrong: {bad:?}", bad.len());
+}
+
+/// (Fixed.) A chmod/chown/utimes of an object changes no directory entry, but its
+/// SetAttr op holds the object's name key, so `changed_dirs` counts the parent
+/// as changed: the parent's times are sent again, whose SetAttr marks the
+/// grandparent, and so on up to the root. A chmod of /a/b/c costs three extra
+/// utimensat round trips (b, a, root), one after the other.
+#[test]
+fn regression_child_setattr_does_not_retime_ancestors() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    let a = fs.mkdir(ROOT, name("a"), 0o755, 0, 0, true).expect("mkdir a");
+    let b = fs.mkdir(a.ino, name("b"), 0o755, 0, 0, true).expect("mkdir b");
+    let c = fs.mkdir(b.ino, name("c"), 0o755, 0, 0, true).expect("mkdir c");
+    // Settle (see `regression_sync_waits_for_directory_times`).
+    for _ in 0..3 {
+        sync_ok(fs);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = fs.backend.stats().snapshot();
+    fs.setattr(
+        c.ino,
+        SetAttr {
+            perm: Some(0o700),
+            ..Default::default()
+        },
+        true,
+    )
+    .expect("chmod");
+    for _ in 0..3 {
+        sync_ok(fs);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let after = fs.backend.stats().snapshot();
+    let ops: Vec<(&str, u64)> = ["chmod", "chown", "utimens"]
+        .into_iter()
+        .map(|k| (k, after.get(k) - before.get(k)))
+        .collect();
+    assert_eq!(
+        ops,
+        vec![("chmod", 1), ("chown", 0), ("utimens", 0)],
+        "backend ops for one chmod"
+    );
+}
+
+/// A publish is queued (with the file's attributes of that moment), the file
+/// is then truncated and chmod'ed, and a second publish is queued before the
+/// first runs. The first publish copies the content as it is when it runs,
+/// finds the generation unchanged since the second was queued, and
+/// `publish_done` turns the content back to `Remote` and drops the staging
+/// file; the second publish then finds no staging file and does nothing. The
+/// backend keeps the first publish's (old) mode and mtime.
+#[test]
+#[ignore = "known bug (working tree): a superseded publish drops the staging copy the next publish needs"]
+fn regression_second_publish_keeps_latest_attrs() {
+    daemon_umask();
+    let dir = TempDir::new().expect("tempdir");
+    let cfg = Cfg {
+        debounce_zero: true,
+        exclusive: true,
+        workers: 1,
+        plus: false,
+        eager_forget: false,
+        free_running: true,
+    };
+    let m = Mount::new(dir.path(), &cfg, 0);
+    let fs = &m.fs;
+    m.sched.set_paused(true);
+    let ino = put(fs, "f", b"12345");
+    fs.tick(true); // publish 1, with mode 0644
+    let change = |ch: SetAttr| fs.setattr(ino, ch, true).expect("setattr");
+    change(SetAttr {
+        size: Some(2),
+        ..Default::default()
+    });
+    let a = change(SetAttr {
+        perm: Some(0o600),
+        ..Default::default()
+    });
+    fs.tick(true); // publish 2, with mode 0600 and the truncate's mtime
+    m.sched.set_paused(false);
+    sync_ok(fs);
+    let meta = std::fs::metadata(dir.path().join("f")).expect("stat");
+    assert_eq!(std::fs::read(dir.path().join("f")).expect("read"), b"12");
+    assert_eq!(meta.mode() & 0o7777, 0o600, "mode");
+    assert_eq!(
+        Timespec {
+            sec: meta.mtime(),
+            nsec: meta.mtime_nsec() as u32
+        },
+        a.attr.mtime,
+        "mtime"
+    );
+}
