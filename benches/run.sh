@@ -375,7 +375,7 @@ echo "  (c) re-sync: ${MIX_C_RE:-}"
 echo "  (c) requests during efscache umount (total): $(med req_c_umount)"
 echo
 echo "== workload 5: fio, one job, psync, end_fsync=1 (median of $REPS; MiB/s)"
-echo "data path: efscache serves reads/writes through its FUSE daemon into the local cache file (no FUSE passthrough); fsync=local"
+echo "data path: FUSE passthrough (the kernel writes the staged file on local disk directly; efscache status shows data_path); fsync=local"
 row "test" "local" "efscache" "(c)/(a)" ""
 FA=$(med fio_seq_a) FC=$(med fio_seq_c)
 row "seq write 1 MiB x $FIO_SEQ" "$FA" "$FC" "$(div "$FC" "$FA")" ""

@@ -190,16 +190,18 @@ pub trait Backend: Send + Sync {
     /// With `fresh` (the object was just created by efscache), owner changes to
     /// the daemon's own ids are skipped: the object already has them.
     fn set_attrs(&self, path: &RelPath, attrs: &AttrSet, fresh: bool) -> io::Result<()>;
-    /// Applies owner, mode and times to a file efscache just created, through
-    /// its open fd (saves a path walk; owner changes to the daemon's ids skipped).
+    /// Attributes of a file efscache just created (NFS answers from the
+    /// attributes that came back with the create).
+    fn stat_file(&self, file: &File) -> io::Result<Stat>;
+    /// Applies owner, mode and times through an open fd (saves a path walk).
     fn set_attrs_fd(&self, file: &File, attrs: &AttrSet) -> io::Result<()>;
     /// Reads from a file opened with `open_read` until `buf` is full or end of file.
     fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize>;
     /// Writes all of `data` at `offset` into a file created by `create_exclusive`.
     fn write_at(&self, file: &File, data: &[u8], offset: u64) -> io::Result<()>;
     fn set_len(&self, file: &File, len: u64) -> io::Result<()>;
-    /// Closes a written file (NFS commits its data here) and returns its inode number.
-    fn close_file(&self, file: File) -> io::Result<u64>;
+    /// Closes a written file (NFS commits its data here and reports write errors).
+    fn close_file(&self, file: File) -> io::Result<()>;
     /// Counters of the requests made so far.
     fn stats(&self) -> &BackendStats;
 }

@@ -425,17 +425,12 @@ impl Backend for PosixBackend {
         })
     }
 
+    fn stat_file(&self, file: &File) -> io::Result<Stat> {
+        self.fstat(file.as_raw_fd())
+    }
+
     fn set_attrs_fd(&self, file: &File, attrs: &AttrSet) -> io::Result<()> {
-        // The new file's owner is not always ours (a set-gid directory gives
-        // its group): compare with what the file has. NFS answers this fstat
-        // from the attributes that came back with the create.
-        let chown = if attrs.uid.is_some() || attrs.gid.is_some() {
-            let st = self.fstat(file.as_raw_fd())?;
-            attrs.uid.is_some_and(|u| u != st.uid) || attrs.gid.is_some_and(|g| g != st.gid)
-        } else {
-            false
-        };
-        self.apply_fd(file.as_raw_fd(), attrs, chown)
+        self.apply_fd(file.as_raw_fd(), attrs, attrs.uid.is_some() || attrs.gid.is_some())
     }
 
     fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -467,16 +462,11 @@ impl Backend for PosixBackend {
         file.set_len(len)
     }
 
-    fn close_file(&self, file: File) -> io::Result<u64> {
-        // The attributes come back with the create reply on NFS, so this fstat
-        // is answered from the client's attribute cache.
-        let st = self.fstat(file.as_raw_fd())?;
+    fn close_file(&self, file: File) -> io::Result<()> {
         self.stats.count(OpKind::close);
-        let fd = OwnedFd::from(file);
-        let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(file);
         // SAFETY: we own raw; close reports the deferred write-back error NFS returns on close.
-        check(unsafe { libc::close(raw) })?;
-        Ok(st.ino)
+        check(unsafe { libc::close(raw) }).map(drop)
     }
 
     fn stats(&self) -> &BackendStats {

@@ -193,19 +193,20 @@ fn publish_file(
         path: Some(temp.clone()),
     };
     let bytes = copy_data(src, &dst, backend)?;
-    let mut post = AttrSet {
-        perm: None,
-        uid: attrs.uid,
-        gid: attrs.gid,
+    // One fstat: the owner the new file got (a set-gid directory gives its
+    // group) decides whether a chown is needed, and its inode number is kept.
+    let st = backend.stat_file(&dst)?;
+    let owner_differs = attrs.uid.is_some_and(|u| u != st.uid) || attrs.gid.is_some_and(|g| g != st.gid);
+    let post = AttrSet {
+        perm: (perm & 0o6000 != 0).then_some(perm),
+        uid: if owner_differs { attrs.uid } else { None },
+        gid: if owner_differs { attrs.gid } else { None },
         atime: attrs.atime,
         mtime: attrs.mtime,
     };
-    if perm & 0o6000 != 0 {
-        post.perm = Some(perm);
-    }
     backend.set_attrs_fd(&dst, &post)?;
-    // Close: NFS commits the data here (close-to-open).
-    let backend_ino = backend.close_file(dst)?;
+    backend.close_file(dst)?;
+    let backend_ino = st.ino;
     if !still_current() {
         return Ok(Published {
             superseded: true,
