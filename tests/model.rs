@@ -1768,7 +1768,6 @@ proptest! {
     /// model's tree through its own lookup/readdir/read, and further ops on
     /// objects loaded from the backend keep agreeing.
     #[test]
-    #[ignore = "intermittent failure under CPU load (about 1 run in 3 with other tests running), not yet diagnosed"]
     fn remount_shows_the_same_tree(cfg in cfg(), ops in prop::collection::vec(op(true), 1..40)) {
         let mut ops = ops;
         ops.push(Op::Remount);
