@@ -539,35 +539,24 @@ impl Scheduler {
 
     /// Waits until no op is queued or running, or `deadline` passes. True if idle.
     pub fn wait_idle(&self, deadline: Option<Instant>) -> bool {
-        let mut st = self.state.lock();
-        loop {
-            if st.entries.is_empty() && st.settling == 0 {
-                return true;
-            }
-            match deadline {
-                Some(d) => {
-                    if Instant::now() >= d {
-                        return false;
-                    }
-                    self.done.wait_until(&mut st, d);
-                }
-                None => self.done.wait(&mut st),
-            }
-        }
+        self.wait_until(deadline, |st| st.entries.is_empty() && st.settling == 0)
     }
 
     /// Waits until no queued or running op holds or waits for `key`.
     pub fn wait_key_clear(&self, key: &Key, deadline: Option<Instant>) -> bool {
+        self.wait_until(deadline, |st| !st.locks.contains_key(key))
+    }
+
+    /// Waits (woken by finishing ops) until `done` holds or `deadline` passes.
+    fn wait_until(&self, deadline: Option<Instant>, done: impl Fn(&State) -> bool) -> bool {
         let mut st = self.state.lock();
         loop {
-            if !st.locks.contains_key(key) {
+            if done(&st) {
                 return true;
             }
             match deadline {
+                Some(d) if Instant::now() >= d => return false,
                 Some(d) => {
-                    if Instant::now() >= d {
-                        return false;
-                    }
                     self.done.wait_until(&mut st, d);
                 }
                 None => self.done.wait(&mut st),
