@@ -6,6 +6,7 @@
 //! from the backend (`Stat`), and the per-kind operation counters that
 //! `efscache status` reports. The syscalls themselves live in `posix`.
 
+pub mod fault;
 pub mod posix;
 
 use std::ffi::{OsStr, OsString};
@@ -18,7 +19,7 @@ pub use posix::PosixBackend;
 
 /// A path below the backend root, as components. Empty means the root itself.
 /// Components are single names: never empty, never `.` or `..`, never containing `/`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct RelPath(pub Vec<OsString>);
 
 impl RelPath {
@@ -90,7 +91,7 @@ impl Kind {
 }
 
 /// A timestamp with nanoseconds, as stat(2) reports it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Timespec {
     pub sec: i64,
     pub nsec: u32,
@@ -137,7 +138,7 @@ pub struct Stat {
 }
 
 /// Attributes applied to an object on the backend after it was created.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AttrSet {
     pub perm: Option<u32>,
     pub uid: Option<u32>,

@@ -135,6 +135,31 @@ pub fn options_string(cfg: &Config) -> String {
     if let Some(l) = &cfg.log_file {
         o.push(format!("log_file={}", l.display()));
     }
+    let f = &cfg.faults;
+    let fd = crate::config::FaultConfig::default();
+    if f.delay != fd.delay {
+        o.push(format!("fault_delay={}", ms(f.delay)));
+    }
+    if f.rate != fd.rate {
+        o.push(format!("fault_rate={}", f.rate));
+    }
+    if !f.ops.is_empty() {
+        o.push(format!("fault_ops={}", f.ops.join(":")));
+    }
+    if f.errno != fd.errno
+        && let Some((n, _)) = crate::config::FAULT_ERRNOS.iter().find(|(_, e)| *e == f.errno)
+    {
+        o.push(format!("fault_errno={n}"));
+    }
+    if let Some(n) = f.stall_after {
+        o.push(format!("fault_stall_after={n}"));
+    }
+    if f.stall != fd.stall {
+        o.push(format!("fault_stall={}", ms(f.stall)));
+    }
+    if f.seed != fd.seed {
+        o.push(format!("fault_seed={}", f.seed));
+    }
     o.join(",")
 }
 
@@ -147,7 +172,7 @@ mod tests {
         let cfg = mount_config(
             "/b".into(),
             "/m".into(),
-            &["cache_dir=/c,flushers=7,exclusive,fsync=remote,debounce=3s".into()],
+            &["cache_dir=/c,flushers=7,exclusive,fsync=remote,debounce=3s,fault_delay=5ms,fault_rate=0.05,fault_ops=write:rename,fault_errno=ENOSPC,fault_stall_after=100,fault_stall=2s,fault_seed=9".into()],
             false,
         )
         .unwrap();

@@ -39,7 +39,56 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub log_file: Option<PathBuf>,
     pub foreground: bool,
+    /// Injected backend faults (testing only; off by default).
+    pub faults: FaultConfig,
 }
+
+/// Backend fault injection, for tests and failure drills: every backend
+/// request waits `delay`; requests of the kinds in `ops` (all mutating kinds
+/// when empty) fail with `errno` at probability `rate`; after `stall_after`
+/// requests, every request hangs for `stall` (a network partition).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct FaultConfig {
+    pub delay: Duration,
+    pub rate: f64,
+    pub ops: Vec<String>,
+    pub errno: i32,
+    pub stall_after: Option<u64>,
+    pub stall: Duration,
+    pub seed: u64,
+}
+
+impl Default for FaultConfig {
+    fn default() -> Self {
+        FaultConfig {
+            delay: Duration::ZERO,
+            rate: 0.0,
+            ops: Vec::new(),
+            errno: libc::EIO,
+            stall_after: None,
+            stall: Duration::ZERO,
+            seed: 1,
+        }
+    }
+}
+
+impl FaultConfig {
+    pub fn active(&self) -> bool {
+        *self != FaultConfig::default()
+    }
+}
+
+/// Errno names accepted by `fault_errno`.
+pub const FAULT_ERRNOS: &[(&str, i32)] = &[
+    ("EIO", libc::EIO),
+    ("ENOSPC", libc::ENOSPC),
+    ("ETIMEDOUT", libc::ETIMEDOUT),
+    ("ESTALE", libc::ESTALE),
+    ("EAGAIN", libc::EAGAIN),
+    ("EPERM", libc::EPERM),
+    ("EACCES", libc::EACCES),
+    ("ENAMETOOLONG", libc::ENAMETOOLONG),
+];
 
 impl Config {
     pub fn new(backend: PathBuf, mountpoint: PathBuf) -> Config {
@@ -59,6 +108,7 @@ impl Config {
             drain_timeout: Duration::from_secs(600),
             log_file: None,
             foreground: false,
+            faults: FaultConfig::default(),
         }
     }
 
@@ -92,6 +142,36 @@ impl Config {
                     }
                 }
                 "log_file" => self.log_file = Some(PathBuf::from(need(key, val)?)),
+                "fault_delay" => self.faults.delay = parse_duration(key, need(key, val)?)?,
+                "fault_rate" => {
+                    let v = need(key, val)?;
+                    self.faults.rate = v
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|r| (0.0..=1.0).contains(r))
+                        .ok_or_else(|| format!("option {key}={v}: expected a probability between 0 and 1"))?;
+                }
+                "fault_ops" => {
+                    self.faults.ops = need(key, val)?.split(':').map(str::to_string).collect();
+                    for o in &self.faults.ops {
+                        if !crate::backend::OpKind::ALL.iter().any(|k| k.name() == o) {
+                            return Err(format!("option fault_ops: unknown backend request kind '{o}'"));
+                        }
+                    }
+                }
+                "fault_errno" => {
+                    let v = need(key, val)?;
+                    self.faults.errno = FAULT_ERRNOS
+                        .iter()
+                        .find(|(n, _)| *n == v)
+                        .map(|(_, e)| *e)
+                        .ok_or_else(|| format!("option fault_errno={v}: expected one of EIO, ENOSPC, ETIMEDOUT, ESTALE, EAGAIN, EPERM, EACCES, ENAMETOOLONG"))?;
+                }
+                "fault_stall_after" => {
+                    self.faults.stall_after = Some(parse_count(key, need(key, val)?, 0, usize::MAX)? as u64)
+                }
+                "fault_stall" => self.faults.stall = parse_duration(key, need(key, val)?)?,
+                "fault_seed" => self.faults.seed = parse_count(key, need(key, val)?, 0, usize::MAX)? as u64,
                 "foreground" => self.foreground = parse_bool(key, val)?,
                 // Always on: every user and pjdfstest's uid switches must work, with
                 // the kernel checking permissions.

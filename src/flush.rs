@@ -29,7 +29,7 @@ use crate::namespace::Ino;
 pub const TEMP_PREFIX: &str = ".efscache.";
 
 /// What an op locks.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Key {
     /// An object (file, directory) by overlay inode.
     Ino(Ino),
@@ -37,7 +37,7 @@ pub enum Key {
     Name(Ino, OsString),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Access {
     Shared,
     Exclusive,
@@ -45,7 +45,7 @@ pub enum Access {
 
 /// A backend change. Paths are the backend paths at the moment the op runs
 /// (its keys guarantee nothing that would move them runs in between).
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     Mkdir {
         path: RelPath,
@@ -88,11 +88,16 @@ pub enum Action {
     Publish {
         ino: Ino,
         staging: u64,
+        /// The staged size when the publish was queued (a replay after a
+        /// machine crash refuses staged data that lost its tail).
+        size: u64,
         paths: Vec<RelPath>,
         attrs: AttrSet,
     },
     /// No backend change: signals once every earlier conflicting op is done
     /// (a clean file's backend path is valid again after a pending rename).
+    /// Never journaled.
+    #[serde(skip)]
     Barrier(crossbeam::channel::Sender<()>),
 }
 
@@ -132,9 +137,19 @@ impl Action {
 pub struct FlushOp {
     pub keys: Vec<(Key, Access)>,
     pub action: Action,
+    /// The op's record in the journal, once it has one.
+    pub journal_seq: Option<u64>,
 }
 
 impl FlushOp {
+    pub fn new(keys: Vec<(Key, Access)>, action: Action) -> FlushOp {
+        FlushOp {
+            keys,
+            action,
+            journal_seq: None,
+        }
+    }
+
     /// The directory most of the op's backend work happens in (for spreading
     /// work across directories).
     fn home_dir(&self) -> Ino {
@@ -355,11 +370,17 @@ impl Scheduler {
                 let e = st.entries.get_mut(&seq).expect("ready op exists");
                 let home = e.home;
                 let attempts = e.attempts;
+                let journal_seq = e.op.journal_seq;
                 // The op is lent to the worker; the entry keeps its keys.
                 let action = std::mem::replace(&mut e.op.action, Action::Rmdir { path: RelPath::root() });
                 st.in_flight += 1;
                 *st.in_flight_per_dir.entry(home).or_default() += 1;
-                return Some(Lent { seq, action, attempts });
+                return Some(Lent {
+                    seq,
+                    action,
+                    attempts,
+                    journal_seq,
+                });
             }
             let wait = st
                 .retry
@@ -586,6 +607,8 @@ pub struct Lent {
     pub seq: u64,
     pub action: Action,
     pub attempts: u32,
+    /// The op's journal record (see `FlushOp::journal_seq`).
+    pub journal_seq: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -635,10 +658,7 @@ mod tests {
     use crate::namespace::ROOT;
 
     fn op(keys: Vec<(Key, Access)>) -> FlushOp {
-        FlushOp {
-            keys,
-            action: Action::Rmdir { path: RelPath::root() },
-        }
+        FlushOp::new(keys, Action::Rmdir { path: RelPath::root() })
     }
 
     fn sched() -> Scheduler {

@@ -15,8 +15,8 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -25,6 +25,7 @@ use crate::backend::{Backend, Kind, RelPath, StatFs, Timespec};
 use crate::error::{FsError, FsResult};
 use crate::flush::publish::{self, TempNames};
 use crate::flush::{self, Action, Failure, FlushOp, Outcome, Scheduler};
+use crate::journal::{Header, Journal, PendingState};
 use crate::namespace::{Attr, Content, Effects, Ino, Namespace, ROOT, SetAttr};
 use crate::staging::Staging;
 
@@ -114,6 +115,8 @@ pub struct Fs {
     cfg: FsConfig,
     /// The kernel accepted FUSE passthrough for this mount.
     passthrough: std::sync::atomic::AtomicBool,
+    /// Set once journaling starts (after recovery; absent in tests without one).
+    journal: OnceLock<Arc<Journal>>,
 }
 
 fn io_err(e: io::Error) -> FsError {
@@ -139,6 +142,7 @@ impl Fs {
             temps,
             cfg,
             passthrough: std::sync::atomic::AtomicBool::new(false),
+            journal: OnceLock::new(),
         })
     }
 
@@ -166,15 +170,176 @@ impl Fs {
         })
     }
 
-    /// Applies effects: queue backend ops (caller holds the namespace lock, so
-    /// ops are queued in the order the overlay changed), drop staging files.
-    fn apply(&self, fx: Effects) {
+    /// Applies effects of an overlay change (the caller holds the namespace
+    /// lock, so this happens in the order the overlay changed): journal the
+    /// ops and the pending state of every touched object, then queue the ops
+    /// and drop staging files nothing refers to any more.
+    fn apply(&self, ns: &mut Namespace, mut fx: Effects) {
+        let mut touched = std::mem::take(&mut ns.touched);
+        let moved_dir = std::mem::replace(&mut ns.moved_dir, false);
+        if let Some(j) = self.journal.get()
+            && (!fx.ops.is_empty() || !touched.is_empty())
+        {
+            let mut tx = j.begin();
+            for op in &mut fx.ops {
+                tx.op(op);
+            }
+            if moved_dir {
+                touched.extend(tx.tracked());
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            for ino in touched {
+                tx.state(ino, ns.pending_state(ino));
+            }
+            tx.commit();
+        }
         for op in fx.ops {
             self.sched.enqueue(op);
         }
         for id in fx.discard {
             self.staging.remove(id);
         }
+    }
+
+    /// Changes are refused once the journal cannot record them.
+    fn check_journal(&self) -> FsResult<()> {
+        match self.journal.get() {
+            Some(j) if !j.healthy() => Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Starts journaling (once, before serving): a new journal holding the
+    /// pending state the overlay has now replaces `<cache>/journal`.
+    pub fn start_journal(&self, cache: &std::path::Path, header: Header) -> std::io::Result<Arc<Journal>> {
+        let mut ns = self.ns.lock();
+        let mut inos: Vec<Ino> = ns
+            .dirty_files
+            .iter()
+            .chain(ns.dirty_dir_attrs.iter())
+            .copied()
+            .collect();
+        inos.sort_unstable();
+        inos.dedup();
+        let states = inos.into_iter().filter_map(|i| ns.pending_state(i)).collect();
+        let j = Arc::new(Journal::create(cache, header, states)?);
+        j.install(cache)?;
+        ns.touched.clear();
+        ns.moved_dir = false;
+        let _ = self.journal.set(j.clone());
+        Ok(j)
+    }
+
+    /// New staging ids start above `id` (files kept from an earlier run).
+    pub fn reserve_staging_ids(&self, id: u64) {
+        self.ns.lock().reserve_staging_ids(id);
+    }
+
+    pub fn staging(&self) -> &Staging {
+        &self.staging
+    }
+
+    pub fn journal(&self) -> Option<&Arc<Journal>> {
+        self.journal.get()
+    }
+
+    /// Staging ids the overlay refers to (everything else in staging is left over).
+    pub fn staging_in_use(&self) -> std::collections::HashSet<u64> {
+        self.ns.lock().inodes().filter_map(|i| i.staged_id()).collect()
+    }
+
+    /// After a crash: takes back the pending state a journal replay left
+    /// (files with unpublished staged content, directory attributes),
+    /// loading the directories they live in. Returns what could not be
+    /// taken back, with the reason.
+    pub fn adopt(&self, states: Vec<PendingState>) -> Vec<(PendingState, String)> {
+        let mut failed = Vec::new();
+        for st in states {
+            if let Err(e) = self.adopt_one(&st) {
+                failed.push((st, e));
+            }
+        }
+        let mut ns = self.ns.lock();
+        self.apply(&mut ns, Effects::default());
+        failed
+    }
+
+    fn adopt_one(&self, st: &PendingState) -> Result<(), String> {
+        match st {
+            PendingState::File {
+                paths,
+                perm,
+                uid,
+                gid,
+                staging,
+                size,
+                ..
+            } => {
+                let mut names = Vec::new();
+                for p in paths {
+                    let (dir, name) = p.split_last().ok_or("the backend root is not a file")?;
+                    let d = self.resolve_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    names.push((d, name.to_owned()));
+                }
+                let f = self
+                    .staging
+                    .open_read(*staging)
+                    .map_err(|e| format!("staged data: {e}"))?;
+                use std::os::unix::fs::MetadataExt;
+                let md = f.metadata().map_err(|e| format!("staged data: {e}"))?;
+                if size.is_some_and(|s| s != md.len()) {
+                    return Err(format!(
+                        "staged data has {} bytes, not the {} it had when closed (lost in a machine crash before fsync?)",
+                        md.len(),
+                        size.unwrap_or(0)
+                    ));
+                }
+                let foreign = size.is_none() && self.staging.open_for_write_elsewhere(*staging);
+                let now = Timespec::now();
+                let attr = Attr {
+                    perm: *perm,
+                    uid: *uid,
+                    gid: *gid,
+                    size: md.len(),
+                    blocks: md.blocks(),
+                    rdev: 0,
+                    atime: Timespec {
+                        sec: md.atime(),
+                        nsec: md.atime_nsec() as u32,
+                    },
+                    mtime: Timespec {
+                        sec: md.mtime(),
+                        nsec: md.mtime_nsec() as u32,
+                    },
+                    ctime: now,
+                };
+                let mut ns = self.ns.lock();
+                ns.adopt_file(&names, *staging, attr, foreign, Instant::now())
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            }
+            PendingState::Dir { path, attrs, .. } => {
+                let d = self.resolve_dir(path).map_err(|e| e.to_string())?;
+                self.ns.lock().adopt_dir_attrs(d, attrs).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// The directory at `path`, loading every directory on the way.
+    fn resolve_dir(&self, path: &RelPath) -> FsResult<Ino> {
+        let mut cur = ROOT;
+        for name in &path.0 {
+            self.ensure_loaded(cur, true)?;
+            let ns = self.ns.lock();
+            let next = ns.lookup(cur, name)?.ok_or(FsError::NotFound)?;
+            if ns.get(next)?.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            cur = next;
+        }
+        self.ensure_loaded(cur, true)?;
+        Ok(cur)
     }
 
     // ---- metadata cache -------------------------------------------------
@@ -193,10 +358,7 @@ impl Fs {
             return Ok(());
         }
         let (tx, rx) = crossbeam::channel::bounded(1);
-        self.sched.enqueue(FlushOp {
-            keys,
-            action: Action::Barrier(tx),
-        });
+        self.sched.enqueue(FlushOp::new(keys, Action::Barrier(tx)));
         rx.recv()
             .map_err(|_| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
     }
@@ -254,7 +416,7 @@ impl Fs {
         let mut fx = Effects::default();
         let mut ns = self.ns.lock();
         ns.forget(ino, n, &mut fx);
-        self.apply(fx);
+        self.apply(&mut ns, fx);
     }
 
     pub fn getattr(&self, ino: Ino, may_block: bool) -> FsResult<AttrOut> {
@@ -316,7 +478,7 @@ impl Fs {
         let mut fx = Effects::default();
         let mut ns = self.ns.lock();
         ns.set_attrs(ino, &ch, &mut fx)?;
-        self.apply(fx);
+        self.apply(&mut ns, fx);
         Self::attr_out(&ns, ino)
     }
 
@@ -350,6 +512,7 @@ impl Fs {
         if i.writers == 0 {
             ns.file_quiet(ino, Instant::now());
         }
+        self.apply(&mut ns, Effects::default());
         Ok(())
     }
 
@@ -419,11 +582,12 @@ impl Fs {
         may_block: bool,
         f: impl FnOnce(&mut Namespace, &mut Effects) -> FsResult<T>,
     ) -> FsResult<T> {
+        self.check_journal()?;
         self.ensure_loaded(parent, may_block)?;
         let mut fx = Effects::default();
         let mut ns = self.ns.lock();
         let r = f(&mut ns, &mut fx);
-        self.apply(fx);
+        self.apply(&mut ns, fx);
         r
     }
 
@@ -566,6 +730,7 @@ impl Fs {
         gid: u32,
         may_block: bool,
     ) -> FsResult<(AttrOut, Opened)> {
+        self.check_journal()?;
         self.ensure_loaded(parent, may_block)?;
         let mut ns = self.ns.lock();
         if let Some(existing) = ns.lookup(parent, name)? {
@@ -587,13 +752,14 @@ impl Fs {
             Err(e) => {
                 let mut fx = Effects::default();
                 let _ = ns.unlink(parent, name, &mut fx);
-                self.apply(fx);
+                self.apply(&mut ns, fx);
                 return Err(io_err(e));
             }
         };
         let i = ns.get_mut(ino)?;
         i.opens += 1;
         i.writers += 1;
+        self.apply(&mut ns, Effects::default());
         let out = Self::attr_out(&ns, ino)?;
         drop(ns);
         let file = Arc::new(file);
@@ -722,6 +888,7 @@ impl Fs {
                 i.writers += 1;
                 ns.debounce.remove(&ino);
             }
+            self.apply(&mut ns, Effects::default());
             drop(ns);
             let file = Arc::new(file);
             let fh = self.new_handle(Handle::Staged {
@@ -788,6 +955,9 @@ impl Fs {
         i.attr.ctime = now;
         // Writes by non-owners clear setuid/setgid, as a local filesystem does.
         i.attr.perm &= !(libc::S_ISUID | if i.attr.perm & 0o010 != 0 { libc::S_ISGID } else { 0 });
+        if !ns.touched.is_empty() {
+            self.apply(&mut ns, Effects::default());
+        }
         Ok(data.len() as u32)
     }
 
@@ -830,7 +1000,7 @@ impl Fs {
             }
             ns.maybe_free(ino, &mut fx);
         }
-        self.apply(fx);
+        self.apply(&mut ns, fx);
     }
 
     /// fsync: local durability of the staged data, and with `fsync=remote`
@@ -844,17 +1014,34 @@ impl Fs {
             return Err(FsError::WouldBlock);
         }
         file.sync_data().map_err(io_err)?;
+        // The file's name and owner are in the journal: make them durable too.
+        self.sync_journal()?;
         if !self.cfg.fsync_remote {
             return Ok(());
         }
         {
             let mut ns = self.ns.lock();
-            if let Some(op) = ns.queue_publish(ino)? {
-                self.sched.enqueue(op);
-            }
+            let mut fx = Effects::default();
+            fx.ops.extend(ns.queue_publish(ino)?);
+            self.apply(&mut ns, fx);
         }
         self.sched.wait_key_clear(&flush::Key::Ino(ino), None);
         Ok(())
+    }
+
+    /// fsyncdir: the directory's entries are in the journal.
+    pub fn fsyncdir(&self, may_block: bool) -> FsResult<()> {
+        if !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        self.sync_journal()
+    }
+
+    fn sync_journal(&self) -> FsResult<()> {
+        match self.journal.get() {
+            Some(j) => j.sync().map_err(io_err),
+            None => Ok(()),
+        }
     }
 
     pub fn statfs(&self, may_block: bool) -> FsResult<StatFs> {
@@ -927,10 +1114,10 @@ impl Fs {
             .filter(|(_, t)| force || now.duration_since(**t) >= self.cfg.debounce)
             .map(|(i, _)| *i)
             .collect();
+        let mut fx = Effects::default();
         for ino in due {
             match ns.queue_publish(ino) {
-                Ok(Some(op)) => self.sched.enqueue(op),
-                Ok(None) => {}
+                Ok(op) => fx.ops.extend(op),
                 Err(e) => tracing::warn!(ino, error = %e, "cannot queue publish"),
             }
         }
@@ -944,12 +1131,12 @@ impl Fs {
                 .collect();
             for d in ready {
                 match ns.queue_dir_attrs(d) {
-                    Ok(Some(op)) => self.sched.enqueue(op),
-                    Ok(None) => {}
+                    Ok(op) => fx.ops.extend(op),
                     Err(e) => tracing::warn!(ino = d, error = %e, "cannot queue directory attributes"),
                 }
             }
         }
+        self.apply(&mut ns, fx);
     }
 
     /// Runs flush ops until the scheduler shuts down (one call per worker thread).
@@ -961,14 +1148,16 @@ impl Fs {
             // copy (a new open bumps the generation) means: copy again.
             let mut published_generation = 0;
             let writer_busy = match &lent.action {
-                Action::Publish { ino, .. } => match self.ns.lock().get(*ino) {
-                    Ok(i) if i.writers > 0 => true,
-                    Ok(i) => {
-                        published_generation = i.generation;
-                        false
-                    }
-                    Err(_) => false,
-                },
+                Action::Publish { ino, staging, .. } => {
+                    let (busy, foreign) = match self.ns.lock().get(*ino) {
+                        Ok(i) => {
+                            published_generation = i.generation;
+                            (i.writers > 0, i.foreign_writer)
+                        }
+                        Err(_) => (false, false),
+                    };
+                    busy || (foreign && self.foreign_writer_active(*ino, *staging))
+                }
                 _ => false,
             };
             let pub_ino = match &lent.action {
@@ -1002,6 +1191,13 @@ impl Fs {
                 Err(e) if flush::is_transient(&e) => (Outcome::Retry(e), None),
                 Err(e) => (Outcome::Failed(e), None),
             };
+            // Recorded before the op's keys are released: an op that depends
+            // on this one can only have run once this one is marked done.
+            if !matches!(outcome, Outcome::Retry(_))
+                && let (Some(j), Some(seq)) = (self.journal.get(), lent.journal_seq)
+            {
+                j.done(seq);
+            }
             let Some(op) = self.sched.finish(lent, outcome) else {
                 continue;
             };
@@ -1024,6 +1220,7 @@ impl Fs {
                         _ => ns.publish_abandoned(ino),
                     }
                 }
+                self.apply(&mut ns, Effects::default());
             }
             if let Some(id) = discard {
                 self.staging.remove(id);
@@ -1032,9 +1229,25 @@ impl Fs {
         }
     }
 
+    /// Whether a writer from a dead mount still has the staging file of
+    /// adopted file `ino` open (then its publish waits); forgets the writer
+    /// once it is gone.
+    fn foreign_writer_active(&self, ino: Ino, staging: u64) -> bool {
+        if self.staging.open_for_write_elsewhere(staging) {
+            return true;
+        }
+        let mut ns = self.ns.lock();
+        ns.foreign_writer_gone(ino);
+        self.apply(&mut ns, Effects::default());
+        false
+    }
+
     /// The `sync` barrier: publishes everything accepted so far and waits for
     /// it (files still open for writing are reported, not waited for).
     pub fn sync(&self, deadline: Option<Instant>) -> SyncReport {
+        if let Err(e) = self.sync_journal() {
+            tracing::warn!(error = %e, "cannot sync the journal");
+        }
         let complete = loop {
             self.tick(true);
             // Queue first: a finishing op may still re-dirty a directory, but

@@ -513,7 +513,7 @@ impl fuser::Filesystem for EfsFuse {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply.ok();
+        self.empty(reply, move |fs, b| fs.fsyncdir(b));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -17,6 +17,7 @@ use std::time::Instant;
 use crate::backend::{AttrSet, Kind, RelPath, Stat, Timespec};
 use crate::error::{FsError, FsResult};
 use crate::flush::{Access, Action, FlushOp, Key};
+use crate::journal::PendingState;
 
 pub type Ino = u64;
 pub const ROOT: Ino = 1;
@@ -182,6 +183,10 @@ pub struct Inode {
     /// The attributes the backend will have once the queued ops ran (None:
     /// unknown), so attribute flushes send only what differs.
     pub backend_attr: AttrSet,
+    /// Adopted after a crash while a process of the dead mount may still
+    /// write to its staging file through passthrough: publish only once that
+    /// file is no longer open for writing.
+    pub foreign_writer: bool,
 }
 
 impl Inode {
@@ -203,6 +208,7 @@ impl Inode {
             fetched: None,
             publish_queued: 0,
             backend_attr: AttrSet::default(),
+            foreign_writer: false,
         }
     }
     pub fn nlink(&self) -> u32 {
@@ -256,6 +262,11 @@ pub struct Namespace {
     /// Directories whose attributes (times, mode, owner) must be applied on the backend.
     pub dirty_dir_attrs: HashSet<Ino>,
     root_backend_ino: u64,
+    /// Objects whose pending state (see `pending_state`) may have changed
+    /// since the caller last journaled it.
+    pub touched: Vec<Ino>,
+    /// A directory moved: the paths of everything below it changed.
+    pub moved_dir: bool,
 }
 
 fn check_name(name: &OsStr) -> FsResult<()> {
@@ -294,6 +305,8 @@ impl Namespace {
             dirty_files: HashSet::new(),
             dirty_dir_attrs: HashSet::new(),
             root_backend_ino: root.ino,
+            touched: Vec::new(),
+            moved_dir: false,
         }
     }
 
@@ -483,10 +496,7 @@ impl Namespace {
     }
 
     fn op(&self, names: &[(Ino, &OsStr)], objects: &[Ino], action: Action) -> FsResult<FlushOp> {
-        Ok(FlushOp {
-            keys: self.keys(names, objects)?,
-            action,
-        })
+        Ok(FlushOp::new(self.keys(names, objects)?, action))
     }
 
     /// Keys that an access to an existing object's backend path must wait for:
@@ -505,6 +515,7 @@ impl Namespace {
     /// The directory's entries changed: new mtime, and the backend gets the
     /// overlay's times once the backend's own changes in it are done.
     fn touch_dir(&mut self, dir: Ino) {
+        self.touched.push(dir);
         if let Some(i) = self.inodes.get_mut(&dir) {
             let now = Timespec::now();
             i.attr.mtime = now;
@@ -519,6 +530,7 @@ impl Namespace {
             return Err(FsError::Exists);
         }
         let ino = inode.ino;
+        self.touched.push(ino);
         inode.links.push((parent, name.to_owned()));
         inode.lookups = 1;
         let is_dir = inode.kind == Kind::Dir;
@@ -641,6 +653,7 @@ impl Namespace {
     /// the inode if nothing refers to it any more.
     fn detach(&mut self, dir: Ino, name: &OsStr) -> FsResult<Dentry> {
         let d = self.dir_mut(dir)?.remove(name).ok_or(FsError::NotFound)?;
+        self.touched.push(d.ino);
         let i = self.get_mut(d.ino)?;
         if let Some(pos) = i.links.iter().position(|(p, n)| *p == dir && n == name) {
             i.links.remove(pos);
@@ -655,6 +668,7 @@ impl Namespace {
     /// handles; returns its staging id to discard.
     pub fn maybe_free(&mut self, ino: Ino, fx: &mut Effects) {
         let Some(i) = self.inodes.get(&ino) else { return };
+        self.touched.push(ino);
         if ino == ROOT || !i.links.is_empty() || i.lookups > 0 || i.opens > 0 {
             if i.links.is_empty() {
                 // Unlinked but still referenced: its content will never be published.
@@ -783,14 +797,15 @@ impl Namespace {
                 d.subdirs += 1;
             }
         }
+        if src_is_dir {
+            self.moved_dir = true;
+        }
+        self.touched.push(src);
         let s = self.get_mut(src)?;
         s.links.push((newparent, newname.to_owned()));
         s.attr.ctime = Timespec::now();
         if src_on_backend {
-            fx.ops.push(FlushOp {
-                keys,
-                action: Action::Rename { from, to, noreplace },
-            });
+            fx.ops.push(FlushOp::new(keys, Action::Rename { from, to, noreplace }));
         } else if sdent.shadows {
             // The backend's older object under the old name must go.
             fx.ops
@@ -826,15 +841,13 @@ impl Namespace {
             return Err(FsError::Exists);
         }
         self.dir_mut(newparent)?.insert(newname.to_owned(), ino, false);
+        self.touched.push(ino);
         let i = self.get_mut(ino)?;
         i.links.push((newparent, newname.to_owned()));
         i.attr.ctime = Timespec::now();
         if on_backend {
             let new = self.path_for(newparent, newname)?;
-            fx.ops.push(FlushOp {
-                keys,
-                action: Action::Link { existing, new },
-            });
+            fx.ops.push(FlushOp::new(keys, Action::Link { existing, new }));
         }
         self.touch_dir(newparent);
         Ok(())
@@ -843,6 +856,7 @@ impl Namespace {
     /// Applies attribute changes (not size: the caller handles content) and
     /// queues what the backend needs.
     pub fn set_attrs(&mut self, ino: Ino, ch: &SetAttr, fx: &mut Effects) -> FsResult<Attr> {
+        self.touched.push(ino);
         let i = self.get_mut(ino)?;
         let now = Timespec::now();
         let meta_change =
@@ -889,6 +903,9 @@ impl Namespace {
 
     /// A file's content changes: from now on it has unpublished content.
     pub fn mark_dirty(&mut self, ino: Ino) -> FsResult<()> {
+        if !self.dirty_files.contains(&ino) {
+            self.touched.push(ino);
+        }
         let i = self.get_mut(ino)?;
         if let Content::Staged { id, .. } = i.content {
             i.content = Content::Staged { id, dirty: true };
@@ -901,6 +918,7 @@ impl Namespace {
 
     /// The last writer closed a dirty file: start its quiet period.
     pub fn file_quiet(&mut self, ino: Ino, now: Instant) {
+        self.touched.push(ino);
         if self
             .inodes
             .get(&ino)
@@ -913,6 +931,7 @@ impl Namespace {
     /// Builds the publish op of a dirty, closed file and marks its content as
     /// queued. The file joins the backend's future under all its current names.
     pub fn queue_publish(&mut self, ino: Ino) -> FsResult<Option<FlushOp>> {
+        self.touched.push(ino);
         self.debounce.remove(&ino);
         self.dirty_files.remove(&ino);
         let i = self.get(ino)?;
@@ -935,6 +954,7 @@ impl Namespace {
             Action::Publish {
                 ino,
                 staging: id,
+                size: i.attr.size,
                 paths,
                 attrs,
             },
@@ -981,6 +1001,7 @@ impl Namespace {
 
     /// The queued directory attribute op for `dir`.
     pub fn queue_dir_attrs(&mut self, dir: Ino) -> FsResult<Option<FlushOp>> {
+        self.touched.push(dir);
         self.dirty_dir_attrs.remove(&dir);
         let i = self.get(dir)?;
         if i.links.is_empty() && dir != ROOT {
@@ -1000,10 +1021,7 @@ impl Namespace {
             let (p, n) = i.links[0].clone();
             self.keys(&[(p, &n)], &[dir])?
         };
-        Ok(Some(FlushOp {
-            keys,
-            action: Action::SetAttr { path, attrs },
-        }))
+        Ok(Some(FlushOp::new(keys, Action::SetAttr { path, attrs })))
     }
 
     /// The backend changed the entries of `dir` (an op in it finished).
@@ -1016,6 +1034,7 @@ impl Namespace {
         // overlay's times again once its entries settle.
         if self.inodes.contains_key(&dir) {
             self.dirty_dir_attrs.insert(dir);
+            self.touched.push(dir);
         }
     }
 
@@ -1028,6 +1047,129 @@ impl Namespace {
             }
         }
         out
+    }
+
+    /// What the journal must hold for `ino` beyond its queued ops: the names
+    /// and owner of unpublished staged content, or directory attributes not
+    /// yet applied.
+    pub fn pending_state(&self, ino: Ino) -> Option<PendingState> {
+        let i = self.inodes.get(&ino)?;
+        if i.links.is_empty() && ino != ROOT {
+            return None;
+        }
+        if self.dirty_files.contains(&ino) {
+            let Content::Staged { id, .. } = i.content else {
+                return None;
+            };
+            let paths = i
+                .links
+                .iter()
+                .map(|(p, n)| self.path_for(*p, n))
+                .collect::<FsResult<Vec<_>>>()
+                .ok()?;
+            let closed = i.writers == 0 && !i.foreign_writer;
+            return Some(PendingState::File {
+                ino,
+                paths,
+                perm: i.attr.perm,
+                uid: i.attr.uid,
+                gid: i.attr.gid,
+                staging: id,
+                size: closed.then_some(i.attr.size),
+            });
+        }
+        if self.dirty_dir_attrs.contains(&ino) {
+            return Some(PendingState::Dir {
+                ino,
+                path: self.path_of(ino).ok()?,
+                attrs: i.attr.to_set(Kind::Dir),
+            });
+        }
+        None
+    }
+
+    /// After a crash: takes back a file whose staged content was never
+    /// published, under `names` (parents loaded). What the backend has under
+    /// those names is shadowed: the publish replaces it.
+    pub fn adopt_file(
+        &mut self,
+        names: &[(Ino, OsString)],
+        staging: u64,
+        attr: Attr,
+        foreign_writer: bool,
+        now: Instant,
+    ) -> FsResult<Ino> {
+        for (p, n) in names {
+            check_name(n)?;
+            if let Some(old) = self.lookup(*p, n)?
+                && self.get(old)?.kind == Kind::Dir
+            {
+                return Err(FsError::IsDir);
+            }
+        }
+        let ino = self.new_ino();
+        let mut i = Inode::new(ino, Kind::File, attr);
+        i.content = Content::Staged {
+            id: staging,
+            dirty: true,
+        };
+        i.foreign_writer = foreign_writer;
+        self.inodes.insert(ino, Box::new(i));
+        for (p, n) in names {
+            let shadows = match self.lookup(*p, n)? {
+                Some(old) => {
+                    self.detach(*p, n)?;
+                    self.maybe_free(old, &mut Effects::default());
+                    true
+                }
+                None => false,
+            };
+            self.dir_mut(*p)?.insert(n.clone(), ino, shadows);
+            self.get_mut(ino)?.links.push((*p, n.clone()));
+        }
+        self.next_staging = self.next_staging.max(staging + 1);
+        self.dirty_files.insert(ino);
+        self.file_quiet(ino, now);
+        Ok(ino)
+    }
+
+    /// After a crash: directory attributes that were never applied.
+    pub fn adopt_dir_attrs(&mut self, dir: Ino, attrs: &AttrSet) -> FsResult<()> {
+        let i = self.get_mut(dir)?;
+        if i.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if let Some(p) = attrs.perm {
+            i.attr.perm = p;
+        }
+        if let Some(u) = attrs.uid {
+            i.attr.uid = u;
+        }
+        if let Some(g) = attrs.gid {
+            i.attr.gid = g;
+        }
+        if let Some(t) = attrs.atime {
+            i.attr.atime = t;
+        }
+        if let Some(t) = attrs.mtime {
+            i.attr.mtime = t;
+        }
+        self.dirty_dir_attrs.insert(dir);
+        self.touched.push(dir);
+        Ok(())
+    }
+
+    /// New staging ids start above `id` (ids of files kept from a crash).
+    pub fn reserve_staging_ids(&mut self, id: u64) {
+        self.next_staging = self.next_staging.max(id + 1);
+    }
+
+    /// A file adopted with a possible writer from a dead mount: that writer is gone.
+    pub fn foreign_writer_gone(&mut self, ino: Ino) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.foreign_writer = false;
+            self.touched.push(ino);
+        }
     }
 
     /// Kernel lookup count bookkeeping.

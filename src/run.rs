@@ -4,11 +4,12 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backend::fault::FaultBackend;
 use crate::backend::{Backend, PosixBackend};
 use crate::config::{Config, FsyncMode};
 use crate::control::{self, Request};
@@ -16,6 +17,8 @@ use crate::flush::publish::TempNames;
 use crate::flush::{RetryPolicy, Scheduler};
 use crate::fs::{Fs, FsConfig};
 use crate::fuse::session::{self, SUBTYPE};
+use crate::journal::Header;
+use crate::recovery::{self, ReplayConfig};
 use crate::staging::Staging;
 
 /// Environment variable carrying the readiness pipe fd to a background daemon.
@@ -169,11 +172,19 @@ fn check_cache_dir(cache: &Path, cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Moves staging files left by an earlier run aside (nothing is deleted).
-fn keep_leftovers(cache: &Path) {
-    let staging = cache.join("staging");
-    let Ok(rd) = std::fs::read_dir(&staging) else { return };
-    let left: Vec<_> = rd.flatten().collect();
+/// Moves staging files that nothing refers to after recovery aside (nothing
+/// is deleted: data a crash could not account for stays inspectable).
+fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &std::collections::HashSet<u64>) {
+    let Ok(rd) = std::fs::read_dir(cache.join("staging")) else {
+        return;
+    };
+    let left: Vec<_> = rd
+        .flatten()
+        .filter(|e| {
+            let id = e.file_name().to_str().and_then(|n| u64::from_str_radix(n, 16).ok());
+            !id.is_some_and(|id| in_use.contains(&id) && e.path() == staging.path(id))
+        })
+        .collect();
     if left.is_empty() {
         return;
     }
@@ -193,6 +204,30 @@ fn keep_leftovers(cache: &Path) {
         }
         tracing::warn!(count = left.len(), dir = %dest.display(), "staging files from an earlier run were moved aside");
     }
+}
+
+/// Holds an exclusive lock on the cache dir for the life of the daemon: two
+/// daemons sharing one journal would corrupt it.
+fn lock_cache_dir(cache: &Path) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let path = cache.join("lock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "cache_dir {} is in use by another running efscache; give each mount its own cache_dir",
+            cache.display()
+        ));
+    }
+    std::mem::forget(f); // held until the process exits
+    Ok(())
 }
 
 fn hostname() -> String {
@@ -270,9 +305,14 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
         None => default_cache_dir(&cfg.mountpoint),
     };
     check_cache_dir(&cache, cfg)?;
-    keep_leftovers(&cache);
+    lock_cache_dir(&cache)?;
     let staging = Staging::open(&cache).map_err(|e| format!("cannot open staging in {}: {e}", cache.display()))?;
-    let backend: Arc<dyn Backend> = Arc::new(backend);
+    let backend: Arc<dyn Backend> = if cfg.faults.active() {
+        tracing::warn!(faults = ?cfg.faults, "backend fault injection is on (a testing option)");
+        Arc::new(FaultBackend::new(Box::new(backend), cfg.faults.clone()))
+    } else {
+        Arc::new(backend)
+    };
     let sched = Arc::new(Scheduler::new(
         cfg.dir_concurrency,
         RetryPolicy {
@@ -290,6 +330,29 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
                 .subsec_nanos())
     );
     let temps = TempNames::new(&hostname(), &instance);
+    let root_ino = md.ino(); // the directory just opened (stat'ed before the mount)
+    let header = Header {
+        backend: cfg.backend.clone(),
+        backend_root_ino: root_ino,
+        temp_prefix: temps.prefix().to_string(),
+    };
+    let recovery_started = Instant::now();
+    let replayed = recovery::replay(
+        &cache,
+        &backend,
+        &staging,
+        &temps,
+        &header,
+        &ReplayConfig {
+            workers: cfg.flushers,
+            dir_concurrency: cfg.dir_concurrency,
+            retry: RetryPolicy {
+                initial: Duration::from_millis(100),
+                max: Duration::from_secs(30),
+            },
+        },
+    )?;
+    let max_staged = staging.ids().unwrap_or_default().into_iter().max().unwrap_or(0);
     let fs_cfg = FsConfig {
         attr_ttl: cfg.attr_ttl,
         exclusive: cfg.exclusive,
@@ -299,6 +362,31 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
     };
     let fs =
         Arc::new(Fs::new(backend, staging, sched.clone(), temps, fs_cfg).map_err(|e| format!("backend root: {e}"))?);
+    fs.reserve_staging_ids(max_staged);
+    let mut recovery = serde_json::Value::Null;
+    if let Some(r) = replayed {
+        for f in &r.failures {
+            tracing::error!(op = %f.op, path = %f.path, error = %f.error, "a journaled change could not be applied; its data (if any) is kept in lost+found");
+        }
+        let states = r.states.len();
+        let not_adopted = fs.adopt(r.states);
+        for (st, why) in &not_adopted {
+            tracing::error!(state = ?st, reason = %why, "pending change could not be taken back after the crash; its data (if any) is kept in lost+found");
+        }
+        recovery = serde_json::json!({
+            "ops": r.ops,
+            "states": states,
+            "orphans_removed": r.orphans_removed,
+            "failed": r.failures.len() + not_adopted.len(),
+            "failures": r.failures,
+            "seconds": recovery_started.elapsed().as_secs_f64(),
+        });
+    }
+    let journal = fs
+        .start_journal(&cache, header)
+        .map_err(|e| format!("cannot write the journal in {}: {e}", cache.display()))?;
+    journal.spawn_committer(Duration::from_millis(5));
+    keep_leftovers(&cache, fs.staging(), &fs.staging_in_use());
     for i in 0..cfg.flushers {
         let fs = fs.clone();
         std::thread::Builder::new()
@@ -322,7 +410,7 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
     let socket = control::socket_path(&cfg.mountpoint);
     let mounted = session::mount(fs.clone(), &cfg.backend, &cfg.mountpoint, cfg.io_threads, cfg.threads)
         .map_err(|e| format!("cannot mount {}: {e}", cfg.mountpoint.display()))?;
-    let handler = control_handler(fs.clone(), cfg.clone());
+    let handler = control_handler(fs.clone(), cfg.clone(), recovery);
     control::serve(&socket, handler).map_err(|e| format!("control socket {}: {e}", socket.display()))?;
     signal_thread(sigset, fs.clone(), cfg.clone());
     tracing::info!(backend = %cfg.backend.display(), mountpoint = %cfg.mountpoint.display(), cache = %cache.display(), "mounted");
@@ -377,10 +465,14 @@ pub fn unmount(mountpoint: &Path) -> Result<(), String> {
     }
 }
 
-fn control_handler(fs: Arc<Fs>, cfg: Config) -> Arc<dyn Fn(Request) -> serde_json::Value + Send + Sync> {
+fn control_handler(
+    fs: Arc<Fs>,
+    cfg: Config,
+    recovery: serde_json::Value,
+) -> Arc<dyn Fn(Request) -> serde_json::Value + Send + Sync> {
     let started = Instant::now();
     Arc::new(move |req| match req {
-        Request::Status => crate::status::collect(&fs, &cfg, started),
+        Request::Status => crate::status::collect(&fs, &cfg, started, &recovery),
         Request::Sync { timeout_ms } => {
             let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
             serde_json::to_value(fs.sync(deadline)).expect("report serializes")

@@ -46,6 +46,34 @@ impl Staging {
         File::open(self.path(id))
     }
 
+    /// Whether some process has the staging file open for writing: a writer
+    /// of a dead mount, still writing through passthrough. The kernel refuses
+    /// a read lease exactly then.
+    pub fn open_for_write_elsewhere(&self, id: u64) -> bool {
+        use std::os::fd::AsRawFd;
+        let Ok(f) = self.open_read(id) else { return false };
+        // SAFETY: fcntl on an fd we own; F_SETLEASE takes an int argument.
+        let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) };
+        if r == 0 {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_UNLCK) };
+            return false;
+        }
+        io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
+    }
+
+    /// Ids of the staging files present (highest first is not implied).
+    pub fn ids(&self) -> io::Result<Vec<u64>> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&self.dir)? {
+            let e = e?;
+            if let Some(id) = e.file_name().to_str().and_then(|n| u64::from_str_radix(n, 16).ok()) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
     pub fn remove(&self, id: u64) {
         if let Err(e) = std::fs::remove_file(self.path(id))
             && e.kind() != io::ErrorKind::NotFound

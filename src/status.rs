@@ -7,13 +7,23 @@ use crate::config::Config;
 use crate::fs::Fs;
 
 /// The daemon's status as JSON (the `--json` output, stable field names).
-pub fn collect(fs: &Fs, cfg: &Config, started: Instant) -> serde_json::Value {
+pub fn collect(fs: &Fs, cfg: &Config, started: Instant, recovery: &serde_json::Value) -> serde_json::Value {
+    let journal = fs.journal().map(|j| {
+        let (bytes, live_records, live_bytes) = j.usage();
+        serde_json::json!({
+            "bytes": bytes,
+            "live_records": live_records,
+            "live_bytes": live_bytes,
+            "healthy": j.healthy(),
+        })
+    });
     let st = fs.status();
     let sched = fs.sched.snapshot();
     let s = &fs.sched.stats;
     serde_json::json!({
         "mountpoint": cfg.mountpoint,
         "backend": cfg.backend,
+        "pid": std::process::id(),
         "uptime_s": started.elapsed().as_secs_f64(),
         "pending_files": st.dirty_files + sched.pending_publishes,
         "pending_bytes": st.pending_bytes,
@@ -32,6 +42,8 @@ pub fn collect(fs: &Fs, cfg: &Config, started: Instant) -> serde_json::Value {
         "cached_inodes": st.inodes,
         "data_path": if fs.passthrough_enabled() { "passthrough" } else { "served" },
         "backend_ops": fs.backend.stats().snapshot(),
+        "journal": journal,
+        "recovery": recovery,
         "config": cfg,
     })
 }
@@ -75,6 +87,29 @@ pub fn render(v: &serde_json::Value) -> String {
                 f["error"].as_str().unwrap_or("?")
             ));
         }
+    }
+    let j = &v["journal"];
+    if j.is_object() {
+        out.push_str(&format!(
+            "journal       {} bytes, {} live records{}\n",
+            j["bytes"].as_u64().unwrap_or(0),
+            j["live_records"].as_u64().unwrap_or(0),
+            if j["healthy"].as_bool() == Some(false) {
+                " -- CANNOT WRITE: new changes are not crash-safe; check the cache dir's disk"
+            } else {
+                ""
+            }
+        ));
+    }
+    let r = &v["recovery"];
+    if r.is_object() {
+        out.push_str(&format!(
+            "recovered     {} journaled ops replayed, {} files/dirs taken back, {} temp files removed, {} not recoverable (at mount)\n",
+            r["ops"].as_u64().unwrap_or(0),
+            r["states"].as_u64().unwrap_or(0),
+            r["orphans_removed"].as_u64().unwrap_or(0),
+            r["failed"].as_u64().unwrap_or(0)
+        ));
     }
     out.push_str(&format!("cached inodes {}\n", n("cached_inodes")));
     out.push_str(&format!("data path     {}\n", v["data_path"].as_str().unwrap_or("?")));

@@ -36,6 +36,10 @@ impl TempNames {
             next: AtomicU64::new(1),
         }
     }
+    /// The prefix every temp name of this instance starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
     pub fn next(&self) -> OsString {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{}{n:x}", self.prefix).into()

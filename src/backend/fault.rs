@@ -1,0 +1,197 @@
+//! A backend wrapper that injects latency, errors and stalls (the `fault_*`
+//! mount options), so crash and outage behaviour can be tested and drilled
+//! without a real network. Deterministic for a given `fault_seed` and
+//! request order.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use super::{AttrSet, Backend, BackendStats, Kind, OpKind, RelPath, Stat, StatFs};
+use crate::config::FaultConfig;
+
+/// Request kinds that change the backend (the default target of `fault_rate`).
+const MUTATING: &[OpKind] = &[
+    OpKind::create,
+    OpKind::write,
+    OpKind::close,
+    OpKind::mkdir,
+    OpKind::rmdir,
+    OpKind::unlink,
+    OpKind::rename,
+    OpKind::symlink,
+    OpKind::link,
+    OpKind::mknod,
+    OpKind::chown,
+    OpKind::chmod,
+    OpKind::utimens,
+    OpKind::truncate,
+];
+
+pub struct FaultBackend {
+    inner: Box<dyn Backend>,
+    cfg: FaultConfig,
+    targets: Vec<OpKind>,
+    requests: AtomicU64,
+    rng: AtomicU64,
+    stall_until: OnceLock<Instant>,
+    injected: AtomicU64,
+}
+
+impl FaultBackend {
+    pub fn new(inner: Box<dyn Backend>, cfg: FaultConfig) -> FaultBackend {
+        let targets = if cfg.ops.is_empty() {
+            MUTATING.to_vec()
+        } else {
+            OpKind::ALL
+                .iter()
+                .copied()
+                .filter(|k| cfg.ops.iter().any(|o| o == k.name()))
+                .collect()
+        };
+        let seed = cfg.seed.max(1);
+        FaultBackend {
+            inner,
+            cfg,
+            targets,
+            requests: AtomicU64::new(0),
+            rng: AtomicU64::new(seed),
+            stall_until: OnceLock::new(),
+            injected: AtomicU64::new(0),
+        }
+    }
+
+    /// Faults injected so far.
+    pub fn injected(&self) -> u64 {
+        self.injected.load(Ordering::Relaxed)
+    }
+
+    fn random(&self) -> f64 {
+        // xorshift64*, advanced atomically so concurrent requests draw distinct numbers.
+        let mut x = self.rng.load(Ordering::Relaxed);
+        loop {
+            let mut y = x;
+            y ^= y >> 12;
+            y ^= y << 25;
+            y ^= y >> 27;
+            match self
+                .rng
+                .compare_exchange_weak(x, y, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return (y.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64,
+                Err(cur) => x = cur,
+            }
+        }
+    }
+
+    /// Runs before every request: delay, stall, maybe an injected error.
+    fn enter(&self, kind: OpKind) -> io::Result<()> {
+        let n = self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(after) = self.cfg.stall_after
+            && n >= after
+        {
+            let until = *self.stall_until.get_or_init(|| Instant::now() + self.cfg.stall);
+            let now = Instant::now();
+            if now < until {
+                std::thread::sleep(until - now);
+            }
+        }
+        if !self.cfg.delay.is_zero() {
+            std::thread::sleep(self.cfg.delay);
+        }
+        if self.cfg.rate > 0.0 && self.targets.contains(&kind) && self.random() < self.cfg.rate {
+            self.injected.fetch_add(1, Ordering::Relaxed);
+            return Err(io::Error::from_raw_os_error(self.cfg.errno));
+        }
+        Ok(())
+    }
+}
+
+impl Backend for FaultBackend {
+    fn list_names(&self, dir: &RelPath) -> io::Result<Vec<OsString>> {
+        self.enter(OpKind::readdir)?;
+        self.inner.list_names(dir)
+    }
+    fn stat(&self, path: &RelPath) -> io::Result<Stat> {
+        self.enter(OpKind::stat)?;
+        self.inner.stat(path)
+    }
+    fn read_link(&self, path: &RelPath) -> io::Result<OsString> {
+        self.enter(OpKind::readlink)?;
+        self.inner.read_link(path)
+    }
+    fn open_read(&self, path: &RelPath) -> io::Result<File> {
+        self.enter(OpKind::open)?;
+        self.inner.open_read(path)
+    }
+    fn statfs(&self) -> io::Result<StatFs> {
+        self.enter(OpKind::statfs)?;
+        self.inner.statfs()
+    }
+    fn create_exclusive(&self, dir: &RelPath, name: &OsStr, perm: u32) -> io::Result<File> {
+        self.enter(OpKind::create)?;
+        self.inner.create_exclusive(dir, name, perm)
+    }
+    fn mkdir(&self, path: &RelPath, perm: u32) -> io::Result<()> {
+        self.enter(OpKind::mkdir)?;
+        self.inner.mkdir(path, perm)
+    }
+    fn rmdir(&self, path: &RelPath) -> io::Result<()> {
+        self.enter(OpKind::rmdir)?;
+        self.inner.rmdir(path)
+    }
+    fn unlink(&self, path: &RelPath) -> io::Result<()> {
+        self.enter(OpKind::unlink)?;
+        self.inner.unlink(path)
+    }
+    fn rename(&self, from: &RelPath, to: &RelPath, noreplace: bool) -> io::Result<()> {
+        self.enter(OpKind::rename)?;
+        self.inner.rename(from, to, noreplace)
+    }
+    fn symlink(&self, target: &OsStr, path: &RelPath) -> io::Result<()> {
+        self.enter(OpKind::symlink)?;
+        self.inner.symlink(target, path)
+    }
+    fn link(&self, existing: &RelPath, new: &RelPath) -> io::Result<()> {
+        self.enter(OpKind::link)?;
+        self.inner.link(existing, new)
+    }
+    fn mknod(&self, path: &RelPath, kind: Kind, perm: u32, rdev: u64) -> io::Result<()> {
+        self.enter(OpKind::mknod)?;
+        self.inner.mknod(path, kind, perm, rdev)
+    }
+    fn set_attrs(&self, path: &RelPath, attrs: &AttrSet, fresh: bool) -> io::Result<()> {
+        self.enter(OpKind::utimens)?;
+        self.inner.set_attrs(path, attrs, fresh)
+    }
+    fn stat_file(&self, file: &File) -> io::Result<Stat> {
+        self.enter(OpKind::stat)?;
+        self.inner.stat_file(file)
+    }
+    fn set_attrs_fd(&self, file: &File, attrs: &AttrSet) -> io::Result<()> {
+        self.enter(OpKind::utimens)?;
+        self.inner.set_attrs_fd(file, attrs)
+    }
+    fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.enter(OpKind::read)?;
+        self.inner.read_at(file, buf, offset)
+    }
+    fn write_at(&self, file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+        self.enter(OpKind::write)?;
+        self.inner.write_at(file, data, offset)
+    }
+    fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
+        self.enter(OpKind::truncate)?;
+        self.inner.set_len(file, len)
+    }
+    fn close_file(&self, file: File) -> io::Result<()> {
+        self.enter(OpKind::close)?;
+        self.inner.close_file(file)
+    }
+    fn stats(&self) -> &BackendStats {
+        self.inner.stats()
+    }
+}

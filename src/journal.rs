@@ -1,0 +1,746 @@
+//! The journal: a durable log of every change accepted but not yet on the
+//! backend, in `<cache_dir>/journal`.
+//!
+//! Two kinds of pending work are recorded, both before the reply to the kernel:
+//!
+//! - **Backend ops** (`Op`), exactly as queued for the flush scheduler, with
+//!   their scheduler keys: replaying them in journal order, under the same
+//!   keys, is replaying them in an order the scheduler could have chosen. A
+//!   worker appends `Done` for an op *before* releasing its keys, so every op
+//!   that has no `Done` has no dependent op that already ran: re-running it
+//!   (idempotently) is always safe.
+//! - **Pending state** (`State`) of objects whose change is not an op yet: a
+//!   file with unpublished staged content (its names, owner, mode, staging id)
+//!   and a directory whose attributes are still to be applied. Each record
+//!   replaces the previous one for the same object; `Clear` ends it.
+//!
+//! Recovery (see `recovery`) runs the pending ops, then re-adopts the pending
+//! state into the new overlay, whose names are valid once every op has run.
+//!
+//! Records are written with write(2) (they survive `kill -9`), batched per
+//! filesystem op, and made durable against power loss by a group commit every
+//! few milliseconds and on fsync/fsyncdir/`sync`. The file is rewritten with
+//! only the live records when it grows well past them.
+//!
+//! Format: `EFSCJRNL`, a little-endian u32 format version, then records, each
+//! `len: u32 LE`, `crc32(payload): u32 LE`, `payload` (postcard). The first
+//! record is the `Header`. A torn tail (a record cut short by a crash) ends
+//! the journal at the last whole record.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Condvar, Mutex};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{AttrSet, RelPath};
+use crate::flush::{Access, Action, FlushOp, Key};
+use crate::namespace::Ino;
+
+pub const FORMAT_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"EFSCJRNL";
+/// A journal larger than this and four times its live records is rewritten.
+const COMPACT_MIN_BYTES: u64 = 64 << 20;
+/// A journal with no live records is reset once it is larger than this.
+const RESET_MIN_BYTES: u64 = 1 << 20;
+/// Records larger than this are corrupt (a path list is far smaller).
+const MAX_RECORD: u32 = 64 << 20;
+
+/// Identifies the backend a journal belongs to, and the temp names its
+/// publishes used (for orphan cleanup).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub backend: PathBuf,
+    /// Inode number of the backend root.
+    pub backend_root_ino: u64,
+    /// Prefix of this instance's publish temp names.
+    pub temp_prefix: String,
+}
+
+/// Work accepted by the overlay that is not (yet) a backend op.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PendingState {
+    /// A regular file with unpublished staged content under these names.
+    File {
+        ino: Ino,
+        paths: Vec<RelPath>,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        staging: u64,
+        /// The size when the last writer closed it (None while open for writing).
+        size: Option<u64>,
+    },
+    /// A directory whose attributes the backend does not have yet.
+    Dir { ino: Ino, path: RelPath, attrs: AttrSet },
+}
+
+impl PendingState {
+    pub fn ino(&self) -> Ino {
+        match self {
+            PendingState::File { ino, .. } | PendingState::Dir { ino, .. } => *ino,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Record {
+    Header(Header),
+    Op {
+        seq: u64,
+        keys: Vec<(Key, Access)>,
+        action: Action,
+    },
+    Done {
+        seq: u64,
+    },
+    State(PendingState),
+    Clear {
+        ino: Ino,
+    },
+}
+
+/// Why a journal cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("{0} is not an efscache journal")]
+    NotJournal(PathBuf),
+    #[error(
+        "{path} has journal format version {found}, newer than this efscache supports ({FORMAT_VERSION}); \
+         mount with the efscache version that wrote it"
+    )]
+    NewerVersion { path: PathBuf, found: u32 },
+    #[error("journal {path}: {err}")]
+    Io { path: PathBuf, err: io::Error },
+}
+
+/// What a journal on disk holds that the backend may not have.
+#[derive(Debug)]
+pub struct Replay {
+    pub header: Header,
+    /// Ops without `Done`, in journal order.
+    pub ops: Vec<FlushOp>,
+    /// The latest pending state of each object.
+    pub states: Vec<PendingState>,
+    pub records: usize,
+    /// A torn tail that was cut off: (offset, bytes dropped).
+    pub torn: Option<(u64, u64)>,
+}
+
+pub fn journal_path(cache: &Path) -> PathBuf {
+    cache.join("journal")
+}
+
+fn frame(rec: &Record, out: &mut Vec<u8>) {
+    let payload = postcard::to_allocvec(rec).expect("journal records serialize");
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+}
+
+fn preamble() -> Vec<u8> {
+    let mut v = MAGIC.to_vec();
+    v.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    v
+}
+
+/// Reads the journal in `cache` (None if there is none). A torn or corrupt
+/// tail is cut off (the file is truncated to its last whole record).
+pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
+    let path = journal_path(cache);
+    let ioerr = |err| JournalError::Io {
+        path: path.clone(),
+        err,
+    };
+    let mut f = match OpenOptions::new().read(true).write(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ioerr(e)),
+    };
+    let mut data = Vec::new();
+    f.read_to_end(&mut data).map_err(ioerr)?;
+    if data.len() < 12 || &data[..8] != MAGIC {
+        return Err(JournalError::NotJournal(path));
+    }
+    let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
+    if version > FORMAT_VERSION {
+        return Err(JournalError::NewerVersion { path, found: version });
+    }
+    let mut pos = 12usize;
+    let mut header = None;
+    let mut ops: BTreeMap<u64, FlushOp> = BTreeMap::new();
+    let mut states: HashMap<Ino, PendingState> = HashMap::new();
+    let mut records = 0;
+    let mut torn = None;
+    while pos < data.len() {
+        let rec = parse_record(&data[pos..]);
+        let Some((rec, used)) = rec else {
+            torn = Some((pos as u64, (data.len() - pos) as u64));
+            break;
+        };
+        pos += used;
+        records += 1;
+        match rec {
+            Record::Header(h) => header = Some(h),
+            Record::Op { seq, keys, action } => {
+                let mut op = FlushOp::new(keys, action);
+                op.journal_seq = Some(seq);
+                ops.insert(seq, op);
+            }
+            Record::Done { seq } => {
+                ops.remove(&seq);
+            }
+            Record::State(s) => {
+                states.insert(s.ino(), s);
+            }
+            Record::Clear { ino } => {
+                states.remove(&ino);
+            }
+        }
+    }
+    let Some(header) = header else {
+        return Err(JournalError::NotJournal(path));
+    };
+    if let Some((off, bytes)) = torn {
+        tracing::warn!(journal = %path.display(), records, offset = off, bytes, "journal ends in a torn or corrupt record; recovered every whole record before it");
+        f.set_len(off).map_err(ioerr)?;
+        f.sync_all().map_err(ioerr)?;
+    }
+    let mut states: Vec<PendingState> = states.into_values().collect();
+    states.sort_by_key(|s| s.ino());
+    Ok(Some(Replay {
+        header,
+        ops: ops.into_values().collect(),
+        states,
+        records,
+        torn,
+    }))
+}
+
+/// One framed record at the start of `buf` and its length, or None if it is
+/// cut short or fails its checksum.
+fn parse_record(buf: &[u8]) -> Option<(Record, usize)> {
+    if buf.len() < 8 {
+        return None;
+    }
+    let len = u32::from_le_bytes(buf[..4].try_into().ok()?);
+    let crc = u32::from_le_bytes(buf[4..8].try_into().ok()?);
+    if len > MAX_RECORD || buf.len() < 8 + len as usize {
+        return None;
+    }
+    let payload = &buf[8..8 + len as usize];
+    if crc32fast::hash(payload) != crc {
+        return None;
+    }
+    let rec = postcard::from_bytes(payload).ok()?;
+    Some((rec, 8 + len as usize))
+}
+
+struct Inner {
+    file: File,
+    /// Where the file lives (it is rewritten there on compaction).
+    path: PathBuf,
+    len: u64,
+    next_seq: u64,
+    /// Live records, framed: pending ops by seq, pending state by object.
+    ops: BTreeMap<u64, Vec<u8>>,
+    states: HashMap<Ino, Vec<u8>>,
+    live_bytes: u64,
+    /// Records appended so far (for group commit).
+    appended: u64,
+    compact: bool,
+}
+
+/// The journal of a running mount.
+pub struct Journal {
+    inner: Mutex<Inner>,
+    header: Header,
+    /// Records known to be on stable storage.
+    synced: Mutex<u64>,
+    /// Set when an append failed: changes are no longer durable.
+    broken: AtomicBool,
+    records_written: AtomicU64,
+    commit_wake: Condvar,
+    commit_mutex: Mutex<()>,
+}
+
+/// Records of one filesystem op, appended with one write.
+pub struct Batch<'a> {
+    journal: &'a Journal,
+    buf: Vec<u8>,
+    ops: Vec<(u64, usize, usize)>,
+    states: Vec<(Ino, Option<(usize, usize)>)>,
+    inner: parking_lot::MutexGuard<'a, Inner>,
+}
+
+impl Batch<'_> {
+    /// Records a queued op and gives it its journal sequence number.
+    pub fn op(&mut self, op: &mut FlushOp) {
+        if matches!(op.action, Action::Barrier(_)) {
+            return;
+        }
+        let seq = self.inner.next_seq;
+        self.inner.next_seq += 1;
+        op.journal_seq = Some(seq);
+        let rec = Record::Op {
+            seq,
+            keys: op.keys.clone(),
+            action: clone_action(&op.action),
+        };
+        let start = self.buf.len();
+        frame(&rec, &mut self.buf);
+        self.ops.push((seq, start, self.buf.len()));
+    }
+
+    /// Records the pending state of `ino` (None: it has none any more). Writes
+    /// nothing when it did not change.
+    pub fn state(&mut self, ino: Ino, state: Option<PendingState>) {
+        match state {
+            Some(s) => {
+                let mut framed = Vec::new();
+                frame(&Record::State(s), &mut framed);
+                if self.inner.states.get(&ino) == Some(&framed) {
+                    return;
+                }
+                let start = self.buf.len();
+                self.buf.extend_from_slice(&framed);
+                self.states.push((ino, Some((start, self.buf.len()))));
+            }
+            None => {
+                if !self.inner.states.contains_key(&ino) && !self.states.iter().any(|(i, _)| *i == ino) {
+                    return;
+                }
+                frame(&Record::Clear { ino }, &mut self.buf);
+                self.states.push((ino, None));
+            }
+        }
+    }
+
+    /// Objects with a recorded pending state.
+    pub fn tracked(&self) -> Vec<Ino> {
+        self.inner.states.keys().copied().collect()
+    }
+
+    /// Appends the batch with one write(2).
+    pub fn commit(mut self) {
+        if self.buf.is_empty() {
+            return;
+        }
+        let inner = &mut *self.inner;
+        let result = inner.file.write_all(&self.buf);
+        if let Err(e) = result {
+            if !self.journal.broken.swap(true, Ordering::Relaxed) {
+                tracing::error!(error = %e, "cannot write the journal: new changes are not crash-safe until the cache dir is fixed");
+            }
+            return;
+        }
+        inner.len += self.buf.len() as u64;
+        for (seq, a, b) in self.ops.drain(..) {
+            inner.live_bytes += (b - a) as u64;
+            inner.ops.insert(seq, self.buf[a..b].to_vec());
+        }
+        for (ino, range) in self.states.drain(..) {
+            if let Some(old) = inner.states.remove(&ino) {
+                inner.live_bytes -= old.len() as u64;
+            }
+            if let Some((a, b)) = range {
+                inner.live_bytes += (b - a) as u64;
+                inner.states.insert(ino, self.buf[a..b].to_vec());
+            }
+        }
+        inner.appended += 1;
+        self.journal.records_written.fetch_add(1, Ordering::Relaxed);
+        self.journal.maybe_compact(inner);
+    }
+}
+
+/// Actions are moved through the scheduler, so the journal keeps its own copy.
+fn clone_action(a: &Action) -> Action {
+    let bytes = postcard::to_allocvec(a).expect("actions serialize");
+    postcard::from_bytes(&bytes).expect("actions deserialize")
+}
+
+impl Journal {
+    /// Starts a new journal at `<cache>/journal.new` holding `header` and the
+    /// given pending state; `install` moves it into place.
+    pub fn create(cache: &Path, header: Header, states: Vec<PendingState>) -> io::Result<Journal> {
+        let path = cache.join("journal.new");
+        let mut buf = preamble();
+        frame(&Record::Header(header.clone()), &mut buf);
+        let mut live = HashMap::new();
+        let mut live_bytes = 0;
+        for s in states {
+            let ino = s.ino();
+            let mut framed = Vec::new();
+            frame(&Record::State(s), &mut framed);
+            buf.extend_from_slice(&framed);
+            live_bytes += framed.len() as u64;
+            live.insert(ino, framed);
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all(&buf)?;
+        file.sync_all()?;
+        Ok(Journal {
+            inner: Mutex::new(Inner {
+                file,
+                path,
+                len: buf.len() as u64,
+                next_seq: 1,
+                ops: BTreeMap::new(),
+                states: live,
+                live_bytes,
+                appended: 0,
+                compact: true,
+            }),
+            header,
+            synced: Mutex::new(0),
+            broken: AtomicBool::new(false),
+            records_written: AtomicU64::new(0),
+            commit_wake: Condvar::new(),
+            commit_mutex: Mutex::new(()),
+        })
+    }
+
+    /// Moves a journal made by `create` over `<cache>/journal` (atomically:
+    /// until then, the old journal is the one a crash would replay).
+    pub fn install(&self, cache: &Path) -> io::Result<()> {
+        let mut inner = self.inner.lock();
+        inner.file.sync_all()?;
+        let dest = journal_path(cache);
+        std::fs::rename(&inner.path, &dest)?;
+        sync_dir(cache)?;
+        inner.path = dest;
+        Ok(())
+    }
+
+    /// Appends to an existing journal (recovery records `Done` for the ops it
+    /// replays); never compacted.
+    pub fn resume(cache: &Path, header: Header) -> io::Result<Journal> {
+        let path = journal_path(cache);
+        let mut file = OpenOptions::new().write(true).open(&path)?;
+        let len = file.seek(SeekFrom::End(0))?;
+        Ok(Journal {
+            inner: Mutex::new(Inner {
+                file,
+                path,
+                len,
+                next_seq: u64::MAX / 2,
+                ops: BTreeMap::new(),
+                states: HashMap::new(),
+                live_bytes: 0,
+                appended: 0,
+                compact: false,
+            }),
+            header,
+            synced: Mutex::new(0),
+            broken: AtomicBool::new(false),
+            records_written: AtomicU64::new(0),
+            commit_wake: Condvar::new(),
+            commit_mutex: Mutex::new(()),
+        })
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn begin(&self) -> Batch<'_> {
+        Batch {
+            journal: self,
+            buf: Vec::new(),
+            ops: Vec::new(),
+            states: Vec::new(),
+            inner: self.inner.lock(),
+        }
+    }
+
+    /// The op with journal sequence `seq` is on the backend (or failed for
+    /// good). Called before the op's keys are released.
+    pub fn done(&self, seq: u64) {
+        let mut buf = Vec::new();
+        frame(&Record::Done { seq }, &mut buf);
+        let mut inner = self.inner.lock();
+        if let Err(e) = inner.file.write_all(&buf) {
+            if !self.broken.swap(true, Ordering::Relaxed) {
+                tracing::error!(error = %e, "cannot write the journal");
+            }
+            return;
+        }
+        inner.len += buf.len() as u64;
+        if let Some(old) = inner.ops.remove(&seq) {
+            inner.live_bytes -= old.len() as u64;
+        }
+        inner.appended += 1;
+        self.records_written.fetch_add(1, Ordering::Relaxed);
+        self.maybe_compact(&mut inner);
+    }
+
+    /// False once an append failed (changes since are not crash-safe).
+    pub fn healthy(&self) -> bool {
+        !self.broken.load(Ordering::Relaxed)
+    }
+
+    /// (file bytes, live records, live bytes) for `status`.
+    pub fn usage(&self) -> (u64, usize, u64) {
+        let inner = self.inner.lock();
+        (inner.len, inner.ops.len() + inner.states.len(), inner.live_bytes)
+    }
+
+    /// Makes everything appended so far durable (fdatasync), sharing one sync
+    /// among concurrent callers.
+    pub fn sync(&self) -> io::Result<()> {
+        let target = self.inner.lock().appended;
+        let _one = self.commit_mutex.lock();
+        if *self.synced.lock() >= target {
+            return Ok(());
+        }
+        let (file, appended) = {
+            let inner = self.inner.lock();
+            (inner.file.try_clone()?, inner.appended)
+        };
+        file.sync_data()?;
+        let mut s = self.synced.lock();
+        *s = (*s).max(appended);
+        Ok(())
+    }
+
+    /// Group commit: syncs whatever was appended, every `period`.
+    pub fn spawn_committer(self: &Arc<Self>, period: Duration) {
+        let j = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("efscache-journal".into())
+            .spawn(move || {
+                loop {
+                    {
+                        let mut g = j.commit_mutex.lock();
+                        j.commit_wake.wait_for(&mut g, period);
+                    }
+                    let pending = j.inner.lock().appended > *j.synced.lock();
+                    if pending && let Err(e) = j.sync() {
+                        tracing::warn!(error = %e, "journal group commit failed");
+                    }
+                }
+            });
+    }
+
+    fn maybe_compact(&self, inner: &mut Inner) {
+        if !inner.compact {
+            return;
+        }
+        let live = inner.ops.is_empty() && inner.states.is_empty();
+        let due = (live && inner.len > RESET_MIN_BYTES)
+            || (inner.len > COMPACT_MIN_BYTES && inner.len > 4 * inner.live_bytes);
+        if !due {
+            return;
+        }
+        if let Err(e) = self.rewrite(inner) {
+            tracing::warn!(error = %e, "cannot compact the journal; it keeps growing");
+            inner.compact = inner.len < 16 * COMPACT_MIN_BYTES; // try again later, not on every op
+        }
+    }
+
+    /// Rewrites the journal with only its live records (atomically).
+    fn rewrite(&self, inner: &mut Inner) -> io::Result<()> {
+        let dir = inner.path.parent().expect("journal is in a directory").to_path_buf();
+        let tmp = dir.join("journal.compact");
+        let mut buf = preamble();
+        frame(&Record::Header(self.header.clone()), &mut buf);
+        for s in inner.states.values() {
+            buf.extend_from_slice(s);
+        }
+        for o in inner.ops.values() {
+            buf.extend_from_slice(o);
+        }
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(&buf)?;
+        file.sync_data()?;
+        std::fs::rename(&tmp, &inner.path)?;
+        sync_dir(&dir)?;
+        tracing::debug!(from = inner.len, to = buf.len(), "journal compacted");
+        inner.file = file;
+        inner.len = buf.len() as u64;
+        inner.appended += 1;
+        Ok(())
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn header() -> Header {
+        Header {
+            backend: "/b".into(),
+            backend_root_ino: 7,
+            temp_prefix: ".efscache.h.1.".into(),
+        }
+    }
+
+    fn path(s: &str) -> RelPath {
+        RelPath(s.split('/').map(OsString::from).collect())
+    }
+
+    fn mkdir_op(p: &str) -> FlushOp {
+        FlushOp::new(
+            vec![(Key::Name(1, p.into()), Access::Exclusive)],
+            Action::Mkdir {
+                path: path(p),
+                perm: 0o755,
+                uid: 0,
+                gid: 0,
+            },
+        )
+    }
+
+    fn file_state(ino: Ino, p: &str) -> PendingState {
+        PendingState::File {
+            ino,
+            paths: vec![path(p)],
+            perm: 0o644,
+            uid: 1,
+            gid: 2,
+            staging: ino,
+            size: Some(3),
+        }
+    }
+
+    fn fresh(dir: &Path) -> Journal {
+        let j = Journal::create(dir, header(), vec![]).unwrap();
+        j.install(dir).unwrap();
+        j
+    }
+
+    #[test]
+    fn pending_ops_and_states_survive_and_done_ones_do_not() {
+        let d = tempfile::tempdir().unwrap();
+        let j = fresh(d.path());
+        let (mut a, mut b) = (mkdir_op("a"), mkdir_op("b"));
+        let mut tx = j.begin();
+        tx.op(&mut a);
+        tx.op(&mut b);
+        tx.state(10, Some(file_state(10, "a/x")));
+        tx.state(11, Some(file_state(11, "b/y")));
+        tx.commit();
+        j.done(a.journal_seq.unwrap());
+        let mut tx = j.begin();
+        tx.state(11, None);
+        tx.state(10, Some(file_state(10, "a/z")));
+        tx.commit();
+        drop(j);
+        let r = read(d.path()).unwrap().unwrap();
+        assert_eq!(r.header, header());
+        assert_eq!(r.ops.len(), 1);
+        assert!(matches!(&r.ops[0].action, Action::Mkdir { path: p, .. } if *p == path("b")));
+        assert_eq!(r.ops[0].journal_seq, b.journal_seq);
+        assert_eq!(r.states, vec![file_state(10, "a/z")]);
+        assert!(r.torn.is_none());
+    }
+
+    #[test]
+    fn unchanged_state_writes_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let j = fresh(d.path());
+        let mut tx = j.begin();
+        tx.state(10, Some(file_state(10, "a")));
+        tx.commit();
+        let len = j.usage().0;
+        let mut tx = j.begin();
+        tx.state(10, Some(file_state(10, "a")));
+        tx.state(12, None);
+        tx.commit();
+        assert_eq!(j.usage().0, len);
+    }
+
+    #[test]
+    fn torn_tail_is_cut_at_the_last_whole_record() {
+        let d = tempfile::tempdir().unwrap();
+        let j = fresh(d.path());
+        let mut a = mkdir_op("a");
+        let mut tx = j.begin();
+        tx.op(&mut a);
+        tx.commit();
+        let whole = j.usage().0;
+        let mut b = mkdir_op("b");
+        let mut tx = j.begin();
+        tx.op(&mut b);
+        tx.commit();
+        drop(j);
+        let p = journal_path(d.path());
+        // Cut the last record in the middle, as a crash during write(2) could.
+        let f = OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(whole + 5).unwrap();
+        let r = read(d.path()).unwrap().unwrap();
+        assert_eq!(r.ops.len(), 1);
+        assert_eq!(r.torn, Some((whole, 5)));
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), whole);
+        // A corrupt byte inside a record ends the journal there too.
+        let mut data = std::fs::read(&p).unwrap();
+        let n = data.len();
+        data[n - 2] ^= 0xff;
+        std::fs::write(&p, &data).unwrap();
+        let r = read(d.path()).unwrap().unwrap();
+        assert!(r.ops.is_empty());
+        assert!(r.torn.is_some());
+    }
+
+    #[test]
+    fn newer_format_is_refused_and_garbage_is_not_a_journal() {
+        let d = tempfile::tempdir().unwrap();
+        drop(fresh(d.path()));
+        let p = journal_path(d.path());
+        let mut data = std::fs::read(&p).unwrap();
+        data[8..12].copy_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        std::fs::write(&p, &data).unwrap();
+        let e = read(d.path()).unwrap_err();
+        assert!(matches!(e, JournalError::NewerVersion { found, .. } if found == FORMAT_VERSION + 1));
+        assert!(e.to_string().contains("newer than this efscache supports"));
+        std::fs::write(&p, b"hello world, not a journal").unwrap();
+        assert!(matches!(read(d.path()), Err(JournalError::NotJournal(_))));
+    }
+
+    #[test]
+    fn compaction_keeps_exactly_the_live_records() {
+        let d = tempfile::tempdir().unwrap();
+        let j = fresh(d.path());
+        let mut keep = mkdir_op("keep");
+        let mut tx = j.begin();
+        tx.op(&mut keep);
+        tx.state(5, Some(file_state(5, "s")));
+        tx.commit();
+        {
+            let mut inner = j.inner.lock();
+            j.rewrite(&mut inner).unwrap();
+        }
+        let mut more = mkdir_op("more");
+        let mut tx = j.begin();
+        tx.op(&mut more);
+        tx.commit();
+        j.done(keep.journal_seq.unwrap());
+        drop(j);
+        let r = read(d.path()).unwrap().unwrap();
+        assert_eq!(r.ops.len(), 1);
+        assert!(matches!(&r.ops[0].action, Action::Mkdir { path: p, .. } if *p == path("more")));
+        assert_eq!(r.states, vec![file_state(5, "s")]);
+    }
+}

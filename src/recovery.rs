@@ -1,0 +1,226 @@
+//! Recovery after a crash (`kill -9`, OOM, power loss): bring the backend up
+//! to what the journal says was accepted, so the new overlay can be built on
+//! it.
+//!
+//! 1. `replay` runs the journal's pending ops against the backend, in journal
+//!    order under their original scheduler keys (so in parallel wherever the
+//!    original run could have been), and marks each done in the old journal
+//!    (a crash during recovery resumes where it stopped). Every op is
+//!    idempotent; an op whose source is already gone was applied before the
+//!    crash (or superseded by newer staged content) and counts as done.
+//! 2. Publish temp files the dead instance left in the directories of its
+//!    unfinished publishes are removed (no tree walk).
+//! 3. The caller hands the pending state (files with unpublished staged
+//!    content, directory attributes) to the new overlay (`Fs::adopt`), whose
+//!    names are valid now that every op has run, and starts a new journal.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, RelPath};
+use crate::flush::publish::{self, TempNames};
+use crate::flush::{self, Action, Failure, Outcome, RetryPolicy, Scheduler};
+use crate::journal::{self, Header, Journal, PendingState};
+use crate::staging::Staging;
+
+/// What a replay did.
+#[derive(Debug, Default)]
+pub struct Replayed {
+    /// Ops run against the backend.
+    pub ops: usize,
+    /// Ops that failed for good (their staged data, if any, is kept).
+    pub failures: Vec<Failure>,
+    /// Pending state to hand to the new overlay.
+    pub states: Vec<PendingState>,
+    pub orphans_removed: usize,
+}
+
+/// How replay runs.
+pub struct ReplayConfig {
+    pub workers: usize,
+    pub dir_concurrency: usize,
+    pub retry: RetryPolicy,
+}
+
+/// Replays the journal in `cache` (if any) onto `backend`, whose identity is
+/// `current`. Refuses a journal with pending work for another backend.
+pub fn replay(
+    cache: &Path,
+    backend: &Arc<dyn Backend>,
+    staging: &Staging,
+    temps: &TempNames,
+    current: &Header,
+    cfg: &ReplayConfig,
+) -> Result<Option<Replayed>, String> {
+    let Some(r) = journal::read(cache).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let pending = r.ops.len() + r.states.len();
+    let same_backend = r.header.backend == current.backend && r.header.backend_root_ino == current.backend_root_ino;
+    if !same_backend {
+        if pending == 0 {
+            return Ok(None);
+        }
+        return Err(format!(
+            "cache_dir {} holds {pending} changes not yet on backend {} (root inode {}), not {}; \
+             mount that backend with this cache_dir to finish them, or give this mount another cache_dir",
+            cache.display(),
+            r.header.backend.display(),
+            r.header.backend_root_ino,
+            current.backend.display()
+        ));
+    }
+    if pending == 0 {
+        return Ok(None);
+    }
+    tracing::warn!(
+        ops = r.ops.len(),
+        files_and_dirs = r.states.len(),
+        records = r.records,
+        "recovering changes from the journal of an earlier run"
+    );
+    let journal =
+        Arc::new(Journal::resume(cache, r.header.clone()).map_err(|e| format!("cannot reopen the journal: {e}"))?);
+    // Staged content that was changed again after its publish was queued is
+    // published (as the newer content) from the pending state instead.
+    let restaged: HashSet<u64> = r
+        .states
+        .iter()
+        .filter_map(|s| match s {
+            PendingState::File { staging, .. } => Some(*staging),
+            PendingState::Dir { .. } => None,
+        })
+        .collect();
+    let mut publish_dirs: HashSet<RelPath> = HashSet::new();
+    let sched = Arc::new(Scheduler::new(cfg.dir_concurrency, cfg.retry));
+    let mut total = 0;
+    for op in r.ops {
+        if let Action::Publish { staging: id, paths, .. } = &op.action {
+            publish_dirs.extend(paths.iter().filter_map(|p| p.split_last().map(|(d, _)| d)));
+            if restaged.contains(id) {
+                journal.done(op.journal_seq.expect("journaled op has a seq"));
+                continue;
+            }
+        }
+        total += 1;
+        sched.enqueue(op);
+    }
+    let started = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..cfg.workers.max(1) {
+            scope.spawn(|| replay_worker(&sched, &journal, &**backend, staging, temps));
+        }
+        while !sched.wait_idle(Some(Instant::now() + Duration::from_secs(5))) {
+            let left = sched.queued().min(total);
+            tracing::warn!(
+                done = total - left,
+                total,
+                retries = sched.stats.retries.load(std::sync::atomic::Ordering::Relaxed),
+                "replaying the journal (waiting for the backend)"
+            );
+        }
+        sched.shutdown();
+    });
+    let failures = sched.failures();
+    // Temp files of publishes the dead instance had in flight.
+    let mut orphans_removed = 0;
+    for dir in &publish_dirs {
+        let Ok(names) = backend.list_names(dir) else { continue };
+        for n in names {
+            if n.as_encoded_bytes().starts_with(r.header.temp_prefix.as_bytes()) {
+                match backend.unlink(&dir.join(&n)) {
+                    Ok(()) => orphans_removed += 1,
+                    Err(e) => {
+                        tracing::warn!(path = %dir.join(&n).display(), error = %e, "cannot remove an orphaned publish temp file")
+                    }
+                }
+            }
+        }
+    }
+    journal.sync().map_err(|e| format!("cannot sync the journal: {e}"))?;
+    tracing::warn!(
+        ops = total,
+        failed = failures.len(),
+        orphans_removed,
+        seconds = started.elapsed().as_secs_f64(),
+        "journal replayed"
+    );
+    Ok(Some(Replayed {
+        ops: total,
+        failures,
+        states: r.states,
+        orphans_removed,
+    }))
+}
+
+/// Runs replayed ops until the scheduler shuts down.
+fn replay_worker(sched: &Scheduler, journal: &Journal, backend: &dyn Backend, staging: &Staging, temps: &TempNames) {
+    while let Some(lent) = sched.next() {
+        let result = publish::execute(
+            backend,
+            temps,
+            &lent.action,
+            |id| staged_for_replay(staging, &lent.action, id),
+            || true,
+        );
+        let outcome = match already_applied(&lent.action, result) {
+            Ok(_) => Outcome::Done,
+            Err(e) if flush::is_transient(&e) => Outcome::Retry(e),
+            Err(e) => Outcome::Failed(e),
+        };
+        if !matches!(outcome, Outcome::Retry(_))
+            && let Some(seq) = lent.journal_seq
+        {
+            journal.done(seq);
+        }
+        if sched.finish(lent, outcome).is_some() {
+            sched.settled();
+        }
+    }
+}
+
+/// The staged data of a replayed publish, unless it lost its tail (a machine
+/// crash before the data reached the disk): that is never published; the
+/// file is kept in lost+found.
+fn staged_for_replay(staging: &Staging, action: &Action, id: u64) -> io::Result<Option<std::fs::File>> {
+    let f = match staging.open_read(id) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    if let Action::Publish { size, paths, .. } = action {
+        let len = f.metadata()?.len();
+        if len != *size {
+            tracing::error!(
+                path = %paths.first().map(|p| p.display()).unwrap_or_default(),
+                staged = len,
+                expected = size,
+                "staged data is incomplete (lost in a machine crash before it was fsynced); not published, kept in lost+found"
+            );
+            return Ok(None);
+        }
+    }
+    Ok(Some(f))
+}
+
+/// An op whose source is gone was applied before the crash (or its object
+/// was superseded by newer staged content, published later): done.
+fn already_applied(action: &Action, r: io::Result<publish::Published>) -> io::Result<()> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::ENOENT)
+                && matches!(
+                    action,
+                    Action::Rename { .. } | Action::Link { .. } | Action::SetAttr { .. }
+                ) =>
+        {
+            tracing::debug!(op = action.name(), path = %action.path().map(|p| p.display()).unwrap_or_default(), "already applied before the crash");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
