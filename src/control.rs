@@ -33,6 +33,11 @@ pub enum Request {
     Sync {
         timeout_ms: Option<u64>,
     },
+    /// The drain before an unmount: like `Sync`, bounded by `timeout_ms` or
+    /// else the mount's `drain_timeout`.
+    Drain {
+        timeout_ms: Option<u64>,
+    },
 }
 
 /// The daemon side: answers requests with `handler`.

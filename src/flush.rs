@@ -590,6 +590,11 @@ impl Scheduler {
         self.done.notify_all();
     }
 
+    /// Waits until no op is running (queued ones may remain), or `deadline` passes.
+    pub fn wait_running_done(&self, deadline: Option<Instant>) -> bool {
+        self.wait_until(deadline, |st| st.in_flight == 0 && st.settling == 0)
+    }
+
     pub fn set_paused(&self, paused: bool) {
         self.state.lock().paused = paused;
         self.work.notify_all();

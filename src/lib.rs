@@ -145,7 +145,7 @@ fn umount(mp: &Path, timeout_ms: Option<u64>) -> Result<i32, String> {
     if !mounted(mp) {
         return Err(format!("{} is not an efscache mount", mp.display()));
     }
-    let code = match control::call(mp, &control::Request::Sync { timeout_ms }) {
+    let code = match control::call(mp, &control::Request::Drain { timeout_ms }) {
         Ok(v) => print_sync(&v),
         Err(e) => {
             // No daemon (killed): detach the dead mount; pending work stays in

@@ -262,7 +262,7 @@ fn block_signals() -> libc::sigset_t {
 fn run_daemon(cfg: Config, mut ready: Option<OwnedFd>) -> Result<(), String> {
     let r = start(&cfg, &mut ready);
     match r {
-        Ok(mounted) => mounted.run(&cfg),
+        Ok(mounted) => mounted.run(),
         Err(e) => {
             report(&mut ready, &format!("error: {e}\n"));
             Err(e)
@@ -424,15 +424,34 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
 }
 
 impl Running {
-    fn run(self, cfg: &Config) -> Result<(), String> {
+    fn run(self) -> Result<(), String> {
         let served = self.mounted.serve();
-        // Unmounted (by us after a drain, or from outside): finish what is queued.
-        let report = self.fs.sync(Some(Instant::now() + cfg.drain_timeout));
-        if !report.complete {
-            tracing::error!(queued = self.sched.queued(), "exiting with work not yet on the backend");
+        // Unmounted: by us after a drain (SIGTERM, `efscache umount`) or from
+        // outside. What is not on the backend yet stays in the journal for the
+        // next mount (which must be able to start at once, so no draining
+        // here): stop taking ops and let the running ones finish.
+        self.sched.set_paused(true);
+        if !self
+            .sched
+            .wait_running_done(Some(Instant::now() + Duration::from_secs(60)))
+        {
+            tracing::warn!("backend ops still running after 60s; they are redone by the next mount");
         }
-        for f in &report.failures {
+        let status = self.fs.status();
+        let left = self.sched.queued() + status.dirty_files + status.dirty_dirs;
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "unmounted with changes not yet on the backend; they stay in the journal and the next mount publishes them"
+            );
+        }
+        for f in self.sched.failures() {
             tracing::error!(op = %f.op, path = %f.path, error = %f.error, "not published");
+        }
+        if let Some(j) = self.fs.journal()
+            && let Err(e) = j.sync()
+        {
+            tracing::error!(error = %e, "cannot sync the journal");
         }
         self.sched.shutdown();
         let _ = std::fs::remove_file(&self.socket);
@@ -476,6 +495,10 @@ fn control_handler(
         Request::Sync { timeout_ms } => {
             let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
             serde_json::to_value(fs.sync(deadline)).expect("report serializes")
+        }
+        Request::Drain { timeout_ms } => {
+            let limit = timeout_ms.map_or(cfg.drain_timeout, Duration::from_millis);
+            serde_json::to_value(fs.sync(Some(Instant::now() + limit))).expect("report serializes")
         }
     })
 }

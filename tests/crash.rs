@@ -283,3 +283,181 @@ fn kill9_with_a_slow_backend_replays_the_queue() {
     );
     let _ = (r.manifest.files.len(), r.orphans_removed);
 }
+
+fn write_through(f: &mut File, data: &[u8]) {
+    f.write_all(data).expect("write through the open fd");
+}
+
+/// A process keeps writing through its passthrough fd after the daemon died
+/// (the kernel serves those writes from the staging file). The next mount
+/// takes the file back but must not publish it while that writer still has
+/// it open: the backend gets the whole content once the writer closes.
+#[test]
+fn a_writer_of_the_dead_mount_is_not_torn_by_recovery() {
+    let s = Scratch::new();
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    let mut m = Mount::start(&backend, &mnt, &cache, "debounce=20ms");
+    assert_eq!(
+        m.status()["data_path"],
+        "passthrough",
+        "this test needs FUSE passthrough (kernel >= 6.9)"
+    );
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(mnt.join("log"))
+        .unwrap();
+    let mut want = Vec::new();
+    let mut rng = Rng(77);
+    for part in 0..3 {
+        let chunk = rng.bytes(100_000 + part);
+        write_through(&mut f, &chunk);
+        want.extend_from_slice(&chunk);
+        f.sync_all().unwrap();
+    }
+    m.kill9();
+    // Still writing after the daemon died.
+    let chunk = rng.bytes(50_000);
+    write_through(&mut f, &chunk);
+    want.extend_from_slice(&chunk);
+    drop(m);
+    let m = Mount::start(&backend, &mnt, &cache, "debounce=20ms");
+    assert_eq!(
+        m.status()["recovery"]["states"].as_u64(),
+        Some(2),
+        "the file and the root's times"
+    );
+    // And still writing while the new mount runs.
+    let chunk = rng.bytes(70_000);
+    write_through(&mut f, &chunk);
+    want.extend_from_slice(&chunk);
+    std::thread::sleep(Duration::from_millis(300)); // several debounce periods
+    if let Ok(on_backend) = std::fs::read(backend.join("log")) {
+        panic!(
+            "a file still open for writing was published ({} of {} bytes)",
+            on_backend.len(),
+            want.len()
+        );
+    }
+    drop(f);
+    m.sync();
+    m.umount();
+    assert!(
+        std::fs::read(backend.join("log")).unwrap() == want,
+        "content differs after recovery"
+    );
+}
+
+/// A cache dir holding unpublished changes for one backend is refused for
+/// another; the right backend then gets them.
+#[test]
+fn a_cache_dir_with_work_for_another_backend_is_refused() {
+    let s = Scratch::new();
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    let other = s.path("src");
+    let mut m = Mount::start(&backend, &mnt, &cache, "debounce=1h");
+    std::fs::write(mnt.join("pending"), b"not yet published").unwrap();
+    m.kill9();
+    drop(m);
+    let out = std::process::Command::new(common::BIN)
+        .args(["mount", "-o"])
+        .arg(format!("cache_dir={}", cache.display()))
+        .arg(&other)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "mounting another backend with this cache dir succeeded"
+    );
+    assert!(
+        err.contains("not yet on backend") && err.contains(&backend.display().to_string()),
+        "unclear error: {err}"
+    );
+    assert!(!common::is_efscache_mounted(&mnt), "something was mounted");
+    let m = Mount::start(&backend, &mnt, &cache, "debounce=1h");
+    m.sync();
+    m.umount();
+    assert_eq!(std::fs::read(backend.join("pending")).unwrap(), b"not yet published");
+}
+
+/// `efscache umount` with a drain limit too short for the queue: it unmounts
+/// anyway, and the next mount publishes the rest.
+#[test]
+fn umount_with_a_short_drain_leaves_the_rest_to_the_next_mount() {
+    let s = Scratch::new();
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    let m = Mount::start(&backend, &mnt, &cache, "debounce=0ms,flushers=2,fault_delay=20ms");
+    std::fs::create_dir(mnt.join("d")).unwrap();
+    for i in 0..60 {
+        std::fs::write(mnt.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    let out = std::process::Command::new(common::BIN)
+        .args(["umount", "--timeout", "100ms"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    eprintln!("umount: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!common::is_efscache_mounted(&mnt), "umount did not unmount");
+    let published = (0..60).filter(|i| backend.join(format!("d/f{i}")).exists()).count();
+    eprintln!("{published} of 60 files were published before the unmount");
+    drop(m);
+    let m = Mount::start(&backend, &mnt, &cache, "");
+    m.sync();
+    m.umount();
+    for i in 0..60 {
+        assert_eq!(
+            std::fs::read(backend.join(format!("d/f{i}"))).unwrap(),
+            format!("file {i}").as_bytes()
+        );
+    }
+}
+
+/// efscache stacked on another mount at the same path (as on the EFS mount
+/// itself), killed: the next mount detaches the dead efscache mount, never
+/// the one beneath, and the backend ends complete.
+#[test]
+fn stacked_recovery_detaches_only_the_dead_efscache_mount() {
+    let s = Scratch::new();
+    let lower = s.path("efs");
+    std::fs::create_dir(&lower).unwrap();
+    common::run(
+        std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "efs-stand-in"])
+            .arg(&lower),
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = fusemount::unmount(&self.0, true);
+        }
+    }
+    let _lower_guard = Unmount(lower.clone());
+    std::fs::write(lower.join("precious"), b"on efs").unwrap();
+    let mut m = Mount::start(&lower, &lower, &s.path("cache"), "debounce=1h");
+    std::fs::create_dir(lower.join("new")).unwrap();
+    std::fs::write(lower.join("new/file"), b"acknowledged").unwrap();
+    std::fs::File::open(lower.join("new")).unwrap().sync_all().unwrap();
+    m.kill9();
+    // The new daemon itself must recognise and detach the dead mount (`m`
+    // stays, so its guard only cleans up after a failure).
+    let efscache = |args: &[&str]| {
+        let mut c = std::process::Command::new(common::BIN);
+        c.args(args);
+        common::run(&mut c)
+    };
+    let lower_s = lower.display().to_string();
+    let cache_opt = format!("cache_dir={},debounce=1h", s.path("cache").display());
+    efscache(&["mount", "-o", &cache_opt, &lower_s, &lower_s]);
+    efscache(&["sync", &lower_s]);
+    efscache(&["umount", &lower_s]);
+    drop(m);
+    let top = fusemount::top_mount_at(&lower)
+        .unwrap()
+        .expect("lower mount still there");
+    assert_eq!(top.fstype, "tmpfs", "the lower mount must survive");
+    assert_eq!(std::fs::read(lower.join("precious")).unwrap(), b"on efs");
+    assert_eq!(std::fs::read(lower.join("new/file")).unwrap(), b"acknowledged");
+}
