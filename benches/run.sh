@@ -374,6 +374,11 @@ echo "  (c) publish: ${MIX_C_PUB:-}"
 echo "  (c) re-sync: ${MIX_C_RE:-}"
 echo "  (c) requests during efscache umount (total): $(med req_c_umount)"
 echo
+if [ -s "$W/ecstatus.json" ]; then
+  echo "== journal cost, rep 1 (efscache status after rsync + sync + re-sync of $FILES files)"
+  jq -r --argjson n "$FILES" '.journal | "appends/file=\(.appends/$n*10|round/10)  bytes/file=\(.appended_bytes/$n|round)  write(2) time/file=\(.append_ns/$n/10|round/100) us  fdatasyncs=\(.syncs) (\(.sync_ns/1e6|round) ms in total, off the request path)"' "$W/ecstatus.json"
+  echo
+fi
 echo "== workload 5: fio, one job, psync, end_fsync=1 (median of $REPS; MiB/s)"
 echo "data path: FUSE passthrough (the kernel writes the staged file on local disk directly; efscache status shows data_path); fsync=local"
 row "test" "local" "efscache" "(c)/(a)" ""

@@ -954,7 +954,11 @@ impl Fs {
         i.attr.mtime = now;
         i.attr.ctime = now;
         // Writes by non-owners clear setuid/setgid, as a local filesystem does.
-        i.attr.perm &= !(libc::S_ISUID | if i.attr.perm & 0o010 != 0 { libc::S_ISGID } else { 0 });
+        let perm = i.attr.perm & !(libc::S_ISUID | if i.attr.perm & 0o010 != 0 { libc::S_ISGID } else { 0 });
+        if perm != i.attr.perm {
+            i.attr.perm = perm;
+            ns.touched.push(ino); // the mode is part of the journaled state
+        }
         if !ns.touched.is_empty() {
             self.apply(&mut ns, Effects::default());
         }

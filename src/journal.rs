@@ -265,9 +265,21 @@ pub struct Journal {
     synced: Mutex<u64>,
     /// Set when an append failed: changes are no longer durable.
     broken: AtomicBool,
-    records_written: AtomicU64,
+    /// Cost accounting for `status`: appends (write calls), their bytes and
+    /// time, and fdatasyncs with their time.
+    stats: JournalStats,
     commit_wake: Condvar,
     commit_mutex: Mutex<()>,
+}
+
+/// What the journal has cost so far.
+#[derive(Debug, Default)]
+pub struct JournalStats {
+    pub appends: AtomicU64,
+    pub bytes: AtomicU64,
+    pub append_nanos: AtomicU64,
+    pub syncs: AtomicU64,
+    pub sync_nanos: AtomicU64,
 }
 
 /// Records of one filesystem op, appended with one write.
@@ -333,7 +345,13 @@ impl Batch<'_> {
             return;
         }
         let inner = &mut *self.inner;
+        let t = std::time::Instant::now();
         let result = inner.file.write_all(&self.buf);
+        let st = &self.journal.stats;
+        st.appends.fetch_add(1, Ordering::Relaxed);
+        st.bytes.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
+        st.append_nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         if let Err(e) = result {
             if !self.journal.broken.swap(true, Ordering::Relaxed) {
                 tracing::error!(error = %e, "cannot write the journal: new changes are not crash-safe until the cache dir is fixed");
@@ -355,7 +373,6 @@ impl Batch<'_> {
             }
         }
         inner.appended += 1;
-        self.journal.records_written.fetch_add(1, Ordering::Relaxed);
         self.journal.maybe_compact(inner);
     }
 }
@@ -406,7 +423,7 @@ impl Journal {
             header,
             synced: Mutex::new(0),
             broken: AtomicBool::new(false),
-            records_written: AtomicU64::new(0),
+            stats: JournalStats::default(),
             commit_wake: Condvar::new(),
             commit_mutex: Mutex::new(()),
         })
@@ -445,7 +462,7 @@ impl Journal {
             header,
             synced: Mutex::new(0),
             broken: AtomicBool::new(false),
-            records_written: AtomicU64::new(0),
+            stats: JournalStats::default(),
             commit_wake: Condvar::new(),
             commit_mutex: Mutex::new(()),
         })
@@ -471,7 +488,14 @@ impl Journal {
         let mut buf = Vec::new();
         frame(&Record::Done { seq }, &mut buf);
         let mut inner = self.inner.lock();
-        if let Err(e) = inner.file.write_all(&buf) {
+        let t = std::time::Instant::now();
+        let result = inner.file.write_all(&buf);
+        self.stats.appends.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats
+            .append_nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        if let Err(e) = result {
             if !self.broken.swap(true, Ordering::Relaxed) {
                 tracing::error!(error = %e, "cannot write the journal");
             }
@@ -482,8 +506,11 @@ impl Journal {
             inner.live_bytes -= old.len() as u64;
         }
         inner.appended += 1;
-        self.records_written.fetch_add(1, Ordering::Relaxed);
         self.maybe_compact(&mut inner);
+    }
+
+    pub fn stats(&self) -> &JournalStats {
+        &self.stats
     }
 
     /// False once an append failed (changes since are not crash-safe).
@@ -509,7 +536,12 @@ impl Journal {
             let inner = self.inner.lock();
             (inner.file.try_clone()?, inner.appended)
         };
+        let t = std::time::Instant::now();
         file.sync_data()?;
+        self.stats.syncs.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .sync_nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let mut s = self.synced.lock();
         *s = (*s).max(appended);
         Ok(())

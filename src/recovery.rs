@@ -16,6 +16,7 @@
 
 use std::collections::HashSet;
 use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{Backend, RelPath};
 use crate::flush::publish::{self, TempNames};
 use crate::flush::{self, Action, Failure, Outcome, RetryPolicy, Scheduler};
+use crate::fs::{Fs, FsConfig};
 use crate::journal::{self, Header, Journal, PendingState};
 use crate::staging::Staging;
 
@@ -108,6 +110,24 @@ pub fn replay(
         total += 1;
         sched.enqueue(op);
     }
+    // Temp files of publishes the dead instance had in flight, removed before
+    // the replay moves anything: a publish in flight held its directory's
+    // key, so nothing had moved the directory since, but a replayed rename
+    // of that directory would.
+    let mut orphans_removed = 0;
+    for dir in &publish_dirs {
+        let Ok(names) = backend.list_names(dir) else { continue };
+        for n in names {
+            if n.as_encoded_bytes().starts_with(r.header.temp_prefix.as_bytes()) {
+                match backend.unlink(&dir.join(&n)) {
+                    Ok(()) => orphans_removed += 1,
+                    Err(e) => {
+                        tracing::warn!(path = %dir.join(&n).display(), error = %e, "cannot remove an orphaned publish temp file")
+                    }
+                }
+            }
+        }
+    }
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..cfg.workers.max(1) {
@@ -125,21 +145,6 @@ pub fn replay(
         sched.shutdown();
     });
     let failures = sched.failures();
-    // Temp files of publishes the dead instance had in flight.
-    let mut orphans_removed = 0;
-    for dir in &publish_dirs {
-        let Ok(names) = backend.list_names(dir) else { continue };
-        for n in names {
-            if n.as_encoded_bytes().starts_with(r.header.temp_prefix.as_bytes()) {
-                match backend.unlink(&dir.join(&n)) {
-                    Ok(()) => orphans_removed += 1,
-                    Err(e) => {
-                        tracing::warn!(path = %dir.join(&n).display(), error = %e, "cannot remove an orphaned publish temp file")
-                    }
-                }
-            }
-        }
-    }
     journal.sync().map_err(|e| format!("cannot sync the journal: {e}"))?;
     tracing::warn!(
         ops = total,
@@ -154,6 +159,86 @@ pub fn replay(
         states: r.states,
         orphans_removed,
     }))
+}
+
+/// Brings up the filesystem core over `backend` with the cache dir `cache`:
+/// replays the journal an earlier run left (if any), takes its pending state
+/// back into a new overlay, starts a new journal, and moves staging files
+/// nothing refers to into `lost+found`. Returns the core and, after a
+/// recovery, what it did (for `status`).
+#[allow(clippy::too_many_arguments)]
+pub fn start_fs(
+    cache: &Path,
+    backend: Arc<dyn Backend>,
+    staging: Staging,
+    sched: Arc<Scheduler>,
+    temps: TempNames,
+    header: Header,
+    fs_cfg: FsConfig,
+    replay_cfg: &ReplayConfig,
+) -> Result<(Arc<Fs>, serde_json::Value), String> {
+    let started = Instant::now();
+    let replayed = replay(cache, &backend, &staging, &temps, &header, replay_cfg)?;
+    let max_staged = staging.ids().unwrap_or_default().into_iter().max().unwrap_or(0);
+    let fs = Arc::new(Fs::new(backend, staging, sched, temps, fs_cfg).map_err(|e| format!("backend root: {e}"))?);
+    fs.reserve_staging_ids(max_staged);
+    let mut recovery = serde_json::Value::Null;
+    if let Some(r) = replayed {
+        for f in &r.failures {
+            tracing::error!(op = %f.op, path = %f.path, error = %f.error, "a journaled change could not be applied; its data (if any) is kept in lost+found");
+        }
+        let states = r.states.len();
+        let not_adopted = fs.adopt(r.states);
+        for (st, why) in &not_adopted {
+            tracing::error!(state = ?st, reason = %why, "pending change could not be taken back after the crash; its data (if any) is kept in lost+found");
+        }
+        recovery = serde_json::json!({
+            "ops": r.ops,
+            "states": states,
+            "orphans_removed": r.orphans_removed,
+            "failed": r.failures.len() + not_adopted.len(),
+            "failures": r.failures,
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+    }
+    fs.start_journal(cache, header)
+        .map_err(|e| format!("cannot write the journal in {}: {e}", cache.display()))?;
+    keep_leftovers(cache, fs.staging(), &fs.staging_in_use());
+    Ok((fs, recovery))
+}
+
+/// Moves staging files that nothing refers to after recovery aside (nothing
+/// is deleted: data a crash could not account for stays inspectable).
+fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &std::collections::HashSet<u64>) {
+    let Ok(rd) = std::fs::read_dir(cache.join("staging")) else {
+        return;
+    };
+    let left: Vec<_> = rd
+        .flatten()
+        .filter(|e| {
+            let id = e.file_name().to_str().and_then(|n| u64::from_str_radix(n, 16).ok());
+            !id.is_some_and(|id| in_use.contains(&id) && e.path() == staging.path(id))
+        })
+        .collect();
+    if left.is_empty() {
+        return;
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let dest = cache.join("lost+found").join(secs.to_string());
+    if std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dest)
+        .is_ok()
+    {
+        for e in &left {
+            let _ = std::fs::rename(e.path(), dest.join(e.file_name()));
+        }
+        tracing::warn!(count = left.len(), dir = %dest.display(), "staging files from an earlier run were moved aside");
+    }
 }
 
 /// Runs replayed ops until the scheduler shuts down.

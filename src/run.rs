@@ -172,40 +172,6 @@ fn check_cache_dir(cache: &Path, cfg: &Config) -> Result<(), String> {
     Ok(())
 }
 
-/// Moves staging files that nothing refers to after recovery aside (nothing
-/// is deleted: data a crash could not account for stays inspectable).
-fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &std::collections::HashSet<u64>) {
-    let Ok(rd) = std::fs::read_dir(cache.join("staging")) else {
-        return;
-    };
-    let left: Vec<_> = rd
-        .flatten()
-        .filter(|e| {
-            let id = e.file_name().to_str().and_then(|n| u64::from_str_radix(n, 16).ok());
-            !id.is_some_and(|id| in_use.contains(&id) && e.path() == staging.path(id))
-        })
-        .collect();
-    if left.is_empty() {
-        return;
-    }
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
-    let dest = cache.join("lost+found").join(secs.to_string());
-    if std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dest)
-        .is_ok()
-    {
-        for e in &left {
-            let _ = std::fs::rename(e.path(), dest.join(e.file_name()));
-        }
-        tracing::warn!(count = left.len(), dir = %dest.display(), "staging files from an earlier run were moved aside");
-    }
-}
-
 /// Holds an exclusive lock on the cache dir for the life of the daemon: two
 /// daemons sharing one journal would corrupt it.
 fn lock_cache_dir(cache: &Path) -> Result<(), String> {
@@ -336,23 +302,6 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
         backend_root_ino: root_ino,
         temp_prefix: temps.prefix().to_string(),
     };
-    let recovery_started = Instant::now();
-    let replayed = recovery::replay(
-        &cache,
-        &backend,
-        &staging,
-        &temps,
-        &header,
-        &ReplayConfig {
-            workers: cfg.flushers,
-            dir_concurrency: cfg.dir_concurrency,
-            retry: RetryPolicy {
-                initial: Duration::from_millis(100),
-                max: Duration::from_secs(30),
-            },
-        },
-    )?;
-    let max_staged = staging.ids().unwrap_or_default().into_iter().max().unwrap_or(0);
     let fs_cfg = FsConfig {
         attr_ttl: cfg.attr_ttl,
         exclusive: cfg.exclusive,
@@ -360,33 +309,27 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
         fsync_remote: cfg.fsync == FsyncMode::Remote,
         meta_parallel: cfg.meta_parallel,
     };
-    let fs =
-        Arc::new(Fs::new(backend, staging, sched.clone(), temps, fs_cfg).map_err(|e| format!("backend root: {e}"))?);
-    fs.reserve_staging_ids(max_staged);
-    let mut recovery = serde_json::Value::Null;
-    if let Some(r) = replayed {
-        for f in &r.failures {
-            tracing::error!(op = %f.op, path = %f.path, error = %f.error, "a journaled change could not be applied; its data (if any) is kept in lost+found");
-        }
-        let states = r.states.len();
-        let not_adopted = fs.adopt(r.states);
-        for (st, why) in &not_adopted {
-            tracing::error!(state = ?st, reason = %why, "pending change could not be taken back after the crash; its data (if any) is kept in lost+found");
-        }
-        recovery = serde_json::json!({
-            "ops": r.ops,
-            "states": states,
-            "orphans_removed": r.orphans_removed,
-            "failed": r.failures.len() + not_adopted.len(),
-            "failures": r.failures,
-            "seconds": recovery_started.elapsed().as_secs_f64(),
-        });
-    }
-    let journal = fs
-        .start_journal(&cache, header)
-        .map_err(|e| format!("cannot write the journal in {}: {e}", cache.display()))?;
-    journal.spawn_committer(Duration::from_millis(5));
-    keep_leftovers(&cache, fs.staging(), &fs.staging_in_use());
+    let replay_cfg = ReplayConfig {
+        workers: cfg.flushers,
+        dir_concurrency: cfg.dir_concurrency,
+        retry: RetryPolicy {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(30),
+        },
+    };
+    let (fs, recovery) = recovery::start_fs(
+        &cache,
+        backend,
+        staging,
+        sched.clone(),
+        temps,
+        header,
+        fs_cfg,
+        &replay_cfg,
+    )?;
+    fs.journal()
+        .expect("journaling started")
+        .spawn_committer(Duration::from_millis(5));
     for i in 0..cfg.flushers {
         let fs = fs.clone();
         std::thread::Builder::new()

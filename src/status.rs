@@ -15,6 +15,11 @@ pub fn collect(fs: &Fs, cfg: &Config, started: Instant, recovery: &serde_json::V
             "live_records": live_records,
             "live_bytes": live_bytes,
             "healthy": j.healthy(),
+            "appends": j.stats().appends.load(Ordering::Relaxed),
+            "appended_bytes": j.stats().bytes.load(Ordering::Relaxed),
+            "append_ns": j.stats().append_nanos.load(Ordering::Relaxed),
+            "syncs": j.stats().syncs.load(Ordering::Relaxed),
+            "sync_ns": j.stats().sync_nanos.load(Ordering::Relaxed),
         })
     });
     let st = fs.status();
