@@ -135,6 +135,9 @@ pub fn options_string(cfg: &Config) -> String {
     if let Some(l) = &cfg.log_file {
         o.push(format!("log_file={}", l.display()));
     }
+    if cfg.journal_sync != d.journal_sync {
+        o.push(format!("journal_sync={}", ms(cfg.journal_sync)));
+    }
     let f = &cfg.faults;
     let fd = crate::config::FaultConfig::default();
     if f.delay != fd.delay {

@@ -38,6 +38,9 @@ pub struct Config {
     /// How long unmount and SIGTERM wait for pending work to reach the backend.
     pub drain_timeout: Duration,
     pub log_file: Option<PathBuf>,
+    /// Group commit period of the journal (fdatasync); zero: only on
+    /// fsync/fsyncdir/`sync`.
+    pub journal_sync: Duration,
     pub foreground: bool,
     /// Injected backend faults (testing only; off by default).
     pub faults: FaultConfig,
@@ -107,6 +110,7 @@ impl Config {
             io_threads: 32,
             drain_timeout: Duration::from_secs(600),
             log_file: None,
+            journal_sync: Duration::from_millis(5),
             foreground: false,
             faults: FaultConfig::default(),
         }
@@ -142,6 +146,7 @@ impl Config {
                     }
                 }
                 "log_file" => self.log_file = Some(PathBuf::from(need(key, val)?)),
+                "journal_sync" => self.journal_sync = parse_duration(key, need(key, val)?)?,
                 "fault_delay" => self.faults.delay = parse_duration(key, need(key, val)?)?,
                 "fault_rate" => {
                     let v = need(key, val)?;

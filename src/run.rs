@@ -327,9 +327,11 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
         fs_cfg,
         &replay_cfg,
     )?;
-    fs.journal()
-        .expect("journaling started")
-        .spawn_committer(Duration::from_millis(5));
+    if !cfg.journal_sync.is_zero() {
+        fs.journal()
+            .expect("journaling started")
+            .spawn_committer(cfg.journal_sync);
+    }
     for i in 0..cfg.flushers {
         let fs = fs.clone();
         std::thread::Builder::new()
