@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, RelPath};
+use crate::backend::{AttrSet, Backend, RelPath};
 use crate::flush::publish::{self, TempNames};
 use crate::flush::{self, Action, Failure, Outcome, RetryPolicy, Scheduler};
 use crate::fs::{Fs, FsConfig};
@@ -97,6 +97,10 @@ pub fn replay(
         })
         .collect();
     let mut publish_dirs: HashSet<RelPath> = HashSet::new();
+    // Replayed ops (and the orphan cleanup) change directories' times on the
+    // backend; the running daemon would re-apply the overlay's times after
+    // them, so replay does too.
+    let dir_times = dir_times_to_restore(&r.ops, &r.states, &**backend);
     let sched = Arc::new(Scheduler::new(cfg.dir_concurrency, cfg.retry));
     let mut total = 0;
     for op in r.ops {
@@ -145,6 +149,16 @@ pub fn replay(
         sched.shutdown();
     });
     let failures = sched.failures();
+    for (dir, (dev, ino), attrs) in dir_times {
+        match backend.stat(&dir) {
+            Ok(st) if (st.dev, st.ino) == (dev, ino) => {
+                if let Err(e) = backend.set_attrs(&dir, &attrs, false) {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot restore a directory's times after the replay");
+                }
+            }
+            _ => {} // moved or removed by the replay: its times are not ours to set
+        }
+    }
     journal.sync().map_err(|e| format!("cannot sync the journal: {e}"))?;
     tracing::warn!(
         ops = total,
@@ -159,6 +173,66 @@ pub fn replay(
         states: r.states,
         orphans_removed,
     }))
+}
+
+/// Directories whose entries the replay changes, with the times they must
+/// have afterwards: those of the last journaled attribute change of the
+/// directory, else those it has now. Directories with pending state are left
+/// out (taking that state back applies its times later).
+fn dir_times_to_restore(
+    ops: &[crate::flush::FlushOp],
+    states: &[PendingState],
+    backend: &dyn Backend,
+) -> Vec<(RelPath, (u64, u64), AttrSet)> {
+    let pending: HashSet<&RelPath> = states
+        .iter()
+        .filter_map(|s| match s {
+            PendingState::Dir { path, .. } => Some(path),
+            PendingState::File { .. } => None,
+        })
+        .collect();
+    let parent = |p: &RelPath| p.split_last().map(|(d, _)| d);
+    let mut changed: Vec<RelPath> = Vec::new();
+    let mut set_later: std::collections::HashMap<RelPath, AttrSet> = std::collections::HashMap::new();
+    for op in ops {
+        match &op.action {
+            Action::Mkdir { path, .. }
+            | Action::Rmdir { path }
+            | Action::Unlink { path }
+            | Action::Symlink { path, .. }
+            | Action::Mknod { path, .. } => changed.extend(parent(path)),
+            Action::Rename { from, to, .. } => changed.extend(parent(from).into_iter().chain(parent(to))),
+            Action::Link { new, .. } => changed.extend(parent(new)),
+            Action::Publish { paths, .. } => changed.extend(paths.iter().filter_map(parent)),
+            Action::SetAttr { path, attrs } if attrs.mtime.is_some() => {
+                set_later.insert(path.clone(), attrs.clone());
+            }
+            Action::SetAttr { .. } | Action::Barrier(_) => {}
+        }
+    }
+    changed.sort_by(|a, b| a.0.cmp(&b.0));
+    changed.dedup();
+    let mut out = Vec::new();
+    for dir in changed {
+        if pending.contains(&dir) {
+            continue;
+        }
+        let Ok(st) = backend.stat(&dir) else { continue };
+        let attrs = set_later.remove(&dir).map_or(
+            AttrSet {
+                atime: Some(st.atime),
+                mtime: Some(st.mtime),
+                ..Default::default()
+            },
+            |a| AttrSet {
+                atime: a.atime,
+                mtime: a.mtime,
+                ..Default::default()
+            },
+        );
+        out.push((dir, (st.dev, st.ino), attrs));
+    }
+    out
 }
 
 /// Brings up the filesystem core over `backend` with the cache dir `cache`:
