@@ -39,7 +39,11 @@ exclusive            no other writers: trust the cache for the whole mount\n  \
 fsync=local|remote   what fsync(2) waits for (default local)\n  \
 meta_parallel=N      parallel stats when loading a directory (default 64)\n  \
 drain_timeout=DUR    how long umount/SIGTERM wait for pending work (default 10m)\n  \
-threads=N, io_threads=N, log_file=PATH\n\
+journal_sync=DUR     how often the journal is fdatasync'ed (default 5ms; 0: on fsync/sync only)\n  \
+threads=N, io_threads=N, log_file=PATH\n  \
+fault_*=...          backend fault injection for tests (see docs/CONFIGURATION.md)\n\
+Every change is journaled in cache_dir before it is acknowledged; after a crash, mount again\n\
+with the same cache_dir and efscache finishes the job.\n\
 Generic mount options (defaults, _netdev, nofail, x-systemd.*, ...) are accepted and ignored.\n\
 Durations: 250ms, 2s, 5m, 1h."
     )]
