@@ -45,7 +45,7 @@ pub enum Access {
 
 /// A backend change. Paths are the backend paths at the moment the op runs
 /// (its keys guarantee nothing that would move them runs in between).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     Mkdir {
         path: RelPath,

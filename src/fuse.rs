@@ -8,7 +8,7 @@ pub mod session;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
@@ -298,13 +298,6 @@ impl fuser::Filesystem for EfsFuse {
             reply,
             move |fs, b| fs.setattr(ino.0, ch.clone(), b),
             move |reply, r| match r {
-                // The kernel caches a setattr reply's attributes without the
-                // staleness check it applies to getattr and lookup replies: a
-                // directory change (create, rename) handled while this reply
-                // was on its way would be hidden behind the old mtime, and
-                // rsync, seeing the time it just set, would not set it again.
-                // Directory attributes from setattr are therefore not cached.
-                Ok(a) if a.kind == Kind::Dir => reply.attr(&Duration::ZERO, &file_attr(&a)),
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             },

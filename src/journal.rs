@@ -303,7 +303,7 @@ impl Batch<'_> {
         let rec = Record::Op {
             seq,
             keys: op.keys.clone(),
-            action: clone_action(&op.action),
+            action: op.action.clone(),
         };
         let start = self.buf.len();
         frame(&rec, &mut self.buf);
@@ -377,56 +377,45 @@ impl Batch<'_> {
     }
 }
 
-/// Actions are moved through the scheduler, so the journal keeps its own copy.
-fn clone_action(a: &Action) -> Action {
-    let bytes = postcard::to_allocvec(a).expect("actions serialize");
-    postcard::from_bytes(&bytes).expect("actions deserialize")
-}
-
 impl Journal {
     /// Starts a new journal at `<cache>/journal.new` holding `header` and the
     /// given pending state; `install` moves it into place.
     pub fn create(cache: &Path, header: Header, states: Vec<PendingState>) -> io::Result<Journal> {
         let path = cache.join("journal.new");
-        let mut buf = preamble();
-        frame(&Record::Header(header.clone()), &mut buf);
         let mut live = HashMap::new();
-        let mut live_bytes = 0;
         for s in states {
             let ino = s.ino();
             let mut framed = Vec::new();
             frame(&Record::State(s), &mut framed);
-            buf.extend_from_slice(&framed);
-            live_bytes += framed.len() as u64;
             live.insert(ino, framed);
         }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)?;
-        file.write_all(&buf)?;
-        file.sync_all()?;
-        Ok(Journal {
-            inner: Mutex::new(Inner {
-                file,
-                path,
-                len: buf.len() as u64,
-                next_seq: 1,
-                ops: BTreeMap::new(),
-                states: live,
-                live_bytes,
-                appended: 0,
-                compact: true,
-            }),
+        let live_bytes = live.values().map(|f| f.len() as u64).sum();
+        let buf = contents(&header, live.values());
+        let file = write_file(&path, &buf)?;
+        let inner = Inner {
+            file,
+            path,
+            len: buf.len() as u64,
+            next_seq: 1,
+            ops: BTreeMap::new(),
+            states: live,
+            live_bytes,
+            appended: 0,
+            compact: true,
+        };
+        Ok(Journal::with(inner, header))
+    }
+
+    fn with(inner: Inner, header: Header) -> Journal {
+        Journal {
+            inner: Mutex::new(inner),
             header,
             synced: Mutex::new(0),
             broken: AtomicBool::new(false),
             stats: JournalStats::default(),
             commit_wake: Condvar::new(),
             commit_mutex: Mutex::new(()),
-        })
+        }
     }
 
     /// Moves a journal made by `create` over `<cache>/journal` (atomically:
@@ -447,29 +436,18 @@ impl Journal {
         let path = journal_path(cache);
         let mut file = OpenOptions::new().write(true).open(&path)?;
         let len = file.seek(SeekFrom::End(0))?;
-        Ok(Journal {
-            inner: Mutex::new(Inner {
-                file,
-                path,
-                len,
-                next_seq: u64::MAX / 2,
-                ops: BTreeMap::new(),
-                states: HashMap::new(),
-                live_bytes: 0,
-                appended: 0,
-                compact: false,
-            }),
-            header,
-            synced: Mutex::new(0),
-            broken: AtomicBool::new(false),
-            stats: JournalStats::default(),
-            commit_wake: Condvar::new(),
-            commit_mutex: Mutex::new(()),
-        })
-    }
-
-    pub fn header(&self) -> &Header {
-        &self.header
+        let inner = Inner {
+            file,
+            path,
+            len,
+            next_seq: u64::MAX / 2,
+            ops: BTreeMap::new(),
+            states: HashMap::new(),
+            live_bytes: 0,
+            appended: 0,
+            compact: false,
+        };
+        Ok(Journal::with(inner, header))
     }
 
     pub fn begin(&self) -> Batch<'_> {
@@ -586,22 +564,8 @@ impl Journal {
     fn rewrite(&self, inner: &mut Inner) -> io::Result<()> {
         let dir = inner.path.parent().expect("journal is in a directory").to_path_buf();
         let tmp = dir.join("journal.compact");
-        let mut buf = preamble();
-        frame(&Record::Header(self.header.clone()), &mut buf);
-        for s in inner.states.values() {
-            buf.extend_from_slice(s);
-        }
-        for o in inner.ops.values() {
-            buf.extend_from_slice(o);
-        }
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(&buf)?;
-        file.sync_data()?;
+        let buf = contents(&self.header, inner.states.values().chain(inner.ops.values()));
+        let file = write_file(&tmp, &buf)?;
         std::fs::rename(&tmp, &inner.path)?;
         sync_dir(&dir)?;
         tracing::debug!(from = inner.len, to = buf.len(), "journal compacted");
@@ -610,6 +574,29 @@ impl Journal {
         inner.appended += 1;
         Ok(())
     }
+}
+
+/// A whole journal: preamble, header and the given framed records.
+fn contents<'a>(header: &Header, records: impl Iterator<Item = &'a Vec<u8>>) -> Vec<u8> {
+    let mut buf = preamble();
+    frame(&Record::Header(header.clone()), &mut buf);
+    for r in records {
+        buf.extend_from_slice(r);
+    }
+    buf
+}
+
+/// Writes a new journal file (0600) and makes it durable.
+fn write_file(path: &Path, buf: &[u8]) -> io::Result<File> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(buf)?;
+    file.sync_all()?;
+    Ok(file)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {

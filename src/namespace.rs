@@ -1135,27 +1135,19 @@ impl Namespace {
 
     /// After a crash: directory attributes that were never applied.
     pub fn adopt_dir_attrs(&mut self, dir: Ino, attrs: &AttrSet) -> FsResult<()> {
-        let i = self.get_mut(dir)?;
-        if i.kind != Kind::Dir {
+        if self.get(dir)?.kind != Kind::Dir {
             return Err(FsError::NotDir);
         }
-        if let Some(p) = attrs.perm {
-            i.attr.perm = p;
-        }
-        if let Some(u) = attrs.uid {
-            i.attr.uid = u;
-        }
-        if let Some(g) = attrs.gid {
-            i.attr.gid = g;
-        }
-        if let Some(t) = attrs.atime {
-            i.attr.atime = t;
-        }
-        if let Some(t) = attrs.mtime {
-            i.attr.mtime = t;
-        }
-        self.dirty_dir_attrs.insert(dir);
-        self.touched.push(dir);
+        let ch = SetAttr {
+            perm: attrs.perm,
+            uid: attrs.uid,
+            gid: attrs.gid,
+            size: None,
+            atime: attrs.atime,
+            mtime: attrs.mtime,
+        };
+        // For a directory this only marks its attributes as due (no op).
+        self.set_attrs(dir, &ch, &mut Effects::default())?;
         Ok(())
     }
 

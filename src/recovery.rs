@@ -290,7 +290,7 @@ fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &std::collections::Ha
     let left: Vec<_> = rd
         .flatten()
         .filter(|e| {
-            let id = e.file_name().to_str().and_then(|n| u64::from_str_radix(n, 16).ok());
+            let id = Staging::id_of(&e.file_name());
             !id.is_some_and(|id| in_use.contains(&id) && e.path() == staging.path(id))
         })
         .collect();

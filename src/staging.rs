@@ -62,16 +62,18 @@ impl Staging {
         io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN)
     }
 
-    /// Ids of the staging files present (highest first is not implied).
+    /// Ids of the staging files present, in no particular order.
     pub fn ids(&self) -> io::Result<Vec<u64>> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(&self.dir)? {
-            let e = e?;
-            if let Some(id) = e.file_name().to_str().and_then(|n| u64::from_str_radix(n, 16).ok()) {
-                out.push(id);
-            }
+            out.extend(Self::id_of(&e?.file_name()));
         }
         Ok(out)
+    }
+
+    /// The id a staging file name stands for (None: not a staging file).
+    pub fn id_of(name: &std::ffi::OsStr) -> Option<u64> {
+        name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok())
     }
 
     pub fn remove(&self, id: u64) {
@@ -80,16 +82,5 @@ impl Staging {
         {
             tracing::warn!(id, error = %e, "cannot remove staging file");
         }
-    }
-
-    /// Removes every staging file (start of a mount without a journal to replay).
-    pub fn clear(&self) -> io::Result<()> {
-        for e in std::fs::read_dir(&self.dir)? {
-            let e = e?;
-            if e.file_type()?.is_file() {
-                std::fs::remove_file(e.path())?;
-            }
-        }
-        Ok(())
     }
 }

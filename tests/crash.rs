@@ -421,20 +421,8 @@ fn umount_with_a_short_drain_leaves_the_rest_to_the_next_mount() {
 #[test]
 fn stacked_recovery_detaches_only_the_dead_efscache_mount() {
     let s = Scratch::new();
-    let lower = s.path("efs");
-    std::fs::create_dir(&lower).unwrap();
-    common::run(
-        std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64m", "efs-stand-in"])
-            .arg(&lower),
-    );
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = fusemount::unmount(&self.0, true);
-        }
-    }
-    let _lower_guard = Unmount(lower.clone());
+    let lower_mount = common::LowerMount::new(&s);
+    let lower = lower_mount.path.clone();
     std::fs::write(lower.join("precious"), b"on efs").unwrap();
     let mut m = Mount::start(&lower, &lower, &s.path("cache"), "debounce=1h");
     std::fs::create_dir(lower.join("new")).unwrap();

@@ -253,18 +253,8 @@ fn readdir_offsets_stay_valid_while_the_directory_changes() {
 #[test]
 fn stacked_on_another_mount_an_external_umount_leaves_the_lower_one() {
     let s = Scratch::new();
-    let lower = s.path("efs");
-    std::fs::create_dir(&lower).unwrap();
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "efs-stand-in"])
-        .arg(&lower));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = fusemount::unmount(&self.0, true);
-        }
-    }
-    let _lower_guard = Unmount(lower.clone());
+    let lower_mount = common::LowerMount::new(&s);
+    let lower = lower_mount.path.clone();
     std::fs::write(lower.join("precious"), b"on efs").unwrap();
     let mut m = Mount::start(&lower, &lower, &s.path("cache"), "debounce=10ms");
     std::fs::write(lower.join("through-cache"), b"cached").unwrap();

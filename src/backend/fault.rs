@@ -38,7 +38,6 @@ pub struct FaultBackend {
     requests: AtomicU64,
     rng: AtomicU64,
     stall_until: OnceLock<Instant>,
-    injected: AtomicU64,
 }
 
 impl FaultBackend {
@@ -60,13 +59,7 @@ impl FaultBackend {
             requests: AtomicU64::new(0),
             rng: AtomicU64::new(seed),
             stall_until: OnceLock::new(),
-            injected: AtomicU64::new(0),
         }
-    }
-
-    /// Faults injected so far.
-    pub fn injected(&self) -> u64 {
-        self.injected.load(Ordering::Relaxed)
     }
 
     fn random(&self) -> f64 {
@@ -103,7 +96,6 @@ impl FaultBackend {
             std::thread::sleep(self.cfg.delay);
         }
         if self.cfg.rate > 0.0 && self.targets.contains(&kind) && self.random() < self.cfg.rate {
-            self.injected.fetch_add(1, Ordering::Relaxed);
             return Err(io::Error::from_raw_os_error(self.cfg.errno));
         }
         Ok(())

@@ -168,6 +168,29 @@ impl Drop for Mount {
     }
 }
 
+/// A tmpfs mounted at `scratch/efs`, standing in for the EFS mount that
+/// efscache is stacked on; lazily unmounted when dropped (also on panic).
+pub struct LowerMount {
+    pub path: PathBuf,
+}
+
+impl LowerMount {
+    pub fn new(s: &Scratch) -> LowerMount {
+        let path = s.path("efs");
+        std::fs::create_dir(&path).expect("mkdir efs");
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "efs-stand-in"])
+            .arg(&path));
+        LowerMount { path }
+    }
+}
+
+impl Drop for LowerMount {
+    fn drop(&mut self) {
+        let _ = fusemount::unmount(&self.path, true);
+    }
+}
+
 pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().expect("run command");
     assert!(
