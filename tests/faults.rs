@@ -83,9 +83,10 @@ fn backend_enospc_is_retried_not_reported_to_writers() {
     assert_same_tree(&s.path("src"), &s.path("backend/dst"));
 }
 
-/// In the middle of an rsync of 2,000 files every backend request hangs for
-/// 10 seconds (a network partition): rsync still finishes without error and
-/// the queue drains once the backend answers again.
+/// Early in an rsync of 2,000 files (after the first 300 backend requests,
+/// while the flush is under way) every backend request hangs for 10 seconds
+/// (a network partition): rsync still finishes without error, its writes
+/// landing in staging, and the queue drains once the backend answers again.
 #[test]
 fn rsync_through_a_ten_second_backend_stall() {
     let s = Scratch::new();
@@ -94,7 +95,7 @@ fn rsync_through_a_ten_second_backend_stall() {
         &s.path("backend"),
         &s.path("mnt"),
         &s.path("cache"),
-        "debounce=0ms,fault_stall_after=1500,fault_stall=10s",
+        "debounce=0ms,fault_stall_after=300,fault_stall=10s",
     );
     rsync(&s.path("src"), &s.path("mnt/dst"));
     m.sync();
