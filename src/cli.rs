@@ -40,6 +40,9 @@ fsync=local|remote   what fsync(2) waits for (default local)\n  \
 meta_parallel=N      parallel stats when loading a directory (default 64)\n  \
 drain_timeout=DUR    how long umount/SIGTERM wait for pending work (default 10m)\n  \
 journal_sync=DUR     how often the journal is fdatasync'ed (default 5ms; 0: on fsync/sync only)\n  \
+cache_size=SIZE      budget for unpublished data, e.g. 20G (default: the cache disk's free space);\n                       \
+when it is used up, new writers wait for publishes (see docs/CONFIGURATION.md)\n  \
+request_timeout=DUR  most a request waits on an unresponsive backend before EIO (default 60s)\n  \
 threads=N, io_threads=N, log_file=PATH\n  \
 fault_*=...          backend fault injection for tests (see docs/CONFIGURATION.md)\n\
 Every change is journaled in cache_dir before it is acknowledged; after a crash, mount again\n\
@@ -124,6 +127,12 @@ pub fn options_string(cfg: &Config) -> String {
     if cfg.threads != d.threads {
         o.push(format!("threads={}", cfg.threads));
     }
+    if cfg.request_timeout != d.request_timeout {
+        o.push(format!("request_timeout={}", ms(cfg.request_timeout)));
+    }
+    if let Some(b) = cfg.cache_size {
+        o.push(format!("cache_size={b}"));
+    }
     if cfg.io_threads != d.io_threads {
         o.push(format!("io_threads={}", cfg.io_threads));
     }
@@ -179,7 +188,7 @@ mod tests {
         let cfg = mount_config(
             "/b".into(),
             "/m".into(),
-            &["cache_dir=/c,flushers=7,exclusive,fsync=remote,debounce=3s,fault_delay=5ms,fault_rate=0.05,fault_ops=write:rename,fault_errno=ENOSPC,fault_stall_after=100,fault_stall=2s,fault_seed=9".into()],
+            &["cache_dir=/c,flushers=7,exclusive,fsync=remote,debounce=3s,fault_delay=5ms,fault_rate=0.05,fault_ops=write:rename,fault_errno=ENOSPC,fault_stall_after=100,fault_stall=2s,fault_seed=9,cache_size=64M,request_timeout=5s".into()],
             false,
         )
         .unwrap();

@@ -41,6 +41,11 @@ pub struct Config {
     /// Group commit period of the journal (fdatasync); zero: only on
     /// fsync/fsyncdir/`sync`.
     pub journal_sync: Duration,
+    /// Most a request that needs the backend waits before it fails with EIO.
+    pub request_timeout: Duration,
+    /// Budget for staged (not yet published) data; None: only the cache
+    /// filesystem's free space limits it.
+    pub cache_size: Option<u64>,
     pub foreground: bool,
     /// Injected backend faults (testing only; off by default).
     pub faults: FaultConfig,
@@ -111,6 +116,8 @@ impl Config {
             drain_timeout: Duration::from_secs(600),
             log_file: None,
             journal_sync: Duration::from_millis(5),
+            request_timeout: Duration::from_secs(60),
+            cache_size: None,
             foreground: false,
             faults: FaultConfig::default(),
         }
@@ -147,6 +154,13 @@ impl Config {
                 }
                 "log_file" => self.log_file = Some(PathBuf::from(need(key, val)?)),
                 "journal_sync" => self.journal_sync = parse_duration(key, need(key, val)?)?,
+                "request_timeout" => {
+                    self.request_timeout = parse_duration(key, need(key, val)?)?;
+                    if self.request_timeout < Duration::from_secs(1) {
+                        return Err(format!("option {key}: must be at least 1s"));
+                    }
+                }
+                "cache_size" => self.cache_size = Some(parse_size(key, need(key, val)?)?),
                 "fault_delay" => self.faults.delay = parse_duration(key, need(key, val)?)?,
                 "fault_rate" => {
                     let v = need(key, val)?;
@@ -214,6 +228,26 @@ fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, String> {
     }
 }
 
+/// Parses `512M`, `64MiB`, `20G`, `1T` or a bare number of bytes (binary units).
+pub fn parse_size(key: &str, v: &str) -> Result<u64, String> {
+    let err = || format!("option {key}={v}: expected a size like 512M, 20G or 1T");
+    let (num, unit) = v.find(|c: char| !c.is_ascii_digit()).map_or((v, ""), |i| v.split_at(i));
+    let n: u64 = num.parse().map_err(|_| err())?;
+    let shift = match unit.to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(err()),
+    };
+    let bytes = n.checked_mul(1 << shift).ok_or_else(err)?;
+    if bytes < 1 << 20 {
+        return Err(format!("option {key}={v}: must be at least 1M"));
+    }
+    Ok(bytes)
+}
+
 /// Parses `250ms`, `2s`, `5m`, `1h` or a bare number of seconds.
 pub fn parse_duration(key: &str, v: &str) -> Result<Duration, String> {
     let err = || format!("option {key}={v}: expected a duration like 500ms, 2s, 5m or 1h");
@@ -258,6 +292,19 @@ mod tests {
     }
 
     #[test]
+    fn parses_sizes() {
+        for (v, want) in [
+            ("64M", 64u64 << 20),
+            ("64MiB", 64 << 20),
+            ("2g", 2 << 30),
+            ("1T", 1 << 40),
+            ("1048576", 1 << 20),
+        ] {
+            assert_eq!(parse_size("cache_size", v), Ok(want), "{v}");
+        }
+    }
+
+    #[test]
     fn rejects_bad_options_with_a_clear_message() {
         for (opt, needle) in [
             ("flushers=0", "between 1 and 1024"),
@@ -266,6 +313,9 @@ mod tests {
             ("fsync=maybe", "fsync=local or fsync=remote"),
             ("bogus", "unknown option 'bogus'"),
             ("cache_dir", "needs a value"),
+            ("cache_size=lots", "size like"),
+            ("cache_size=10", "at least 1M"),
+            ("request_timeout=100ms", "at least 1s"),
         ] {
             let e = cfg().apply_options(opt).unwrap_err();
             assert!(e.contains(needle), "{opt}: {e}");

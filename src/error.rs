@@ -33,6 +33,10 @@ pub enum FsError {
     BadHandle,
     #[error("backend or staging I/O: {0}")]
     Io(#[from] io::Error),
+    /// The backend did not answer within the request timeout (EIO, as on an
+    /// NFS soft mount); the op may still take effect later.
+    #[error("the backend did not answer in time")]
+    TimedOut,
     /// Internal: the answer needs backend I/O, so the caller must retry on a
     /// thread that may block. Never reaches the kernel.
     #[error("would block on the backend")]
@@ -55,6 +59,7 @@ impl FsError {
             FsError::NoSpace => libc::ENOSPC,
             FsError::BadHandle => libc::EBADF,
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            FsError::TimedOut => libc::EIO,
             FsError::WouldBlock => libc::EIO,
         }
     }

@@ -539,6 +539,11 @@ impl Scheduler {
         st.entries.len() + st.settling
     }
 
+    /// Publishes queued or running.
+    pub fn pending_publishes(&self) -> usize {
+        self.state.lock().pending_publishes
+    }
+
     pub fn snapshot(&self) -> SchedSnapshot {
         let st = self.state.lock();
         SchedSnapshot {

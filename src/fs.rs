@@ -42,6 +42,24 @@ pub struct FsConfig {
     pub fsync_remote: bool,
     /// Parallel stats when loading a directory.
     pub meta_parallel: usize,
+    /// Most a request that needs the backend waits (then EIO).
+    pub request_timeout: Duration,
+    /// Budget for staged data (None: the cache disk's free space).
+    pub cache_size: Option<u64>,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            attr_ttl: Duration::from_secs(30),
+            exclusive: false,
+            debounce: Duration::from_millis(500),
+            fsync_remote: false,
+            meta_parallel: 64,
+            request_timeout: Duration::from_secs(60),
+            cache_size: None,
+        }
+    }
 }
 
 /// An inode as reported to the kernel.
@@ -117,6 +135,26 @@ pub struct Fs {
     passthrough: std::sync::atomic::AtomicBool,
     /// Set once journaling starts (after recovery; absent in tests without one).
     journal: OnceLock<Arc<Journal>>,
+    /// Writers held back because the cache budget is used up, and how many
+    /// times that happened (for `status`).
+    writers_waiting_for_space: AtomicU64,
+    writers_throttled: AtomicU64,
+}
+
+/// The debounce while writers wait for cache space: long enough for a
+/// close-then-rename (rsync's temp files) to settle first.
+const PRESSURE_DEBOUNCE: Duration = Duration::from_millis(20);
+
+/// Cache use, for `status`.
+#[derive(Debug, serde::Serialize)]
+pub struct CacheStatus {
+    pub used_bytes: u64,
+    pub peak_used_bytes: u64,
+    pub limit_bytes: Option<u64>,
+    pub disk_available_bytes: u64,
+    pub disk_low: bool,
+    pub writers_waiting: u64,
+    pub writers_throttled: u64,
 }
 
 fn io_err(e: io::Error) -> FsError {
@@ -143,6 +181,8 @@ impl Fs {
             cfg,
             passthrough: std::sync::atomic::AtomicBool::new(false),
             journal: OnceLock::new(),
+            writers_waiting_for_space: AtomicU64::new(0),
+            writers_throttled: AtomicU64::new(0),
         })
     }
 
@@ -501,6 +541,7 @@ impl Fs {
             }
             let f = self.staging.open_rw(id).map_err(io_err)?;
             f.set_len(size).map_err(io_err)?;
+            self.staging.set_size(id, size);
             break ns;
         };
         ns.mark_dirty(ino)?;
@@ -542,6 +583,7 @@ impl Fs {
         let id = self.ns.lock().new_staging_id();
         let dst = self.staging.create(id).map_err(io_err)?;
         copy_up(&*self.backend, &src, &dst).map_err(io_err)?;
+        self.staging.set_size(id, dst.metadata().map_err(io_err)?.len());
         let mut ns = self.ns.lock();
         let i = ns.get_mut(ino)?;
         if let Content::Staged { id: other, .. } = i.content {
@@ -744,6 +786,15 @@ impl Fs {
             let out = Self::attr_out(&ns, existing)?;
             return Ok((out, opened));
         }
+        if self.over_cache_budget() {
+            drop(ns);
+            self.wait_for_cache_space(may_block)?;
+            ns = self.ns.lock();
+            if ns.lookup(parent, name)?.is_some() {
+                drop(ns);
+                return self.create(parent, name, perm, flags, uid, gid, may_block);
+            }
+        }
         let gid = inherit_gid(&ns, parent, gid)?;
         let ino = ns.create_file(parent, name, perm & 0o7777, uid, gid)?;
         let id = ns.get(ino)?.staged_id().expect("new file is staged");
@@ -777,6 +828,78 @@ impl Fs {
                 backing: passthrough.then_some(file),
             },
         ))
+    }
+
+    /// Whether staged data has used up its budget (`cache_size`) or the
+    /// cache disk is nearly full.
+    fn over_cache_budget(&self) -> bool {
+        self.cfg.cache_size.is_some_and(|limit| self.staging.used() >= limit) || self.staging.disk_low()
+    }
+
+    /// Holds a writer back, before it opens, while the cache is over budget
+    /// and publishes can free space: it proceeds once they have, when nothing
+    /// left could be freed (all dirty data is in files open for writing), or
+    /// after half the request timeout (a stalled backend), so it never gets
+    /// ENOSPC while the local disk has room. Writes through passthrough
+    /// bypass the daemon, so this is the one place the budget can act.
+    fn wait_for_cache_space(&self, may_block: bool) -> FsResult<()> {
+        if !self.over_cache_budget() {
+            return Ok(());
+        }
+        if !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        struct Waiting<'a>(&'a AtomicU64);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.writers_waiting_for_space.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.writers_waiting_for_space);
+        self.writers_throttled.fetch_add(1, Ordering::Relaxed);
+        let deadline = Instant::now() + self.cfg.request_timeout / 2;
+        loop {
+            if !self.over_cache_budget() || !self.cache_can_free() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    used = self.staging.used(),
+                    "cache over budget and the backend is not draining it: letting a writer through"
+                );
+                return Ok(());
+            }
+            self.tick(false);
+            self.staging.wait_freed(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether publishing could free cache space: some dirty file is not open
+    /// for writing, or a publish is queued.
+    fn cache_can_free(&self) -> bool {
+        let open_writers: std::collections::HashSet<Ino> = self
+            .handles
+            .lock()
+            .values()
+            .filter_map(|h| match h {
+                Handle::Staged { ino, write: true, .. } => Some(*ino),
+                _ => None,
+            })
+            .collect();
+        self.sched.pending_publishes() > 0 || self.ns.lock().dirty_files.len() > open_writers.len()
+    }
+
+    pub fn cache_status(&self) -> CacheStatus {
+        CacheStatus {
+            used_bytes: self.staging.used(),
+            peak_used_bytes: self.staging.peak_used(),
+            limit_bytes: self.cfg.cache_size,
+            disk_available_bytes: self.staging.disk_available(),
+            disk_low: self.staging.disk_low(),
+            writers_waiting: self.writers_waiting_for_space.load(Ordering::Relaxed),
+            writers_throttled: self.writers_throttled.load(Ordering::Relaxed),
+        }
     }
 
     /// Turns FUSE passthrough on (the kernel granted it at init).
@@ -827,6 +950,9 @@ impl Fs {
         // the staging file's times first) is never overwritten by stale ones.
         let mut ns = self.ns.lock();
         let Ok(md) = file.metadata() else { return };
+        if let Some(id) = ns.get(ino).ok().and_then(|i| i.staged_id()) {
+            self.staging.set_size(id, md.len());
+        }
         if let Ok(i) = ns.get_mut(ino) {
             i.attr.size = md.len();
             i.attr.blocks = md.blocks();
@@ -852,6 +978,9 @@ impl Fs {
         if kind != Kind::File {
             return Err(FsError::NotSupported); // fifos and devices are opened by the kernel
         }
+        if write {
+            self.wait_for_cache_space(may_block)?;
+        }
         if write || content != Content::Remote {
             let (mut ns, file) = loop {
                 let id = self.stage(ino, !trunc, may_block)?;
@@ -870,6 +999,9 @@ impl Fs {
             };
             if trunc {
                 file.set_len(0).map_err(io_err)?;
+                if let Some(id) = ns.get(ino)?.staged_id() {
+                    self.staging.set_size(id, 0);
+                }
                 ns.mark_dirty(ino)?;
                 let i = ns.get_mut(ino)?;
                 i.attr.size = 0;
@@ -945,8 +1077,11 @@ impl Fs {
         file.write_all_at(data, offset).map_err(io_err)?;
         let mut ns = self.ns.lock();
         ns.mark_dirty(ino)?;
-        let i = ns.get_mut(ino)?;
         let end = offset + data.len() as u64;
+        if let Some(id) = ns.get(ino)?.staged_id() {
+            self.staging.grown_to(id, end);
+        }
+        let i = ns.get_mut(ino)?;
         if end > i.attr.size {
             i.attr.size = end;
         }
@@ -1111,11 +1246,16 @@ impl Fs {
     /// inside the directory.
     pub fn tick(&self, force: bool) {
         let now = Instant::now();
+        let debounce = if self.writers_waiting_for_space.load(Ordering::Relaxed) > 0 {
+            self.cfg.debounce.min(PRESSURE_DEBOUNCE)
+        } else {
+            self.cfg.debounce
+        };
         let mut ns = self.ns.lock();
         let due: Vec<Ino> = ns
             .debounce
             .iter()
-            .filter(|(_, t)| force || now.duration_since(**t) >= self.cfg.debounce)
+            .filter(|(_, t)| force || now.duration_since(**t) >= debounce)
             .map(|(i, _)| *i)
             .collect();
         let mut fx = Effects::default();

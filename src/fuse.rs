@@ -51,6 +51,61 @@ pub struct EfsFuse {
     fs: Arc<Fs>,
     pool: BlockingPool,
     backing: Arc<Backing>,
+    watchdog: Arc<Watchdog>,
+}
+
+/// Answers requests that waited on the backend longer than the request
+/// timeout with EIO. A process whose request the daemon has read cannot be
+/// killed until it gets an answer (fuser does not act on FUSE_INTERRUPT), so
+/// a stalled backend must never hold a reply back for good. The late result,
+/// if one ever comes, is undone and dropped.
+type OnTimeout = Box<dyn FnOnce() + Send>;
+
+#[derive(Default)]
+struct Watchdog {
+    next: std::sync::atomic::AtomicU64,
+    /// Requests on the blocking pool: their deadline and their error reply.
+    waiting: parking_lot::Mutex<std::collections::HashMap<u64, (std::time::Instant, OnTimeout)>>,
+}
+
+impl Watchdog {
+    fn start(timeout: std::time::Duration) -> Arc<Watchdog> {
+        let w = Arc::new(Watchdog::default());
+        let weak = Arc::downgrade(&w);
+        let tick = (timeout / 4).clamp(std::time::Duration::from_millis(50), std::time::Duration::from_secs(1));
+        std::thread::Builder::new()
+            .name("efscache-watchdog".into())
+            .spawn(move || {
+                while let Some(w) = weak.upgrade() {
+                    w.expire(std::time::Instant::now());
+                    drop(w);
+                    std::thread::sleep(tick);
+                }
+            })
+            .expect("spawn watchdog thread");
+        w
+    }
+
+    fn watch(&self, deadline: std::time::Instant, on_timeout: OnTimeout) -> u64 {
+        let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.waiting.lock().insert(id, (deadline, on_timeout));
+        id
+    }
+
+    fn unwatch(&self, id: u64) {
+        self.waiting.lock().remove(&id);
+    }
+
+    fn expire(&self, now: std::time::Instant) {
+        let expired: Vec<OnTimeout> = {
+            let mut w = self.waiting.lock();
+            let ids: Vec<u64> = w.iter().filter(|(_, (d, _))| *d <= now).map(|(id, _)| *id).collect();
+            ids.into_iter().filter_map(|id| w.remove(&id)).map(|(_, f)| f).collect()
+        };
+        for f in expired {
+            f();
+        }
+    }
 }
 
 /// One kernel backing file per inode while any passthrough handle of it is
@@ -172,10 +227,12 @@ fn time_or_now(t: Option<TimeOrNow>) -> Option<Timespec> {
 
 impl EfsFuse {
     pub fn new(fs: Arc<Fs>, pool_threads: usize) -> EfsFuse {
+        let watchdog = Watchdog::start(fs.config().request_timeout);
         EfsFuse {
             fs,
             pool: BlockingPool::new(pool_threads),
             backing: Arc::default(),
+            watchdog,
         }
     }
 
@@ -187,12 +244,45 @@ impl EfsFuse {
         op: impl Fn(&Fs, bool) -> FsResult<T> + Send + 'static,
         done: impl FnOnce(R, FsResult<T>) + Send + 'static,
     ) {
+        self.run_undoable(reply, op, done, |_, _| {});
+    }
+
+    /// `run`, for ops whose success hands the kernel something (a handle, a
+    /// lookup reference): `undo` takes it back when the reply had already
+    /// gone out as a timeout.
+    fn run_undoable<T: Send + 'static, R: Send + 'static>(
+        &self,
+        reply: R,
+        op: impl Fn(&Fs, bool) -> FsResult<T> + Send + 'static,
+        done: impl FnOnce(R, FsResult<T>) + Send + 'static,
+        undo: impl FnOnce(&Fs, T) + Send + 'static,
+    ) {
         match op(&self.fs, false) {
             Err(FsError::WouldBlock) => {
-                let fs = self.fs.clone();
+                type Slot<R, D> = Arc<parking_lot::Mutex<Option<(R, D)>>>;
+                let slot: Slot<R, _> = Arc::new(parking_lot::Mutex::new(Some((reply, done))));
+                let timeout = self.fs.config().request_timeout;
+                let on_timeout = {
+                    let slot = slot.clone();
+                    Box::new(move || {
+                        let taken = slot.lock().take();
+                        if let Some((reply, done)) = taken {
+                            tracing::warn!(?timeout, "a request waited on the backend too long: answered EIO");
+                            done(reply, Err(FsError::TimedOut));
+                        }
+                    })
+                };
+                let id = self.watchdog.watch(std::time::Instant::now() + timeout, on_timeout);
+                let (fs, watchdog) = (self.fs.clone(), self.watchdog.clone());
                 self.pool.spawn(move || {
                     let r = op(&fs, true);
-                    done(reply, r)
+                    watchdog.unwatch(id);
+                    let taken = slot.lock().take();
+                    match (taken, r) {
+                        (Some((reply, done)), r) => done(reply, r),
+                        (None, Ok(v)) => undo(&fs, v),
+                        (None, Err(_)) => {}
+                    }
                 });
             }
             r => done(reply, r),
@@ -201,10 +291,15 @@ impl EfsFuse {
 
     fn entry(&self, reply: ReplyEntry, op: impl Fn(&Fs, bool) -> FsResult<AttrOut> + Send + 'static) {
         let ttl = self.fs.kernel_ttl();
-        self.run(reply, op, move |reply, r| match r {
-            Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-            Err(e) => reply.error(errno(&e)),
-        });
+        self.run_undoable(
+            reply,
+            op,
+            move |reply, r| match r {
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            },
+            |fs, a| fs.unlookup(a.ino),
+        );
     }
 
     fn empty(&self, reply: ReplyEmpty, op: impl Fn(&Fs, bool) -> FsResult<()> + Send + 'static) {
@@ -381,7 +476,7 @@ impl fuser::Filesystem for EfsFuse {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (fs, backing) = (self.fs.clone(), self.backing.clone());
-        self.run(reply, move |fs, b| fs.open(ino.0, flags.0, b), move |reply, r| match r {
+        self.run_undoable(reply, move |fs, b| fs.open(ino.0, flags.0, b), move |reply, r| match r {
             Ok(o) => match o.backing {
                 Some(file) => match backing.acquire(ino.0, o.fh, || reply.open_backing(&*file)) {
                     Ok(id) => reply.opened_passthrough(FileHandle(o.fh), FopenFlags::empty(), &id),
@@ -394,7 +489,9 @@ impl fuser::Filesystem for EfsFuse {
                 None => reply.opened(FileHandle(o.fh), FopenFlags::empty()),
             },
             Err(e) => reply.error(errno(&e)),
-        });
+        },
+        |fs, o| fs.release(o.fh),
+        );
     }
 
     fn read(
@@ -484,7 +581,7 @@ impl fuser::Filesystem for EfsFuse {
     fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
         let ttl = self.fs.kernel_ttl();
         let fs = self.fs.clone();
-        self.run(
+        self.run_undoable(
             reply,
             move |fs, b| fs.readdir(ino.0, offset, true, b),
             move |mut reply, r| match r {
@@ -504,6 +601,11 @@ impl fuser::Filesystem for EfsFuse {
                     reply.ok()
                 }
                 Err(e) => reply.error(errno(&e)),
+            },
+            |fs, entries| {
+                for e in entries.iter().filter(|e| e.offset > 2) {
+                    fs.unlookup(e.ino);
+                }
             },
         );
     }
@@ -588,7 +690,7 @@ impl fuser::Filesystem for EfsFuse {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         let ttl = self.fs.kernel_ttl();
         let (fs, backing) = (self.fs.clone(), self.backing.clone());
-        self.run(
+        self.run_undoable(
             reply,
             move |fs, b| fs.create(parent.0, &name, mode & 0o7777, flags, uid, gid, b),
             move |reply, r| match r {
@@ -607,6 +709,10 @@ impl fuser::Filesystem for EfsFuse {
                     }
                 }
                 Err(e) => reply.error(errno(&e)),
+            },
+            |fs, (a, o)| {
+                fs.release(o.fh);
+                fs.unlookup(a.ino);
             },
         );
     }

@@ -308,6 +308,8 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
         debounce: cfg.debounce,
         fsync_remote: cfg.fsync == FsyncMode::Remote,
         meta_parallel: cfg.meta_parallel,
+        request_timeout: cfg.request_timeout,
+        cache_size: cfg.cache_size,
     };
     let replay_cfg = ReplayConfig {
         workers: cfg.flushers,

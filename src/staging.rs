@@ -8,18 +8,126 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use std::collections::HashMap;
 
 #[derive(Debug)]
 pub struct Staging {
     dir: PathBuf,
+    space: Space,
 }
+
+/// What staging holds, as far as the daemon has seen: bytes per staging file
+/// (data written through passthrough counts from the writer's close), and a
+/// recent reading of the cache disk's free space.
+#[derive(Debug, Default)]
+struct Space {
+    sizes: Mutex<HashMap<u64, u64>>,
+    used: AtomicU64,
+    /// The most `used` has been.
+    peak: AtomicU64,
+    /// (when read, bytes available, bytes the disk keeps free for others)
+    disk: Mutex<Option<(Instant, u64, u64)>>,
+    /// Signalled whenever a staging file is removed.
+    freed: Condvar,
+    freed_lock: Mutex<()>,
+}
+
+/// How stale the free-space reading may be.
+const DISK_READING_TTL: Duration = Duration::from_millis(100);
 
 impl Staging {
     /// Opens (creating if needed) the staging directory under `cache_dir`.
     pub fn open(cache_dir: &Path) -> io::Result<Staging> {
         let dir = cache_dir.join("staging");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-        Ok(Staging { dir })
+        Ok(Staging {
+            dir,
+            space: Space::default(),
+        })
+    }
+
+    /// Records the size of every staging file present (at start, after
+    /// recovery has moved leftovers away).
+    pub fn rescan(&self) -> io::Result<()> {
+        for id in self.ids()? {
+            if let Ok(md) = std::fs::metadata(self.path(id)) {
+                self.set_size(id, md.len());
+            }
+        }
+        Ok(())
+    }
+
+    /// Records that staging file `id` now holds `bytes`.
+    pub fn set_size(&self, id: u64, bytes: u64) {
+        let old = self.space.sizes.lock().insert(id, bytes).unwrap_or(0);
+        if bytes >= old {
+            let now = self.space.used.fetch_add(bytes - old, Ordering::Relaxed) + bytes - old;
+            self.space.peak.fetch_max(now, Ordering::Relaxed);
+        } else {
+            self.space.used.fetch_sub(old - bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a write that ends at `end` in staging file `id`.
+    pub fn grown_to(&self, id: u64, end: u64) {
+        let mut sizes = self.space.sizes.lock();
+        let s = sizes.entry(id).or_default();
+        if end > *s {
+            let now = self.space.used.fetch_add(end - *s, Ordering::Relaxed) + end - *s;
+            self.space.peak.fetch_max(now, Ordering::Relaxed);
+            *s = end;
+        }
+    }
+
+    /// Bytes held in staging files.
+    pub fn used(&self) -> u64 {
+        self.space.used.load(Ordering::Relaxed)
+    }
+
+    /// The most staging has held since start.
+    pub fn peak_used(&self) -> u64 {
+        self.space.peak.load(Ordering::Relaxed)
+    }
+
+    /// Whether the cache disk is nearly full: less free than 5% of its size
+    /// (at most 1 GiB), which efscache leaves to everyone else.
+    pub fn disk_low(&self) -> bool {
+        let (avail, keep) = self.disk_reading();
+        avail < keep
+    }
+
+    /// Bytes available on the cache disk.
+    pub fn disk_available(&self) -> u64 {
+        self.disk_reading().0
+    }
+
+    fn disk_reading(&self) -> (u64, u64) {
+        let mut d = self.space.disk.lock();
+        if let Some((at, avail, keep)) = *d
+            && at.elapsed() < DISK_READING_TTL
+        {
+            return (avail, keep);
+        }
+        let (avail, keep) = match statvfs(&self.dir) {
+            Ok(v) => {
+                let frag = v.f_frsize;
+                let size = v.f_blocks * frag;
+                (v.f_bavail * frag, (size / 20).min(1 << 30))
+            }
+            Err(_) => (u64::MAX, 0),
+        };
+        *d = Some((Instant::now(), avail, keep));
+        (avail, keep)
+    }
+
+    /// Waits until a staging file is removed, or `timeout`.
+    pub fn wait_freed(&self, timeout: Duration) {
+        let mut g = self.space.freed_lock.lock();
+        self.space.freed.wait_for(&mut g, timeout);
     }
 
     pub fn path(&self, id: u64) -> PathBuf {
@@ -28,13 +136,15 @@ impl Staging {
 
     /// Creates an empty staging file (replacing any leftover with the same id).
     pub fn create(&self, id: u64) -> io::Result<File> {
-        OpenOptions::new()
+        let f = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(self.path(id))
+            .open(self.path(id))?;
+        self.set_size(id, 0);
+        Ok(f)
     }
 
     /// Opens an existing staging file for reading and writing.
@@ -82,5 +192,24 @@ impl Staging {
         {
             tracing::warn!(id, error = %e, "cannot remove staging file");
         }
+        if let Some(old) = self.space.sizes.lock().remove(&id) {
+            self.space.used.fetch_sub(old, Ordering::Relaxed);
+        }
+        let _g = self.space.freed_lock.lock();
+        self.space.freed.notify_all();
+    }
+}
+
+fn statvfs(dir: &Path) -> io::Result<libc::statvfs> {
+    use std::os::unix::ffi::OsStrExt;
+    let c =
+        std::ffi::CString::new(dir.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: statvfs writes into a zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut v: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut v) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(v)
     }
 }

@@ -47,6 +47,7 @@ pub fn collect(fs: &Fs, cfg: &Config, started: Instant, recovery: &serde_json::V
         "cached_inodes": st.inodes,
         "data_path": if fs.passthrough_enabled() { "passthrough" } else { "served" },
         "backend_ops": fs.backend.stats().snapshot(),
+        "cache": fs.cache_status(),
         "journal": journal,
         "recovery": recovery,
         "config": cfg,

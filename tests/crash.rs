@@ -415,6 +415,51 @@ fn umount_with_a_short_drain_leaves_the_rest_to_the_next_mount() {
     }
 }
 
+/// SIGTERM (systemd's stop, shutdown) publishes what is pending, then
+/// unmounts and exits: nothing is left for the next mount.
+#[test]
+fn sigterm_drains_then_unmounts() {
+    let s = Scratch::new();
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    let mut m = Mount::start(&backend, &mnt, &cache, "debounce=30s,fault_delay=2ms");
+    std::fs::create_dir(mnt.join("d")).unwrap();
+    for i in 0..100 {
+        std::fs::write(mnt.join(format!("d/f{i}")), format!("file {i}")).unwrap();
+    }
+    let pending = m.status()["pending_files"].as_u64().unwrap();
+    assert!(pending > 0, "nothing was pending: the drain would prove nothing");
+    let mut child = m.child.take().unwrap();
+    // SAFETY: signalling the daemon this test started.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the daemon did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "daemon exit after SIGTERM: {status}");
+    assert!(!common::is_efscache_mounted(&mnt), "SIGTERM did not unmount");
+    for i in 0..100 {
+        assert_eq!(
+            std::fs::read(backend.join(format!("d/f{i}"))).unwrap(),
+            format!("file {i}").as_bytes()
+        );
+    }
+    let m = Mount::start(&backend, &mnt, &cache, "");
+    let rec = &m.status()["recovery"];
+    assert_eq!(
+        rec["ops"].as_u64().unwrap_or(0) + rec["states"].as_u64().unwrap_or(0),
+        0,
+        "work was left for the next mount: {rec}"
+    );
+    m.umount();
+}
+
 /// efscache stacked on another mount at the same path (as on the EFS mount
 /// itself), killed: the next mount detaches the dead efscache mount, never
 /// the one beneath, and the backend ends complete.

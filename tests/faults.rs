@@ -103,3 +103,61 @@ fn rsync_through_a_ten_second_backend_stall() {
     m.umount();
     assert_same_tree(&s.path("src"), &s.path("backend/dst"));
 }
+
+/// Total backend requests the daemon has made (all kinds).
+fn backend_requests(m: &Mount) -> u64 {
+    let st = m.status();
+    st["backend_ops"]["ops"]
+        .as_object()
+        .map_or(0, |o| o.values().filter_map(|v| v.as_u64()).sum())
+}
+
+/// A backend that stops answering holds readers of clean files at most the
+/// request timeout: then they get EIO (never 0 bytes or stale data), a killed
+/// reader goes away, and once the backend is back the same read succeeds.
+#[test]
+fn a_stalled_backend_never_holds_a_reader_for_good() {
+    let s = Scratch::new();
+    let data = Rng(5).bytes(64 << 10);
+    std::fs::create_dir(s.path("backend/dir")).unwrap();
+    std::fs::write(s.path("backend/dir/file.dat"), &data).unwrap();
+    // How many requests a mount makes before the first access: the stall
+    // starts right after them.
+    let probe = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "");
+    let at_start = backend_requests(&probe);
+    probe.umount();
+    let stall = std::time::Duration::from_secs(25);
+    let m = Mount::start(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        &format!("request_timeout=2s,fault_stall_after={at_start},fault_stall=25s"),
+    );
+    let t = std::time::Instant::now();
+    let file = s.path("mnt/dir/file.dat");
+    match std::fs::read(&file) {
+        Ok(got) => panic!("read during the stall returned {} bytes instead of failing", got.len()),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    assert!(t.elapsed() < stall, "the reader waited for the whole stall");
+
+    let mut cat = Command::new("cat")
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    cat.kill().unwrap();
+    let killed = std::time::Instant::now();
+    while cat.try_wait().unwrap().is_none() {
+        assert!(t.elapsed() < stall, "a killed reader stayed stuck in the mount");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    eprintln!("killed reader exited {:?} after SIGKILL", killed.elapsed());
+
+    while t.elapsed() < stall + std::time::Duration::from_secs(1) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), data, "read after the stall");
+    m.umount();
+}

@@ -899,6 +899,7 @@ impl Mount {
             },
             fsync_remote: false,
             meta_parallel: 2,
+            ..FsConfig::default()
         };
         let replay_cfg = ReplayConfig {
             workers: cfg.workers,
