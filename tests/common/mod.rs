@@ -339,6 +339,25 @@ pub fn make_tree(root: &Path, seed: u64, big: Option<usize>) {
     }
 }
 
+/// `dirs` directories of `per_dir` small files (1 byte to 16 KiB).
+pub fn small_files(root: &Path, dirs: usize, per_dir: usize, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    for d in 0..dirs {
+        let dir = root.join(format!("small{d:02}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in 0..per_dir {
+            let len = 1 + rng.below(16 << 10) as usize;
+            std::fs::write(dir.join(format!("file{f:03}.dat")), rng.bytes(len)).unwrap();
+        }
+        // An old time: rsync compares directory times to the second, so a
+        // source directory from this very second would not get its time
+        // re-applied after rsync's own changes inside it.
+        let old = std::fs::FileTimes::new()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::new(1_600_000_000 + d as u64, 123));
+        std::fs::File::open(&dir).unwrap().set_times(old).unwrap();
+    }
+}
+
 /// Every path below `root` (relative), with its lstat metadata.
 pub fn walk(root: &Path) -> Vec<(PathBuf, std::fs::Metadata)> {
     let mut out = Vec::new();
