@@ -139,6 +139,10 @@ pub struct FlushOp {
     pub action: Action,
     /// The op's record in the journal, once it has one.
     pub journal_seq: Option<u64>,
+    /// For an unlink: the backend inode number the name must still have (the
+    /// one this mount knew), else another client replaced the file and it is
+    /// left alone. Not journaled: ops replayed after a crash are not checked.
+    pub expect_ino: Option<u64>,
 }
 
 impl FlushOp {
@@ -147,6 +151,7 @@ impl FlushOp {
             keys,
             action,
             journal_seq: None,
+            expect_ino: None,
         }
     }
 
@@ -370,7 +375,7 @@ impl Scheduler {
                 let e = st.entries.get_mut(&seq).expect("ready op exists");
                 let home = e.home;
                 let attempts = e.attempts;
-                let journal_seq = e.op.journal_seq;
+                let (journal_seq, expect_ino) = (e.op.journal_seq, e.op.expect_ino);
                 // The op is lent to the worker; the entry keeps its keys.
                 let action = std::mem::replace(&mut e.op.action, Action::Rmdir { path: RelPath::root() });
                 st.in_flight += 1;
@@ -380,6 +385,7 @@ impl Scheduler {
                     action,
                     attempts,
                     journal_seq,
+                    expect_ino,
                 });
             }
             let wait = st
@@ -619,6 +625,8 @@ pub struct Lent {
     pub attempts: u32,
     /// The op's journal record (see `FlushOp::journal_seq`).
     pub journal_seq: Option<u64>,
+    /// See `FlushOp::expect_ino`.
+    pub expect_ino: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -659,7 +667,7 @@ pub fn is_transient(err: &std::io::Error) -> bool {
             | Some(libc::ENFILE)
             | Some(libc::EMFILE)
             | Some(libc::ENOMEM)
-    ) || err.raw_os_error().is_none()
+    ) || (err.raw_os_error().is_none() && publish::conflict(err).is_none())
 }
 
 #[cfg(test)]

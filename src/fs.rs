@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 
 use crate::backend::{Backend, Kind, RelPath, StatFs, Timespec};
 use crate::error::{FsError, FsResult};
-use crate::flush::publish::{self, TempNames};
+use crate::flush::publish::{self, Published, TempNames};
 use crate::flush::{self, Action, Failure, FlushOp, Outcome, Scheduler};
 use crate::journal::{Header, Journal, PendingState};
 use crate::namespace::{Attr, Content, Effects, Ino, Namespace, ROOT, SetAttr};
@@ -1291,11 +1291,16 @@ impl Fs {
             // passthrough are invisible to the daemon); a change during the
             // copy (a new open bumps the generation) means: copy again.
             let mut published_generation = 0;
+            let mut expect_ino = lent.expect_ino;
             let writer_busy = match &lent.action {
                 Action::Publish { ino, staging, .. } => {
                     let (busy, foreign) = match self.ns.lock().get(*ino) {
                         Ok(i) => {
                             published_generation = i.generation;
+                            // What the first name holds on the backend now:
+                            // this file as last published or loaded, or the
+                            // older file it was renamed over.
+                            expect_ino = i.backend_ino.or(i.replaces);
                             (i.writers > 0, i.foreign_writer)
                         }
                         Err(_) => (false, false),
@@ -1315,6 +1320,7 @@ impl Fs {
                     &*self.backend,
                     &self.temps,
                     &lent.action,
+                    expect_ino,
                     |id| match self.staging.open_read(id) {
                         Ok(f) => Ok(Some(f)),
                         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -1330,11 +1336,28 @@ impl Fs {
                     },
                 )
             };
+            let conflict_with = match &result {
+                Err(e) => publish::conflict(e).map(|c| c.found_ino),
+                Ok(_) => None,
+            };
             let (outcome, published) = match result {
                 Ok(p) => (Outcome::Done, Some(p)),
                 Err(e) if flush::is_transient(&e) => (Outcome::Retry(e), None),
                 Err(e) => (Outcome::Failed(e), None),
             };
+            // The new backend identity is known before the keys are released:
+            // the next op on this file checks against it.
+            if let (
+                Some(ino),
+                Some(Published {
+                    backend_ino: Some(b),
+                    superseded: false,
+                    ..
+                }),
+            ) = (pub_ino, &published)
+            {
+                self.ns.lock().set_backend_ino(ino, *b);
+            }
             // Recorded before the op's keys are released: an op that depends
             // on this one can only have run once this one is marked done.
             if !matches!(outcome, Outcome::Retry(_))
@@ -1354,7 +1377,11 @@ impl Fs {
                         ns.entries_changed_on_backend(d);
                     }
                 }
-                if let Action::Publish { ino, .. } = op.action {
+                if let (Action::Publish { ino, staging, .. }, Some(theirs)) = (&op.action, conflict_with) {
+                    if ns.publish_conflict(*ino, theirs) {
+                        self.keep_conflicting_copy(*staging, &op.action);
+                    }
+                } else if let Action::Publish { ino, .. } = op.action {
                     match published {
                         Some(p) if !p.superseded => {
                             self.sched.stats.files_published.fetch_add(1, Ordering::Relaxed);
@@ -1370,6 +1397,22 @@ impl Fs {
                 self.staging.remove(id);
             }
             self.sched.settled();
+        }
+    }
+
+    /// Moves this mount's version of a file that lost a conflict out of
+    /// staging into `<cache_dir>/lost+found/conflicts/` (never deleted).
+    fn keep_conflicting_copy(&self, staging: u64, action: &Action) {
+        let path = action.path().map(|p| p.display()).unwrap_or_default();
+        match self.staging.keep_aside(staging, "conflicts", &path) {
+            Ok(kept) => tracing::warn!(
+                path = %path,
+                kept = %kept.display(),
+                "another client replaced this file on the backend: its version stays; this mount's version is kept aside"
+            ),
+            Err(e) => {
+                tracing::error!(path = %path, error = %e, "cannot keep this mount's version of a conflicting file aside")
+            }
         }
     }
 

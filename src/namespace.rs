@@ -126,6 +126,10 @@ pub struct Dentry {
     /// an older object under this name (the file was renamed over it), which
     /// must be removed if this entry goes away before the file is published.
     pub shadows: bool,
+    /// The backend inode number of that older object, when known: a publish
+    /// or unlink that replaces it first checks that it is still the one
+    /// there (another client may have replaced it since).
+    pub shadow_ino: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -139,10 +143,16 @@ pub struct Dir {
 }
 
 impl Dir {
-    fn insert(&mut self, name: OsString, ino: Ino, shadows: bool) {
+    fn insert(&mut self, name: OsString, ino: Ino, shadows: bool, shadow_ino: Option<u64>) {
         self.next_cookie += 1;
         let cookie = self.next_cookie + 2; // 1 and 2 are "." and ".."
-        if let Some(old) = self.entries.insert(name.clone(), Dentry { ino, cookie, shadows }) {
+        let dentry = Dentry {
+            ino,
+            cookie,
+            shadows,
+            shadow_ino: shadow_ino.filter(|_| shadows),
+        };
+        if let Some(old) = self.entries.insert(name.clone(), dentry) {
             self.by_cookie.remove(&old.cookie);
         }
         self.by_cookie.insert(cookie, name);
@@ -183,6 +193,9 @@ pub struct Inode {
     /// The attributes the backend will have once the queued ops ran (None:
     /// unknown), so attribute flushes send only what differs.
     pub backend_attr: AttrSet,
+    /// For a file not on the backend yet: the backend inode number of the
+    /// older object its first publish replaces (checked before replacing).
+    pub replaces: Option<u64>,
     /// Adopted after a crash while a process of the dead mount may still
     /// write to its staging file through passthrough: publish only once that
     /// file is no longer open for writing.
@@ -209,6 +222,7 @@ impl Inode {
             publish_queued: 0,
             backend_attr: AttrSet::default(),
             foreign_writer: false,
+            replaces: None,
         }
     }
     pub fn nlink(&self) -> u32 {
@@ -438,7 +452,7 @@ impl Namespace {
         inode.links.push((dir, name.clone()));
         let is_dir = inode.kind == Kind::Dir;
         let d = self.dir_mut(dir)?;
-        d.insert(name, ino, false);
+        d.insert(name, ino, false, None);
         if is_dir {
             d.subdirs += 1;
         }
@@ -536,7 +550,7 @@ impl Namespace {
         let is_dir = inode.kind == Kind::Dir;
         self.inodes.insert(ino, Box::new(inode));
         let d = self.dir_mut(parent)?;
-        d.insert(name.to_owned(), ino, false);
+        d.insert(name.to_owned(), ino, false, None);
         if is_dir {
             d.subdirs += 1;
         }
@@ -697,14 +711,19 @@ impl Namespace {
         if i.kind == Kind::Dir {
             return Err(FsError::IsDir);
         }
-        let on_backend = i.on_backend;
+        // The backend object this name has now; unknown while a publish of
+        // the file is queued or running (it brings a new one).
+        let (on_backend, backend_ino) = (i.on_backend, i.backend_ino.filter(|_| i.publish_queued == 0));
         let path = self.path_for(parent, name)?;
         let d = self.detach(parent, name)?;
         if on_backend {
-            fx.ops
-                .push(self.op(&[(parent, name)], &[ino], Action::Unlink { path })?);
+            let mut op = self.op(&[(parent, name)], &[ino], Action::Unlink { path })?;
+            op.expect_ino = backend_ino;
+            fx.ops.push(op);
         } else if d.shadows {
-            fx.ops.push(self.op(&[(parent, name)], &[], Action::Unlink { path })?);
+            let mut op = self.op(&[(parent, name)], &[], Action::Unlink { path })?;
+            op.expect_ino = d.shadow_ino;
+            fx.ops.push(op);
         }
         self.get_mut(ino)?.attr.ctime = Timespec::now();
         self.touch_dir(parent);
@@ -759,6 +778,7 @@ impl Namespace {
             return Err(FsError::Invalid);
         }
         let mut replaced_shadows = false;
+        let mut replaced_ino = None;
         if let Some(t) = dst {
             if noreplace {
                 return Err(FsError::Exists);
@@ -773,6 +793,11 @@ impl Namespace {
             }
             let tdent = self.dir(newparent)?.entries.get(newname).expect("dst exists").clone();
             replaced_shadows = ti.on_backend || tdent.shadows;
+            replaced_ino = if ti.on_backend {
+                ti.backend_ino
+            } else {
+                tdent.shadow_ino
+            };
         }
         let src_on_backend = self.get(src)?.on_backend;
         let from = self.path_for(parent, name)?;
@@ -792,7 +817,7 @@ impl Namespace {
         {
             let shadows = !src_on_backend && replaced_shadows;
             let d = self.dir_mut(newparent)?;
-            d.insert(newname.to_owned(), src, shadows);
+            d.insert(newname.to_owned(), src, shadows, replaced_ino);
             if src_is_dir {
                 d.subdirs += 1;
             }
@@ -808,8 +833,9 @@ impl Namespace {
             fx.ops.push(FlushOp::new(keys, Action::Rename { from, to, noreplace }));
         } else if sdent.shadows {
             // The backend's older object under the old name must go.
-            fx.ops
-                .push(self.op(&[(parent, name)], &[], Action::Unlink { path: from })?);
+            let mut op = self.op(&[(parent, name)], &[], Action::Unlink { path: from })?;
+            op.expect_ino = sdent.shadow_ino;
+            fx.ops.push(op);
         }
         self.touch_dir(parent);
         self.touch_dir(newparent);
@@ -840,7 +866,7 @@ impl Namespace {
         if self.lookup(newparent, newname)?.is_some() {
             return Err(FsError::Exists);
         }
-        self.dir_mut(newparent)?.insert(newname.to_owned(), ino, false);
+        self.dir_mut(newparent)?.insert(newname.to_owned(), ino, false, None);
         self.touched.push(ino);
         let i = self.get_mut(ino)?;
         i.links.push((newparent, newname.to_owned()));
@@ -959,12 +985,20 @@ impl Namespace {
                 attrs,
             },
         )?;
-        for (p, n) in &names {
+        let mut replaces = None;
+        for (k, (p, n)) in names.iter().enumerate() {
             if let Some(d) = self.dir_mut(*p)?.entries.get_mut(n) {
+                if k == 0 && d.shadows {
+                    replaces = d.shadow_ino;
+                }
                 d.shadows = false;
+                d.shadow_ino = None;
             }
         }
         let i = self.get_mut(ino)?;
+        if i.backend_ino.is_none() {
+            i.replaces = replaces;
+        }
         i.on_backend = true;
         i.content = Content::Staged { id, dirty: false };
         i.publish_queued += 1;
@@ -979,6 +1013,7 @@ impl Namespace {
             self.set_backend_ino(ino, b);
         }
         let i = self.inodes.get_mut(&ino)?;
+        i.replaces = None;
         i.publish_queued = i.publish_queued.saturating_sub(1);
         match i.content {
             Content::Staged { id, dirty: false }
@@ -993,6 +1028,26 @@ impl Namespace {
 
     /// A publish ended without publishing (content changed meanwhile, file
     /// removed, or a permanent failure that `status` reports).
+    /// A publish found the file replaced on the backend by another client
+    /// (inode `theirs`): the backend's version wins and the file reads from
+    /// the backend again. Returns whether the staged copy is to be kept aside
+    /// (false while it changed again: its next publish reports again).
+    pub fn publish_conflict(&mut self, ino: Ino, theirs: u64) -> bool {
+        let Some(i) = self.inodes.get_mut(&ino) else {
+            return false;
+        };
+        i.publish_queued = i.publish_queued.saturating_sub(1);
+        if !matches!(i.content, Content::Staged { dirty: false, .. }) || i.publish_queued > 0 {
+            return false;
+        }
+        i.content = Content::Remote;
+        i.replaces = None;
+        i.fetched = None;
+        self.set_backend_ino(ino, theirs);
+        self.touched.push(ino);
+        true
+    }
+
     pub fn publish_abandoned(&mut self, ino: Ino) {
         if let Some(i) = self.inodes.get_mut(&ino) {
             i.publish_queued = i.publish_queued.saturating_sub(1);
@@ -1116,15 +1171,16 @@ impl Namespace {
         i.foreign_writer = foreign_writer;
         self.inodes.insert(ino, Box::new(i));
         for (p, n) in names {
-            let shadows = match self.lookup(*p, n)? {
+            let (shadows, shadow_ino) = match self.lookup(*p, n)? {
                 Some(old) => {
+                    let old_ino = self.get(old)?.backend_ino;
                     self.detach(*p, n)?;
                     self.maybe_free(old, &mut Effects::default());
-                    true
+                    (true, old_ino)
                 }
-                None => false,
+                None => (false, None),
             };
-            self.dir_mut(*p)?.insert(n.clone(), ino, shadows);
+            self.dir_mut(*p)?.insert(n.clone(), ino, shadows, shadow_ino);
             self.get_mut(ino)?.links.push((*p, n.clone()));
         }
         self.next_staging = self.next_staging.max(staging + 1);

@@ -325,6 +325,7 @@ fn replay_worker(sched: &Scheduler, journal: &Journal, backend: &dyn Backend, st
             backend,
             temps,
             &lent.action,
+            None, // what this mount knew of other clients died with it
             |id| staged_for_replay(staging, &lent.action, id),
             || true,
         );

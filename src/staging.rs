@@ -186,6 +186,30 @@ impl Staging {
         name.to_str().and_then(|n| u64::from_str_radix(n, 16).ok())
     }
 
+    /// Moves staging file `id` to `<cache_dir>/lost+found/<why>/`, named
+    /// after the time, the id and `label` (a path, made a file name); returns
+    /// where it went.
+    pub fn keep_aside(&self, id: u64, why: &str, label: &str) -> io::Result<PathBuf> {
+        let cache = self.dir.parent().unwrap_or(&self.dir);
+        let dest = cache.join("lost+found").join(why);
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dest)?;
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let label: String = label
+            .chars()
+            .map(|c| if c == '/' { '%' } else { c })
+            .take(150)
+            .collect();
+        let to = dest.join(format!("{secs}-{id:x}-{label}"));
+        std::fs::rename(self.path(id), &to)?;
+        if let Some(old) = self.space.sizes.lock().remove(&id) {
+            self.space.used.fetch_sub(old, Ordering::Relaxed);
+        }
+        Ok(to)
+    }
+
     pub fn remove(&self, id: u64) {
         if let Err(e) = std::fs::remove_file(self.path(id))
             && e.kind() != io::ErrorKind::NotFound

@@ -55,7 +55,51 @@ pub struct Published {
     pub superseded: bool,
 }
 
-/// Runs `action`. `content` opens the staged data of a publish (None: the
+/// Another client replaced the backend object this mount meant to replace
+/// or remove (its inode number is not the one this mount knew).
+#[derive(Debug)]
+pub struct Conflict {
+    pub expected_ino: u64,
+    pub found_ino: u64,
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "replaced on the backend by another client since this mount loaded it (inode {} became {})",
+            self.expected_ino, self.found_ino
+        )
+    }
+}
+
+impl std::error::Error for Conflict {}
+
+/// The conflict an op ended with, if that is why it failed.
+pub fn conflict(e: &io::Error) -> Option<&Conflict> {
+    e.get_ref().and_then(|e| e.downcast_ref::<Conflict>())
+}
+
+/// Fails with a `Conflict` when `path` holds a backend object other than
+/// inode `expected` (absent is fine: nothing of anyone's is replaced). Checked
+/// just before the change: NFS has no compare-and-swap, so a change in the
+/// instant between check and rename still wins the race.
+fn check_unchanged(backend: &dyn Backend, path: &RelPath, expected: Option<u64>) -> io::Result<()> {
+    let Some(expected_ino) = expected else {
+        return Ok(());
+    };
+    match backend.stat(path) {
+        Ok(st) if st.ino != expected_ino => Err(io::Error::other(Conflict {
+            expected_ino,
+            found_ino: st.ino,
+        })),
+        Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Runs `action`. `expect_ino` (unlink and publish) is the backend inode
+/// number the target name must still have, if this mount knows it. `content` opens the staged data of a publish (None: the
 /// staging file is gone, the file was removed meanwhile); `still_current`
 /// says whether the staged content is unchanged since the copy started
 /// (otherwise the publish fails with EAGAIN and is retried).
@@ -63,6 +107,7 @@ pub fn execute(
     backend: &dyn Backend,
     temps: &TempNames,
     action: &Action,
+    expect_ino: Option<u64>,
     content: impl FnOnce(u64) -> io::Result<Option<File>>,
     still_current: impl FnOnce() -> bool,
 ) -> io::Result<Published> {
@@ -88,7 +133,10 @@ pub fn execute(
             Ok(Published::default())
         }
         Action::Rmdir { path } => ignore_enoent(backend.rmdir(path)),
-        Action::Unlink { path } => ignore_enoent(backend.unlink(path)),
+        Action::Unlink { path } => {
+            check_unchanged(backend, path, expect_ino)?;
+            ignore_enoent(backend.unlink(path))
+        }
         Action::Rename { from, to, noreplace } => backend.rename(from, to, *noreplace).map(|_| Published::default()),
         Action::Symlink { path, target, attrs } => {
             match backend.symlink(target, path) {
@@ -140,7 +188,7 @@ pub fn execute(
                     ..Default::default()
                 });
             };
-            publish_file(backend, temps, &src, paths, attrs, still_current)
+            publish_file(backend, temps, &src, paths, attrs, expect_ino, still_current)
         }
         Action::Barrier(tx) => {
             let _ = tx.send(());
@@ -178,6 +226,7 @@ fn publish_file(
     src: &File,
     paths: &[RelPath],
     attrs: &AttrSet,
+    expect_ino: Option<u64>,
     still_current: impl FnOnce() -> bool,
 ) -> io::Result<Published> {
     let first = paths
@@ -217,6 +266,7 @@ fn publish_file(
             ..Default::default()
         });
     }
+    check_unchanged(backend, first, expect_ino)?;
     backend.rename(&temp, first, false)?;
     guard.path = None;
     for other in &paths[1..] {

@@ -1,0 +1,100 @@
+//! Other writers: a file that another client replaced on the backend after
+//! this mount loaded it is neither overwritten nor unlinked by a late publish
+//! or unlink. The backend's version stays, `sync` names the file and fails,
+//! and this mount's version is kept in the cache's lost+found.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+use common::{BIN, Mount, Scratch};
+
+/// Another client's write: a new file renamed over the name (as rsync,
+/// editors and most tools do).
+fn replace_on_backend(path: &Path, data: &str) {
+    let tmp = path.with_extension("other-client-tmp");
+    std::fs::write(&tmp, data).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[test]
+fn a_file_replaced_by_another_client_is_not_overwritten_or_unlinked() {
+    let s = Scratch::new();
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    std::fs::create_dir(backend.join("d")).unwrap();
+    for (name, data) in [
+        ("renamed-over", "v1"),
+        ("in-place", "v1"),
+        ("removed", "v1"),
+        ("untouched", "v1"),
+    ] {
+        std::fs::write(backend.join("d").join(name), data).unwrap();
+    }
+    // Nothing is published before `sync`, and the listing is not re-read.
+    let m = Mount::start(&backend, &mnt, &cache, "debounce=1h,attr_ttl=1h");
+    assert_eq!(std::fs::read_to_string(mnt.join("d/renamed-over")).unwrap(), "v1");
+    assert_eq!(std::fs::read_to_string(mnt.join("d/in-place")).unwrap(), "v1");
+    assert_eq!(std::fs::read_to_string(mnt.join("d/removed")).unwrap(), "v1");
+
+    // This mount: rsync-style temp + rename, an in-place rewrite, an unlink,
+    // and a change to a file nobody else touches.
+    std::fs::write(mnt.join("d/.renamed-over.XXXXXX"), "ours").unwrap();
+    std::fs::rename(mnt.join("d/.renamed-over.XXXXXX"), mnt.join("d/renamed-over")).unwrap();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(mnt.join("d/in-place"))
+        .unwrap();
+    f.write_all(b"ours too").unwrap();
+    drop(f);
+    std::fs::write(mnt.join("d/untouched"), "ours alone").unwrap();
+
+    // Another client, directly on the backend, before the publishes (and
+    // before the unlink, which is not held back like a publish).
+    replace_on_backend(&backend.join("d/renamed-over"), "theirs");
+    replace_on_backend(&backend.join("d/in-place"), "theirs too");
+    replace_on_backend(&backend.join("d/removed"), "theirs, new");
+    std::fs::remove_file(mnt.join("d/removed")).unwrap();
+
+    let out = Command::new(BIN).arg("sync").arg(&mnt).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("sync: {stderr}");
+    assert!(!out.status.success(), "sync succeeded despite conflicts");
+    for name in ["renamed-over", "in-place", "removed"] {
+        assert!(
+            stderr.contains(&format!("d/{name}")),
+            "sync does not name d/{name}: {stderr}"
+        );
+    }
+    let failures = m.status()["failures"].as_array().unwrap().len();
+    assert_eq!(failures, 3, "status lists {failures} failures");
+    // umount reports the same failures (exit 1) and unmounts.
+    let out = Command::new(BIN).arg("umount").arg(&mnt).output().unwrap();
+    assert!(!out.status.success() && !common::is_efscache_mounted(&mnt));
+    drop(m);
+
+    let read = |p: &str| std::fs::read_to_string(backend.join(p)).unwrap();
+    assert_eq!(read("d/renamed-over"), "theirs");
+    assert_eq!(read("d/in-place"), "theirs too");
+    assert_eq!(read("d/removed"), "theirs, new");
+    assert_eq!(read("d/untouched"), "ours alone");
+
+    // This mount's versions are kept, not lost.
+    let mut kept: Vec<String> = std::fs::read_dir(cache.join("lost+found/conflicts"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["ours", "ours too"]);
+
+    // A new mount shows the backend's versions and has nothing left to do.
+    let m = Mount::start(&backend, &mnt, &cache, "");
+    assert_eq!(std::fs::read_to_string(mnt.join("d/renamed-over")).unwrap(), "theirs");
+    assert_eq!(std::fs::read_to_string(mnt.join("d/removed")).unwrap(), "theirs, new");
+    m.sync();
+    m.umount();
+    assert_eq!(read("d/renamed-over"), "theirs");
+}
