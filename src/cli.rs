@@ -95,6 +95,9 @@ status object (with --watch: one object per line)."
         /// Wait up to DUR for the daemon to answer (e.g. right after it was started).
         #[arg(long, value_name = "DUR")]
         wait: Option<String>,
+        /// With --wait: give up as soon as process PID (the starting daemon) has exited.
+        #[arg(long, value_name = "PID", requires = "wait")]
+        wait_pid: Option<u32>,
     },
     /// Find damaged-looking files and stale temp files on a backend tree
     /// (never through an efscache mount).

@@ -96,9 +96,13 @@ pub fn main_with(cli: Cli) -> Result<i32, String> {
             until_drained,
             interval,
             wait,
+            wait_pid,
         } => {
             init_logging(None);
-            let wait = wait.map(|w| cli::parse_cli_duration("--wait", &w)).transpose()?;
+            let wait = wait
+                .map(|w| cli::parse_cli_duration("--wait", &w))
+                .transpose()?
+                .map(|d| (d, wait_pid));
             let mp = mountpoint(&mp)?;
             if watch || until_drained {
                 let interval = cli::parse_cli_duration("--interval", &interval)?;
@@ -222,14 +226,22 @@ fn umount(mp: &Path, timeout_ms: Option<u64>) -> Result<i32, String> {
     Ok(code)
 }
 
-/// One status request; with `wait`, retries until the daemon answers or
-/// `wait` has passed (a mount that is still starting).
-fn status_call(mp: &Path, wait: Option<Duration>) -> Result<serde_json::Value, String> {
-    let deadline = wait.map(|w| std::time::Instant::now() + w);
+/// One status request; with `wait` (how long, and optionally the pid of the
+/// starting daemon), retries until the daemon answers, the time has passed
+/// or that process has exited.
+fn status_call(mp: &Path, wait: Option<(Duration, Option<u32>)>) -> Result<serde_json::Value, String> {
+    let deadline = wait.map(|(w, _)| std::time::Instant::now() + w);
+    let pid = wait.and_then(|(_, p)| p);
     loop {
         match control::call(mp, &control::Request::Status) {
             Ok(v) => return Ok(v),
             Err(e) if deadline.is_none_or(|d| std::time::Instant::now() >= d) => return Err(e),
+            Err(e) if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) => {
+                return Err(format!(
+                    "process {} exited before the mount was ready: {e}",
+                    pid.unwrap_or(0)
+                ));
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
     }
@@ -243,7 +255,7 @@ fn watch_status(
     json: bool,
     until_drained: bool,
     interval: Duration,
-    wait: Option<Duration>,
+    wait: Option<(Duration, Option<u32>)>,
 ) -> Result<i32, String> {
     use std::io::Write;
     let interval = interval.max(Duration::from_millis(100));

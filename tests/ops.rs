@@ -405,5 +405,18 @@ fn status_until_drained_ends_when_published() {
     let o = out(Command::new(BIN).args(["status", "--wait", "300ms"]).arg(s.path("src")));
     assert!(!o.status.success());
     assert!(text(&o.stderr).contains("cannot reach the efscache daemon"));
+    // --wait-pid: a daemon that died while starting ends the wait at once.
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let o = out(Command::new(BIN)
+        .args(["status", "--wait", "10min", "--wait-pid", &pid.to_string()])
+        .arg(s.path("src")));
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("exited before the mount was ready"),
+        "{}",
+        text(&o.stderr)
+    );
     m.umount();
 }
