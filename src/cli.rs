@@ -1,7 +1,7 @@
 //! The command line: clap definitions and mount(8)-style `-o` parsing into a
 //! `Config`. No FUSE, no I/O.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Parser, Subcommand};
 
@@ -74,11 +74,95 @@ Durations: 250ms, 2s, 5m, 1h."
         timeout: Option<String>,
     },
     /// Show pending work, progress, failures and backend operation counts.
+    #[command(
+        long_about = "Show pending work, progress, failures and backend operation counts.\n\n\
+With --watch the view is redrawn every --interval with the publish rate and an estimate of the \
+time until everything is on the backend; it ends on Ctrl-C, or with --until-drained once nothing \
+is pending (exit 0, or 1 if some change could not be published). --json prints the daemon's \
+status object (with --watch: one object per line)."
+    )]
     Status {
         mountpoint: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Refresh until interrupted (Ctrl-C).
+        #[arg(long)]
+        watch: bool,
+        /// Like --watch, and end once nothing is pending.
+        #[arg(long)]
+        until_drained: bool,
+        /// Refresh period of --watch.
+        #[arg(long, value_name = "DUR", default_value = "1s")]
+        interval: String,
+        /// Wait up to DUR for the daemon to answer (e.g. right after it was started).
+        #[arg(long, value_name = "DUR")]
+        wait: Option<String>,
+        /// With --wait: give up as soon as process PID (the starting daemon) has exited.
+        #[arg(long, value_name = "PID", requires = "wait")]
+        wait_pid: Option<u32>,
+    },
+    /// Find damaged-looking files and stale temp files on a backend tree
+    /// (never through an efscache mount).
+    #[command(
+        long_about = "Walk a backend tree (the EFS path itself, not an efscache mount over it) and report:\n  \
+damaged-looking files: mode 000, or zero bytes (empty files are normal; they look damaged only if\n    \
+you did not expect them). Report only.\n  \
+orphaned efscache temp files (.efscache.<host>.<instance>.<n>) left by a daemon that died while\n    \
+publishing. --fix removes those older than --older-than.\n  \
+stale rsync temp files (.NAME.XXXXXX: six letters/digits of mixed case or with digits, no group or\n    \
+other permission bits) older than --older-than. --purge-rsync-temps removes them.\n\
+Age is the time since the last change of the file's content or times (mtime); a candidate whose\n\
+inode changed (ctime) less than --min-idle ago is kept, since a publish or an rsync sets old times\n\
+on its temp file just before renaming it. Symlinks are never followed and the walk stays on the\n\
+filesystem of PATH. Each removal is one unlink, so an interrupted scrub leaves nothing half-done.\n\
+Exit status: 0 nothing to report, 2 findings reported, 1 error."
+    )]
+    Scrub {
+        path: PathBuf,
+        /// Machine-readable report.
+        #[arg(long)]
+        json: bool,
+        /// Remove orphaned efscache temp files older than --older-than.
+        #[arg(long)]
+        fix: bool,
+        /// Remove stale rsync temp files older than --older-than.
+        #[arg(long)]
+        purge_rsync_temps: bool,
+        /// Minimum age (mtime) of a temp file to count as stale: 30m, 12h, 1d, ...
+        #[arg(long, value_name = "DUR", default_value = "1d")]
+        older_than: String,
+        /// Keep candidates whose inode changed (ctime) less than DUR ago.
+        #[arg(long, value_name = "DUR", default_value = "10m")]
+        min_idle: String,
+        /// Directories read in parallel.
+        #[arg(long, value_name = "N", default_value_t = 16)]
+        threads: usize,
+        /// No progress display, even on a terminal.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Install the binary, the mount(8)/umount(8) helpers and the systemd unit.
+    #[command(
+        long_about = "Install efscache: copies this binary to BINDIR/efscache, links the mount(8) and \
+umount(8) helpers SBINDIR/mount.efscache, mount.fuse.efscache, umount.efscache and \
+umount.fuse.efscache to it, and writes the systemd template unit UNITDIR/efscache@.service. \
+Every path is taken below --root (default /), so a package build or a test can install into a \
+staging tree. Idempotent; the binary is replaced atomically, so running daemons are not disturbed."
+    )]
+    Install {
+        /// Install below this directory instead of /.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        #[arg(long, value_name = "DIR", default_value = "/usr/local/bin")]
+        bindir: PathBuf,
+        #[arg(long, value_name = "DIR", default_value = "/sbin")]
+        sbindir: PathBuf,
+        #[arg(long, value_name = "DIR", default_value = "/etc/systemd/system")]
+        unitdir: PathBuf,
+        /// Remove what install puts there (the cache dirs are left alone).
+        #[arg(long)]
+        uninstall: bool,
     },
     /// Mount efscache over a scratch backend, rsync a sample tree in, sync,
     /// verify the backend, unmount: the whole path in one command.
@@ -179,6 +263,204 @@ pub fn options_string(cfg: &Config) -> String {
     o.join(",")
 }
 
+/// The mount(8)/umount(8) helper names efscache answers to (argv[0]).
+/// `mount -t efscache` runs `mount.efscache`, `-t fuse.efscache` runs
+/// `mount.fuse.efscache`; umount(8) looks up `umount.<type>` with the type
+/// from mountinfo, which is always `fuse.efscache`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Helper {
+    Mount,
+    Umount,
+}
+
+pub const MOUNT_HELPERS: [&str; 2] = ["mount.efscache", "mount.fuse.efscache"];
+pub const UMOUNT_HELPERS: [&str; 2] = ["umount.efscache", "umount.fuse.efscache"];
+
+/// Which helper `argv0` names, if any.
+pub fn helper_for(argv0: &std::ffi::OsStr) -> Option<Helper> {
+    let name = Path::new(argv0).file_name()?.to_str()?;
+    if MOUNT_HELPERS.contains(&name) {
+        Some(Helper::Mount)
+    } else if UMOUNT_HELPERS.contains(&name) {
+        Some(Helper::Umount)
+    } else {
+        None
+    }
+}
+
+/// `mount.efscache SOURCE DIR [-sfnv] [-o OPTIONS] [-t TYPE]`, as mount(8) calls it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct MountHelperArgs {
+    pub source: PathBuf,
+    pub dir: PathBuf,
+    /// Every `-o` argument, in order.
+    pub options: Vec<String>,
+    /// `-f`: check and print what would be done, mount nothing.
+    pub fake: bool,
+    /// `-v`
+    pub verbose: bool,
+    /// `-s`: skip options efscache does not know (with a warning).
+    pub sloppy: bool,
+    /// `-n`: do not record the mount in /run/mount/utab.
+    pub no_mtab: bool,
+}
+
+/// `umount.fuse.efscache DIR [-flnrv] [-t TYPE]`, as umount(8) calls it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UmountHelperArgs {
+    pub dir: PathBuf,
+    /// `-f`: unmount at once, without waiting for pending work.
+    pub force: bool,
+    /// `-l`: detach lazily, without waiting for pending work.
+    pub lazy: bool,
+    pub verbose: bool,
+}
+
+/// Splits getopt-style helper arguments: single-letter flags (bundled or
+/// not), options taking a value (`-o X` or `-oX`) and positionals.
+fn helper_getopt(
+    args: &[std::ffi::OsString],
+    flags: &str,
+    valued: &str,
+    mut on_flag: impl FnMut(char, Option<String>) -> Result<(), String>,
+) -> Result<Vec<PathBuf>, String> {
+    let mut positional = Vec::new();
+    let mut it = args.iter();
+    let mut only_positional = false;
+    while let Some(a) = it.next() {
+        let bytes = a.as_encoded_bytes();
+        if only_positional || bytes.len() < 2 || bytes[0] != b'-' {
+            positional.push(PathBuf::from(a));
+            continue;
+        }
+        if bytes == b"--" {
+            only_positional = true;
+            continue;
+        }
+        let s = a
+            .to_str()
+            .ok_or_else(|| format!("option {} is not valid UTF-8", a.to_string_lossy()))?;
+        for (i, c) in s[1..].char_indices() {
+            if valued.contains(c) {
+                let rest = &s[1 + i + c.len_utf8()..];
+                let val = if rest.is_empty() {
+                    it.next()
+                        .ok_or_else(|| format!("option -{c} needs a value"))?
+                        .to_str()
+                        .ok_or_else(|| format!("the value of -{c} is not valid UTF-8"))?
+                        .to_string()
+                } else {
+                    rest.to_string()
+                };
+                on_flag(c, Some(val))?;
+                break;
+            } else if flags.contains(c) {
+                on_flag(c, None)?;
+            } else {
+                return Err(format!("unknown flag -{c}"));
+            }
+        }
+    }
+    Ok(positional)
+}
+
+fn check_helper_type(t: &str) -> Result<(), String> {
+    match t {
+        "efscache" | "fuse.efscache" => Ok(()),
+        t => Err(format!(
+            "called for filesystem type '{t}'; expected efscache or fuse.efscache"
+        )),
+    }
+}
+
+/// Parses the arguments mount(8) passes to `mount.efscache` (after argv[0]).
+pub fn parse_mount_helper(args: &[std::ffi::OsString]) -> Result<MountHelperArgs, String> {
+    let mut a = MountHelperArgs::default();
+    let pos = helper_getopt(args, "sfnvrw", "otN", |c, v| {
+        match c {
+            's' => a.sloppy = true,
+            'f' => a.fake = true,
+            'v' => a.verbose = true,
+            'n' => a.no_mtab = true,
+            'w' => {}
+            'r' => return Err("efscache cannot be mounted read-only (-r)".into()),
+            'o' => a.options.push(v.unwrap_or_default()),
+            't' => check_helper_type(&v.unwrap_or_default())?,
+            'N' => return Err("mounting in another namespace (-N) is not supported".into()),
+            _ => unreachable!("only the flags passed to helper_getopt"),
+        }
+        Ok(())
+    })?;
+    match <[PathBuf; 2]>::try_from(pos) {
+        Ok([source, dir]) => {
+            a.source = source;
+            a.dir = dir;
+            Ok(a)
+        }
+        Err(_) => Err("usage: mount.efscache BACKEND MOUNTPOINT [-sfnv] [-o OPTIONS]".into()),
+    }
+}
+
+/// Parses the arguments umount(8) passes to `umount.fuse.efscache`.
+pub fn parse_umount_helper(args: &[std::ffi::OsString]) -> Result<UmountHelperArgs, String> {
+    let mut a = UmountHelperArgs::default();
+    let pos = helper_getopt(args, "flnrvd", "tN", |c, v| {
+        match c {
+            'f' => a.force = true,
+            'l' => a.lazy = true,
+            'v' => a.verbose = true,
+            'n' | 'r' | 'd' => {}
+            't' => check_helper_type(&v.unwrap_or_default())?,
+            'N' => return Err("unmounting in another namespace (-N) is not supported".into()),
+            _ => unreachable!("only the flags passed to helper_getopt"),
+        }
+        Ok(())
+    })?;
+    match <[PathBuf; 1]>::try_from(pos) {
+        Ok([dir]) => {
+            a.dir = dir;
+            Ok(a)
+        }
+        Err(_) => Err("usage: umount.fuse.efscache MOUNTPOINT [-flnrv]".into()),
+    }
+}
+
+/// The Config a helper mounts with: the `-o` lists in order. With `sloppy`,
+/// options efscache does not know are dropped (returned as the second value)
+/// instead of failing; a bad value of a known option always fails.
+pub fn helper_config(a: &MountHelperArgs) -> Result<(Config, Vec<String>), String> {
+    let mut cfg = Config::new(a.source.clone(), a.dir.clone());
+    let mut skipped = Vec::new();
+    for list in &a.options {
+        for opt in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            match cfg.apply_options(opt) {
+                Ok(()) => {}
+                Err(e) if a.sloppy && e.starts_with(UNKNOWN_OPTION) => skipped.push(opt.to_string()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if cfg.foreground {
+        return Err("option 'foreground' cannot be used from mount(8): the mount would never return".into());
+    }
+    Ok((cfg, skipped))
+}
+
+/// How `Config::apply_options` starts its message for an option it does not know.
+const UNKNOWN_OPTION: &str = "unknown option";
+
+/// Parses a duration for the CLI: everything `parse_duration` takes, plus
+/// whole days (`1d`, `7d`).
+pub fn parse_cli_duration(what: &str, v: &str) -> Result<std::time::Duration, String> {
+    if let Some(days) = v.strip_suffix('d')
+        && let Ok(n) = days.parse::<u64>()
+    {
+        return Ok(std::time::Duration::from_secs(n * 86_400));
+    }
+    crate::config::parse_duration(what, v)
+        .map_err(|_| format!("{what} {v}: expected a duration like 500ms, 30s, 10m, 12h or 1d"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +476,89 @@ mod tests {
         .unwrap();
         let again = mount_config("/b".into(), "/m".into(), &[options_string(&cfg)], false).unwrap();
         assert_eq!(format!("{:?}", cfg), format!("{:?}", again));
+    }
+
+    fn args(v: &[&str]) -> Vec<std::ffi::OsString> {
+        v.iter().map(Into::into).collect()
+    }
+
+    #[test]
+    fn helper_names() {
+        use std::ffi::OsStr;
+        assert_eq!(helper_for(OsStr::new("/sbin/mount.efscache")), Some(Helper::Mount));
+        assert_eq!(helper_for(OsStr::new("mount.fuse.efscache")), Some(Helper::Mount));
+        assert_eq!(
+            helper_for(OsStr::new("/usr/sbin/umount.fuse.efscache")),
+            Some(Helper::Umount)
+        );
+        assert_eq!(helper_for(OsStr::new("umount.efscache")), Some(Helper::Umount));
+        assert_eq!(helper_for(OsStr::new("/usr/local/bin/efscache")), None);
+        assert_eq!(helper_for(OsStr::new("mount.efscache2")), None);
+    }
+
+    #[test]
+    fn mount_helper_arguments() {
+        let a = parse_mount_helper(&args(&["/b", "/m", "-vr"]));
+        assert_eq!(a.unwrap_err(), "efscache cannot be mounted read-only (-r)");
+        let a = parse_mount_helper(&args(&[
+            "/b",
+            "/m",
+            "-sn",
+            "-o",
+            "cache_dir=/c,_netdev",
+            "-fv",
+            "-odebounce=1s",
+        ]))
+        .unwrap();
+        assert_eq!(a.source, PathBuf::from("/b"));
+        assert_eq!(a.dir, PathBuf::from("/m"));
+        assert_eq!(a.options, ["cache_dir=/c,_netdev", "debounce=1s"]);
+        assert!(a.fake && a.verbose && a.sloppy);
+        let a = parse_mount_helper(&args(&["-t", "fuse.efscache", "/b", "/m"])).unwrap();
+        assert!(!a.fake && a.options.is_empty());
+        assert!(parse_mount_helper(&args(&["-t", "nfs", "/b", "/m"])).is_err());
+        assert!(parse_mount_helper(&args(&["/b"])).unwrap_err().starts_with("usage"));
+        assert!(
+            parse_mount_helper(&args(&["/b", "/m", "-x"]))
+                .unwrap_err()
+                .contains("-x")
+        );
+        assert!(parse_mount_helper(&args(&["/b", "/m", "-o"])).is_err());
+        let a = parse_mount_helper(&args(&["/b", "--", "-odd name"])).unwrap();
+        assert_eq!(a.dir, PathBuf::from("-odd name"));
+    }
+
+    #[test]
+    fn umount_helper_arguments() {
+        let a = parse_umount_helper(&args(&["/m", "-n", "-v"])).unwrap();
+        assert_eq!(a.dir, PathBuf::from("/m"));
+        assert!(a.verbose && !a.lazy && !a.force);
+        let a = parse_umount_helper(&args(&["-l", "/m", "-t", "fuse.efscache"])).unwrap();
+        assert!(a.lazy);
+        assert!(parse_umount_helper(&args(&["/m", "/n"])).is_err());
+    }
+
+    #[test]
+    fn helper_config_validates_and_sloppy_skips_only_unknown_options() {
+        let mut a = parse_mount_helper(&args(&["/b", "/m", "-o", "flushers=8,defaults,_netdev,bogus"])).unwrap();
+        assert!(helper_config(&a).unwrap_err().contains("bogus"));
+        a.sloppy = true;
+        let (cfg, skipped) = helper_config(&a).unwrap();
+        assert_eq!(cfg.flushers, 8);
+        assert_eq!(skipped, ["bogus"]);
+        a.options = vec!["flushers=many".into()];
+        assert!(
+            helper_config(&a).unwrap_err().contains("flushers"),
+            "bad values fail even with -s"
+        );
+        a.options = vec!["foreground".into()];
+        assert!(helper_config(&a).is_err());
+    }
+
+    #[test]
+    fn cli_durations_take_days() {
+        assert_eq!(parse_cli_duration("--older-than", "2d").unwrap().as_secs(), 2 * 86_400);
+        assert_eq!(parse_cli_duration("--older-than", "90m").unwrap().as_secs(), 5400);
+        assert!(parse_cli_duration("--older-than", "soon").is_err());
     }
 }

@@ -1,7 +1,8 @@
-//! `efscache status`: what the daemon reports, and how the CLI prints it.
+//! `efscache status`: what the daemon reports, and how the CLI prints it
+//! (once, or as a live view with publish rate and time to drained).
 
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::fs::Fs;
@@ -117,6 +118,9 @@ pub fn render(v: &serde_json::Value) -> String {
             r["failed"].as_u64().unwrap_or(0)
         ));
     }
+    if let Some(c) = render_cache(v) {
+        out.push_str(&c);
+    }
     out.push_str(&format!("cached inodes {}\n", n("cached_inodes")));
     out.push_str(&format!("data path     {}\n", v["data_path"].as_str().unwrap_or("?")));
     if let Some(ops) = v["backend_ops"]["ops"].as_object() {
@@ -131,4 +135,250 @@ pub fn render(v: &serde_json::Value) -> String {
         ));
     }
     out
+}
+
+/// "1.5 GiB", "12 KiB", "512 B".
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut x = b as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{x:.1} {}", UNITS[u])
+    }
+}
+
+/// "2h 05m", "3m 20s", "45s".
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h {:02}m", s / 3600, s % 3600 / 60)
+    } else if s >= 60 {
+        format!("{}m {:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The `cache` object (local cache use and backpressure), when the daemon
+/// reports one.
+fn render_cache(v: &serde_json::Value) -> Option<String> {
+    let c = v.get("cache").filter(|c| c.is_object())?;
+    let mut parts = Vec::new();
+    if let Some(u) = c["used_bytes"].as_u64() {
+        match c["limit_bytes"].as_u64() {
+            Some(l) if l > 0 => parts.push(format!(
+                "{} of {} used ({:.0}%)",
+                human_bytes(u),
+                human_bytes(l),
+                u as f64 * 100.0 / l as f64
+            )),
+            _ => parts.push(format!("{} used", human_bytes(u))),
+        }
+    }
+    if let Some(d) = c["dirty_bytes"].as_u64() {
+        parts.push(format!("{} not yet published", human_bytes(d)));
+    }
+    if let Some(t) = c["throttled_writers"].as_u64() {
+        parts.push(format!("{t} writers slowed down"));
+    }
+    (!parts.is_empty()).then(|| format!("cache         {}\n", parts.join(", ")))
+}
+
+/// True when the daemon has nothing left to publish: no pending files or
+/// directories, nothing queued, running or waiting to retry.
+pub fn is_drained(v: &serde_json::Value) -> bool {
+    [
+        "pending_files",
+        "dirty_dirs",
+        "queued_ops",
+        "in_flight",
+        "retry_waiting",
+    ]
+    .iter()
+    .all(|k| v[*k].as_u64() == Some(0))
+}
+
+/// Publish rates measured between successive status samples (smoothed), and
+/// the time to drained they imply.
+#[derive(Debug, Default)]
+pub struct Rates {
+    last: Option<(Instant, u64, u64)>,
+    /// Files and bytes published per second.
+    pub files_per_s: Option<f64>,
+    pub bytes_per_s: Option<f64>,
+}
+
+impl Rates {
+    /// Weight of the newest sample in the smoothed rate.
+    const ALPHA: f64 = 0.3;
+
+    /// Takes a status sample taken at `at`.
+    pub fn update(&mut self, at: Instant, v: &serde_json::Value) {
+        let files = v["published_files"].as_u64().unwrap_or(0);
+        let bytes = v["published_bytes"].as_u64().unwrap_or(0);
+        if let Some((t0, f0, b0)) = self.last {
+            let dt = at.saturating_duration_since(t0).as_secs_f64();
+            if files < f0 || bytes < b0 {
+                // Another daemon (a remount): start over.
+                self.files_per_s = None;
+                self.bytes_per_s = None;
+            } else if dt > 0.0 {
+                let smooth =
+                    |old: Option<f64>, new: f64| Some(old.map_or(new, |o| Self::ALPHA * new + (1.0 - Self::ALPHA) * o));
+                self.files_per_s = smooth(self.files_per_s, (files - f0) as f64 / dt);
+                self.bytes_per_s = smooth(self.bytes_per_s, (bytes - b0) as f64 / dt);
+            }
+        }
+        self.last = Some((at, files, bytes));
+    }
+
+    /// Estimated time until nothing is pending: None while no rate is known
+    /// (or nothing is being published).
+    pub fn eta(&self, v: &serde_json::Value) -> Option<Duration> {
+        if is_drained(v) {
+            return Some(Duration::ZERO);
+        }
+        let files = v["pending_files"].as_u64().unwrap_or(0) as f64;
+        let bytes = v["pending_bytes"].as_u64().unwrap_or(0) as f64;
+        let by_files = self.files_per_s.filter(|r| *r > 0.0).map(|r| files / r);
+        let by_bytes = self.bytes_per_s.filter(|r| *r > 0.0).map(|r| bytes / r);
+        let secs = match (by_files, by_bytes) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(Duration::from_secs_f64(secs.min(1e9)))
+    }
+}
+
+/// One frame of `efscache status --watch`.
+pub fn render_watch(v: &serde_json::Value, rates: &Rates) -> String {
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    let mut out = String::new();
+    out.push_str(&format!(
+        "efscache {} (backend {})\n\n",
+        v["mountpoint"].as_str().unwrap_or("?"),
+        v["backend"].as_str().unwrap_or("?")
+    ));
+    out.push_str(&format!(
+        "pending       {} files, {} ({} open for writing, {} directories)\n",
+        n("pending_files"),
+        human_bytes(n("pending_bytes")),
+        n("open_for_write"),
+        n("dirty_dirs")
+    ));
+    let rate = match (rates.files_per_s, rates.bytes_per_s) {
+        (Some(f), Some(b)) => format!("{f:.0} files/s, {}/s", human_bytes(b as u64)),
+        _ => "measuring...".into(),
+    };
+    out.push_str(&format!("publishing    {rate}\n"));
+    let eta = if is_drained(v) {
+        "drained: everything is on the backend".to_string()
+    } else {
+        match rates.eta(v) {
+            Some(d) => format!("~{} to drained", human_duration(d)),
+            None => "unknown (nothing published in the last interval)".into(),
+        }
+    };
+    out.push_str(&format!("eta           {eta}\n"));
+    out.push_str(&format!(
+        "queue         {} ops queued, {} in flight, {} waiting to retry\n",
+        n("queued_ops"),
+        n("in_flight"),
+        n("retry_waiting")
+    ));
+    out.push_str(&format!(
+        "published     {} files, {} since mount\n",
+        n("published_files"),
+        human_bytes(n("published_bytes"))
+    ));
+    out.push_str(&format!(
+        "retries       {}\nfailed        {}\n",
+        n("retries"),
+        n("failed")
+    ));
+    if let Some(c) = render_cache(v) {
+        out.push_str(&c);
+    }
+    if v["journal"]["healthy"].as_bool() == Some(false) {
+        out.push_str("journal       CANNOT WRITE: new changes are not crash-safe; check the cache dir's disk\n");
+    }
+    if let Some(fails) = v["failures"].as_array() {
+        for f in fails.iter().take(5) {
+            out.push_str(&format!(
+                "  FAILED {} {}: {}\n",
+                f["op"].as_str().unwrap_or("?"),
+                f["path"].as_str().unwrap_or("?"),
+                f["error"].as_str().unwrap_or("?")
+            ));
+        }
+        if fails.len() > 5 {
+            out.push_str(&format!("  ... {} more (efscache status)\n", fails.len() - 5));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample(pending: u64, files: u64, bytes: u64) -> serde_json::Value {
+        json!({
+            "mountpoint": "/mnt/efs", "backend": "/mnt/efs",
+            "pending_files": pending, "pending_bytes": pending * 1000,
+            "dirty_dirs": 0, "queued_ops": pending, "in_flight": 0, "retry_waiting": 0,
+            "published_files": files, "published_bytes": bytes,
+        })
+    }
+
+    #[test]
+    fn rates_and_eta() {
+        let t = Instant::now();
+        let mut r = Rates::default();
+        r.update(t, &sample(1000, 0, 0));
+        assert_eq!(r.eta(&sample(1000, 0, 0)), None, "no rate from one sample");
+        let v = sample(900, 100, 100_000);
+        r.update(t + Duration::from_secs(1), &v);
+        assert_eq!(r.files_per_s, Some(100.0));
+        // 900 files at 100/s, 900 kB at 100 kB/s: 9 s either way.
+        assert_eq!(r.eta(&v), Some(Duration::from_secs(9)));
+        let v = sample(900, 100, 100_000);
+        r.update(t + Duration::from_secs(2), &v);
+        assert_eq!(r.files_per_s, Some(70.0), "smoothed");
+        r.update(t + Duration::from_secs(3), &sample(0, 5, 5));
+        assert_eq!(r.files_per_s, None, "a remount resets the rates");
+        let drained = sample(0, 5, 5);
+        assert!(is_drained(&drained));
+        assert_eq!(r.eta(&drained), Some(Duration::ZERO));
+        assert!(render_watch(&drained, &r).contains("drained"));
+    }
+
+    #[test]
+    fn cache_is_shown_only_when_reported() {
+        let mut v = sample(3, 1, 1);
+        assert!(!render_watch(&v, &Rates::default()).contains("\ncache "));
+        v["cache"] =
+            json!({"used_bytes": 1u64 << 30, "limit_bytes": 4u64 << 30, "dirty_bytes": 512, "throttled_writers": 2});
+        let out = render_watch(&v, &Rates::default());
+        assert!(
+            out.contains("cache         1.0 GiB of 4.0 GiB used (25%), 512 B not yet published, 2 writers slowed down"),
+            "{out}"
+        );
+        assert!(render(&v).contains("1.0 GiB of 4.0 GiB"));
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_duration(Duration::from_secs(7325)), "2h 02m");
+        assert_eq!(human_duration(Duration::from_secs(200)), "3m 20s");
+    }
 }
