@@ -611,6 +611,11 @@ impl Scheduler {
         self.work.notify_all();
     }
 
+    /// Whether workers have stopped taking ops (the mount is gone).
+    pub fn is_paused(&self) -> bool {
+        self.state.lock().paused
+    }
+
     pub fn shutdown(&self) {
         self.state.lock().shutdown = true;
         self.work.notify_all();

@@ -1345,6 +1345,7 @@ impl Fs {
                 Err(e) if flush::is_transient(&e) => (Outcome::Retry(e), None),
                 Err(e) => (Outcome::Failed(e), None),
             };
+            let failed = matches!(outcome, Outcome::Failed(_)) && conflict_with.is_none();
             // The new backend identity is known before the keys are released:
             // the next op on this file checks against it.
             if let (
@@ -1381,14 +1382,19 @@ impl Fs {
                     if ns.publish_conflict(*ino, theirs) {
                         self.keep_conflicting_copy(*staging, &op.action);
                     }
-                } else if let Action::Publish { ino, .. } = op.action {
+                } else if let Action::Publish { ino, staging, .. } = &op.action {
                     match published {
                         Some(p) if !p.superseded => {
                             self.sched.stats.files_published.fetch_add(1, Ordering::Relaxed);
                             self.sched.stats.bytes_published.fetch_add(p.bytes, Ordering::Relaxed);
-                            discard = ns.publish_done(ino, published_generation, p.backend_ino);
+                            discard = ns.publish_done(*ino, published_generation);
                         }
-                        _ => ns.publish_abandoned(ino),
+                        _ => {
+                            ns.publish_abandoned(*ino);
+                            if failed {
+                                self.keep_failed_copy(*staging, &op.action);
+                            }
+                        }
                     }
                 }
                 self.apply(&mut ns, Effects::default());
@@ -1397,6 +1403,21 @@ impl Fs {
                 self.staging.remove(id);
             }
             self.sched.settled();
+        }
+    }
+
+    /// Keeps a copy (a hard link: no data is copied) of a file whose publish
+    /// failed for good in `<cache_dir>/lost+found/failed/`: the overlay may
+    /// drop its staged copy later, the data must outlive that.
+    fn keep_failed_copy(&self, staging: u64, action: &Action) {
+        let path = action.path().map(|p| p.display()).unwrap_or_default();
+        match self.staging.link_aside(staging, "failed", &path) {
+            Ok(kept) => {
+                tracing::warn!(path = %path, kept = %kept.display(), "a copy of the file that could not be published is kept")
+            }
+            Err(e) => {
+                tracing::error!(path = %path, error = %e, "cannot keep a copy of a file that could not be published")
+            }
         }
     }
 

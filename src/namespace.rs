@@ -1008,10 +1008,10 @@ impl Namespace {
 
     /// A publish finished. Returns the staging id to discard when the staged
     /// copy is no longer needed (content unchanged since and nobody has it open).
-    pub fn publish_done(&mut self, ino: Ino, generation: u64, backend_ino: Option<u64>) -> Option<u64> {
-        if let Some(b) = backend_ino {
-            self.set_backend_ino(ino, b);
-        }
+    /// (The new backend inode number was recorded before the op's keys were
+    /// released, see `set_backend_ino`: recording it here could overwrite a
+    /// later publish's.)
+    pub fn publish_done(&mut self, ino: Ino, generation: u64) -> Option<u64> {
         let i = self.inodes.get_mut(&ino)?;
         i.replaces = None;
         i.publish_queued = i.publish_queued.saturating_sub(1);

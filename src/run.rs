@@ -460,6 +460,13 @@ fn signal_thread(set: libc::sigset_t, fs: Arc<Fs>, cfg: Config) {
                 if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
                     continue;
                 }
+                // Once the session has ended (unmounted from outside, e.g. by
+                // systemd before it signals the unit), there is nothing to
+                // drain into: the daemon is already finishing up.
+                if fs.sched.is_paused() {
+                    tracing::info!(signal = sig, "already unmounted; exiting once running ops are done");
+                    continue;
+                }
                 tracing::info!(signal = sig, "draining and unmounting");
                 drain_and_unmount(&fs, &cfg);
             }

@@ -190,6 +190,22 @@ impl Staging {
     /// after the time, the id and `label` (a path, made a file name); returns
     /// where it went.
     pub fn keep_aside(&self, id: u64, why: &str, label: &str) -> io::Result<PathBuf> {
+        let to = self.aside_path(id, why, label)?;
+        std::fs::rename(self.path(id), &to)?;
+        if let Some(old) = self.space.sizes.lock().remove(&id) {
+            self.space.used.fetch_sub(old, Ordering::Relaxed);
+        }
+        Ok(to)
+    }
+
+    /// Like `keep_aside`, but the staging file stays too (a hard link).
+    pub fn link_aside(&self, id: u64, why: &str, label: &str) -> io::Result<PathBuf> {
+        let to = self.aside_path(id, why, label)?;
+        std::fs::hard_link(self.path(id), &to)?;
+        Ok(to)
+    }
+
+    fn aside_path(&self, id: u64, why: &str, label: &str) -> io::Result<PathBuf> {
         let cache = self.dir.parent().unwrap_or(&self.dir);
         let dest = cache.join("lost+found").join(why);
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dest)?;
@@ -202,12 +218,7 @@ impl Staging {
             .map(|c| if c == '/' { '%' } else { c })
             .take(150)
             .collect();
-        let to = dest.join(format!("{secs}-{id:x}-{label}"));
-        std::fs::rename(self.path(id), &to)?;
-        if let Some(old) = self.space.sizes.lock().remove(&id) {
-            self.space.used.fetch_sub(old, Ordering::Relaxed);
-        }
-        Ok(to)
+        Ok(dest.join(format!("{secs}-{id:x}-{label}")))
     }
 
     pub fn remove(&self, id: u64) {

@@ -142,3 +142,70 @@ fn a_stalled_backend_never_holds_a_reader_for_good() {
     assert_eq!(std::fs::read(&file).unwrap(), data, "read after the stall");
     m.umount();
 }
+
+/// Permanent backend errors (EPERM on every chown) are not retried: they are
+/// listed by `status`, `sync` exits non-zero naming the file, a copy of its
+/// data is kept, and the rest of the queue (including ops in the same
+/// directory) goes through.
+#[test]
+fn permanent_failures_are_reported_and_block_nothing_else() {
+    use std::io::Write;
+    let s = Scratch::new();
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    let m = Mount::start(
+        &backend,
+        &mnt,
+        &cache,
+        "debounce=0ms,fault_rate=1.0,fault_ops=chown,fault_errno=EPERM",
+    );
+    std::fs::create_dir(backend.join("d")).unwrap();
+    std::fs::write(mnt.join("d/mine.txt"), "root's file").unwrap();
+    // Owned by another user before its first close: its publish needs a chown.
+    let mut f = std::fs::File::create(mnt.join("d/theirs.txt")).unwrap();
+    f.write_all(b"uid 1000's file").unwrap();
+    std::os::unix::fs::fchown(&f, Some(1000), Some(1000)).unwrap();
+    drop(f);
+    std::fs::write(mnt.join("d/after.txt"), "written after").unwrap();
+    std::fs::rename(mnt.join("d/mine.txt"), mnt.join("d/mine2.txt")).unwrap();
+
+    let out = Command::new(common::BIN).arg("sync").arg(&mnt).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "sync succeeded despite a permanent failure");
+    assert!(stderr.contains("d/theirs.txt"), "sync does not name the file: {stderr}");
+    // (Directory attribute ops, which also set the owner, fail the same way.)
+    let failures = m.status()["failures"].clone();
+    let files: Vec<&str> = failures
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["op"] == "publish")
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, ["d/theirs.txt"], "{failures}");
+    assert!(failures.as_array().unwrap().iter().all(|f| f["errno"] == libc::EPERM));
+    let retries = counter(&m, "retries");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(counter(&m, "retries"), retries, "a permanent failure is being retried");
+    let out = Command::new(common::BIN).arg("umount").arg(&mnt).output().unwrap();
+    assert!(!out.status.success() && !common::is_efscache_mounted(&mnt));
+    drop(m);
+
+    assert_eq!(
+        std::fs::read_to_string(backend.join("d/mine2.txt")).unwrap(),
+        "root's file"
+    );
+    assert_eq!(
+        std::fs::read_to_string(backend.join("d/after.txt")).unwrap(),
+        "written after"
+    );
+    assert!(!backend.join("d/mine.txt").exists());
+    assert!(
+        !backend.join("d/theirs.txt").exists(),
+        "a file published without its owner"
+    );
+    let kept: Vec<String> = std::fs::read_dir(cache.join("lost+found/failed"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(kept, ["uid 1000's file"]);
+}

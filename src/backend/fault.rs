@@ -156,7 +156,7 @@ impl Backend for FaultBackend {
         self.inner.mknod(path, kind, perm, rdev)
     }
     fn set_attrs(&self, path: &RelPath, attrs: &AttrSet, fresh: bool) -> io::Result<()> {
-        self.enter(OpKind::utimens)?;
+        self.enter(attr_kind(attrs))?;
         self.inner.set_attrs(path, attrs, fresh)
     }
     fn stat_file(&self, file: &File) -> io::Result<Stat> {
@@ -164,7 +164,7 @@ impl Backend for FaultBackend {
         self.inner.stat_file(file)
     }
     fn set_attrs_fd(&self, file: &File, attrs: &AttrSet) -> io::Result<()> {
-        self.enter(OpKind::utimens)?;
+        self.enter(attr_kind(attrs))?;
         self.inner.set_attrs_fd(file, attrs)
     }
     fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -185,5 +185,17 @@ impl Backend for FaultBackend {
     }
     fn stats(&self) -> &BackendStats {
         self.inner.stats()
+    }
+}
+
+/// The kind an attribute request counts as for fault injection: the most
+/// privileged change it makes (an owner change fails as chown would).
+fn attr_kind(attrs: &AttrSet) -> OpKind {
+    if attrs.uid.is_some() || attrs.gid.is_some() {
+        OpKind::chown
+    } else if attrs.perm.is_some() {
+        OpKind::chmod
+    } else {
+        OpKind::utimens
     }
 }
