@@ -278,3 +278,58 @@ pub fn valid_name(name: &OsStr) -> bool {
     let b = name.as_bytes();
     !b.is_empty() && b != b"." && b != b".." && !b.contains(&b'/') && !b.contains(&0)
 }
+
+/// What the backend accepts, probed once at mount: a refused kind of object
+/// then fails at the syscall through the mount, with the backend's errno,
+/// instead of later in the flush.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Capabilities {
+    /// errno the backend refuses block/char device nodes with (EFS: EPERM).
+    pub devices_refused: Option<i32>,
+    pub fifos_refused: Option<i32>,
+    pub sockets_refused: Option<i32>,
+}
+
+impl Capabilities {
+    /// The errno to refuse `kind` with, if the backend refuses it.
+    pub fn refuses(&self, kind: Kind) -> Option<i32> {
+        match kind {
+            Kind::CharDev | Kind::BlockDev => self.devices_refused,
+            Kind::Fifo => self.fifos_refused,
+            Kind::Socket => self.sockets_refused,
+            Kind::File | Kind::Dir | Kind::Symlink => None,
+        }
+    }
+
+    /// Creates (and removes) one object of each special kind under a temp
+    /// name in the backend root. Only a definite refusal counts: any other
+    /// error (no write access to the root, an outage) leaves the kind
+    /// allowed, and the flush reports what fails.
+    pub fn probe(backend: &dyn Backend, temp_name: impl Fn() -> OsString) -> Capabilities {
+        let try_kind = |kind: Kind, rdev: u64| {
+            let path = RelPath::root().join(&temp_name());
+            match backend.mknod(&path, kind, 0o600, rdev) {
+                Ok(()) => {
+                    if let Err(e) = backend.unlink(&path) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a probe object from the backend");
+                    }
+                    None
+                }
+                Err(e) => match e.raw_os_error() {
+                    Some(n @ (libc::EPERM | libc::EOPNOTSUPP | libc::EINVAL)) => Some(n),
+                    _ => {
+                        tracing::debug!(?kind, error = %e, "backend probe inconclusive");
+                        None
+                    }
+                },
+            }
+        };
+        let caps = Capabilities {
+            devices_refused: try_kind(Kind::CharDev, libc::makedev(1, 3)),
+            fifos_refused: try_kind(Kind::Fifo, 0),
+            sockets_refused: try_kind(Kind::Socket, 0),
+        };
+        tracing::info!(?caps, "backend capabilities");
+        caps
+    }
+}

@@ -139,6 +139,8 @@ pub struct Fs {
     /// times that happened (for `status`).
     writers_waiting_for_space: AtomicU64,
     writers_throttled: AtomicU64,
+    /// What the backend accepts (probed at mount; absent: everything).
+    capabilities: OnceLock<crate::backend::Capabilities>,
 }
 
 /// The debounce while writers wait for cache space: long enough for a
@@ -183,6 +185,7 @@ impl Fs {
             journal: OnceLock::new(),
             writers_waiting_for_space: AtomicU64::new(0),
             writers_throttled: AtomicU64::new(0),
+            capabilities: OnceLock::new(),
         })
     }
 
@@ -670,6 +673,10 @@ impl Fs {
         if kind == Kind::Dir || kind == Kind::Symlink {
             return Err(FsError::Invalid);
         }
+        // Refused now, with the backend's errno, not later in the flush.
+        if let Some(errno) = self.capabilities().refuses(kind) {
+            return Err(FsError::Io(io::Error::from_raw_os_error(errno)));
+        }
         self.change(parent, may_block, |ns, fx| {
             let gid = inherit_gid(ns, parent, gid)?;
             let ino = ns.mknod(parent, name, kind, mode & 0o7777, rdev, uid, gid, fx)?;
@@ -828,6 +835,17 @@ impl Fs {
                 backing: passthrough.then_some(file),
             },
         ))
+    }
+
+    /// Probes what the backend accepts (once, at mount).
+    pub fn probe_backend(&self) -> crate::backend::Capabilities {
+        *self
+            .capabilities
+            .get_or_init(|| crate::backend::Capabilities::probe(&*self.backend, || self.temps.next()))
+    }
+
+    pub fn capabilities(&self) -> crate::backend::Capabilities {
+        self.capabilities.get().copied().unwrap_or_default()
     }
 
     /// Whether staged data has used up its budget (`cache_size`) or the

@@ -277,6 +277,7 @@ pub fn start_fs(
     }
     fs.start_journal(cache, header)
         .map_err(|e| format!("cannot write the journal in {}: {e}", cache.display()))?;
+    fs.probe_backend();
     keep_leftovers(cache, fs.staging(), &fs.staging_in_use());
     if let Err(e) = fs.staging().rescan() {
         tracing::warn!(error = %e, "cannot measure the staging area");

@@ -49,6 +49,7 @@ pub fn collect(fs: &Fs, cfg: &Config, started: Instant, recovery: &serde_json::V
         "data_path": if fs.passthrough_enabled() { "passthrough" } else { "served" },
         "backend_ops": fs.backend.stats().snapshot(),
         "cache": fs.cache_status(),
+        "capabilities": fs.capabilities(),
         "journal": journal,
         "recovery": recovery,
         "config": cfg,
@@ -121,6 +122,24 @@ pub fn render(v: &serde_json::Value) -> String {
     if let Some(c) = render_cache(v) {
         out.push_str(&c);
     }
+    if let Some(c) = v.get("capabilities").filter(|c| c.is_object()) {
+        let refused: Vec<String> = [
+            ("devices_refused", "device nodes"),
+            ("fifos_refused", "fifos"),
+            ("sockets_refused", "sockets"),
+        ]
+        .iter()
+        .filter_map(|(k, what)| c[*k].as_i64().map(|e| format!("{what} (errno {e})")))
+        .collect();
+        out.push_str(&format!(
+            "backend       refuses {}; extended attributes and ACLs: not supported by efscache yet\n",
+            if refused.is_empty() {
+                "nothing probed".to_string()
+            } else {
+                refused.join(", ")
+            }
+        ));
+    }
     out.push_str(&format!("cached inodes {}\n", n("cached_inodes")));
     out.push_str(&format!("data path     {}\n", v["data_path"].as_str().unwrap_or("?")));
     if let Some(ops) = v["backend_ops"]["ops"].as_object() {
@@ -181,11 +200,18 @@ fn render_cache(v: &serde_json::Value) -> Option<String> {
             _ => parts.push(format!("{} used", human_bytes(u))),
         }
     }
-    if let Some(d) = c["dirty_bytes"].as_u64() {
-        parts.push(format!("{} not yet published", human_bytes(d)));
+    if let Some(p) = c["peak_used_bytes"].as_u64() {
+        parts.push(format!("peak {}", human_bytes(p)));
     }
-    if let Some(t) = c["throttled_writers"].as_u64() {
-        parts.push(format!("{t} writers slowed down"));
+    if let Some(a) = c["disk_available_bytes"].as_u64() {
+        let low = if c["disk_low"] == true { " (LOW)" } else { "" };
+        parts.push(format!("{} free on the cache disk{low}", human_bytes(a)));
+    }
+    if let Some(w) = c["writers_waiting"].as_u64().filter(|w| *w > 0) {
+        parts.push(format!("{w} writers waiting for space"));
+    }
+    if let Some(t) = c["writers_throttled"].as_u64().filter(|t| *t > 0) {
+        parts.push(format!("{t} opens held back so far"));
     }
     (!parts.is_empty()).then(|| format!("cache         {}\n", parts.join(", ")))
 }
@@ -364,11 +390,11 @@ mod tests {
     fn cache_is_shown_only_when_reported() {
         let mut v = sample(3, 1, 1);
         assert!(!render_watch(&v, &Rates::default()).contains("\ncache "));
-        v["cache"] =
-            json!({"used_bytes": 1u64 << 30, "limit_bytes": 4u64 << 30, "dirty_bytes": 512, "throttled_writers": 2});
+        v["cache"] = json!({"used_bytes": 1u64 << 30, "limit_bytes": 4u64 << 30, "peak_used_bytes": 2u64 << 30,
+            "disk_available_bytes": 512, "disk_low": true, "writers_waiting": 1, "writers_throttled": 2});
         let out = render_watch(&v, &Rates::default());
         assert!(
-            out.contains("cache         1.0 GiB of 4.0 GiB used (25%), 512 B not yet published, 2 writers slowed down"),
+            out.contains("cache         1.0 GiB of 4.0 GiB used (25%), peak 2.0 GiB, 512 B free on the cache disk (LOW), 1 writers waiting for space, 2 opens held back so far"),
             "{out}"
         );
         assert!(render(&v).contains("1.0 GiB of 4.0 GiB"));
