@@ -198,6 +198,8 @@ pub trait Backend: Send + Sync {
     fn set_attrs_fd(&self, file: &File, attrs: &AttrSet) -> io::Result<()>;
     /// Reads from a file opened with `open_read` until `buf` is full or end of file.
     fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// `lseek(SEEK_DATA|SEEK_HOLE)` on a file opened with `open_read`.
+    fn seek_hole_data(&self, file: &File, offset: i64, whence: i32) -> io::Result<i64>;
     /// Writes all of `data` at `offset` into a file created by `create_exclusive`.
     fn write_at(&self, file: &File, data: &[u8], offset: u64) -> io::Result<()>;
     fn set_len(&self, file: &File, len: u64) -> io::Result<()>;
@@ -324,11 +326,24 @@ impl Capabilities {
                 },
             }
         };
+        let root_before = backend.stat(&RelPath::root());
         let caps = Capabilities {
             devices_refused: try_kind(Kind::CharDev, libc::makedev(1, 3)),
             fifos_refused: try_kind(Kind::Fifo, 0),
             sockets_refused: try_kind(Kind::Socket, 0),
         };
+        // The probe changed the root's times: put them back (the overlay
+        // already holds them, and the root is the user's directory).
+        if let Ok(st) = root_before {
+            let times = AttrSet {
+                atime: Some(st.atime),
+                mtime: Some(st.mtime),
+                ..Default::default()
+            };
+            if let Err(e) = backend.set_attrs(&RelPath::root(), &times, false) {
+                tracing::debug!(error = %e, "cannot restore the backend root's times after the probe");
+            }
+        }
         tracing::info!(?caps, "backend capabilities");
         caps
     }

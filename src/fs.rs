@@ -466,6 +466,7 @@ impl Fs {
         if self.ns.lock().get(ino)?.writers > 0 {
             self.refresh_from_staging(ino);
         }
+        self.refresh_blocks(ino);
         let (path, stale) = {
             let ns = self.ns.lock();
             let i = ns.get(ino)?;
@@ -981,6 +982,24 @@ impl Fs {
         }
     }
 
+    /// The blocks a staged file really uses (holes and preallocation show,
+    /// as tools like `cp --sparse` and `du` expect): one local fstat.
+    fn refresh_blocks(&self, ino: Ino) {
+        use std::os::unix::fs::MetadataExt;
+        let Some(id) = self.ns.lock().get(ino).ok().and_then(|i| i.staged_id()) else {
+            return;
+        };
+        let Ok(md) = std::fs::metadata(self.staging.path(id)) else {
+            return;
+        };
+        let mut ns = self.ns.lock();
+        if let Ok(i) = ns.get_mut(ino)
+            && i.staged_id() == Some(id)
+        {
+            i.attr.blocks = md.blocks();
+        }
+    }
+
     pub fn open(&self, ino: Ino, flags: i32, may_block: bool) -> FsResult<Opened> {
         let acc = flags & libc::O_ACCMODE;
         let write = acc == libc::O_WRONLY || acc == libc::O_RDWR;
@@ -1083,6 +1102,53 @@ impl Fs {
         .map_err(io_err)?;
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// `lseek(SEEK_DATA|SEEK_HOLE)` (the kernel answers the other kinds).
+    pub fn seek_hole_data(&self, fh: u64, offset: i64, whence: i32, may_block: bool) -> FsResult<i64> {
+        let (file, remote) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
+            Handle::Staged { file, .. } => (file.clone(), false),
+            Handle::Remote { file, .. } => (file.clone(), true),
+        };
+        if remote {
+            if !may_block {
+                return Err(FsError::WouldBlock);
+            }
+            return self.backend.seek_hole_data(&file, offset, whence).map_err(io_err);
+        }
+        crate::backend::posix::seek_hole_data(&file, offset, whence).map_err(io_err)
+    }
+
+    /// `fallocate(2)` on an open file: done on its staging file, so holes
+    /// and preallocation carry over to the publish (which copies data
+    /// extents only).
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        let (ino, file) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
+            Handle::Staged {
+                ino, file, write: true, ..
+            } => (*ino, file.clone()),
+            _ => return Err(FsError::BadHandle),
+        };
+        self.check_journal()?;
+        crate::staging::fallocate(&file, mode, offset, len).map_err(io_err)?;
+        use std::os::unix::fs::MetadataExt;
+        let md = file.metadata().map_err(io_err)?;
+        let mut ns = self.ns.lock();
+        ns.mark_dirty(ino)?;
+        if let Some(id) = ns.get(ino)?.staged_id() {
+            self.staging.set_size(id, md.len());
+        }
+        let i = ns.get_mut(ino)?;
+        i.attr.size = md.len();
+        i.attr.blocks = md.blocks();
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 || mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            let now = Timespec::now();
+            i.attr.mtime = now;
+            i.attr.ctime = now;
+        }
+        ns.touched.push(ino);
+        self.apply(&mut ns, Effects::default());
+        Ok(())
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {

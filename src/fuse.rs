@@ -198,11 +198,7 @@ fn file_attr(a: &AttrOut) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.attr.size,
-        blocks: a
-            .attr
-            .size
-            .div_ceil(512)
-            .max(a.attr.blocks.min(a.attr.size.div_ceil(512))),
+        blocks: a.attr.blocks,
         atime: time(a.attr.atime),
         mtime: time(a.attr.mtime),
         ctime: time(a.attr.ctime),
@@ -664,13 +660,27 @@ impl fuser::Filesystem for EfsFuse {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::from_i32(libc::EOPNOTSUPP)); // callers fall back to writing
+        match self.fs.fallocate(fh.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: fuser::ReplyLseek) {
+        self.run(
+            reply,
+            move |fs, b| fs.seek_hole_data(fh.0, offset, whence, b),
+            |reply, r| match r {
+                Ok(o) => reply.offset(o),
+                Err(e) => reply.error(errno(&e)),
+            },
+        );
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {

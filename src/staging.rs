@@ -248,3 +248,14 @@ fn statvfs(dir: &Path) -> io::Result<libc::statvfs> {
         Ok(v)
     }
 }
+
+/// `fallocate(2)` on a staging file (preallocate, punch or zero a range).
+pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is open; fallocate has no memory preconditions.
+    if unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}

@@ -167,6 +167,10 @@ impl Backend for FaultBackend {
         self.enter(attr_kind(attrs))?;
         self.inner.set_attrs_fd(file, attrs)
     }
+    fn seek_hole_data(&self, file: &File, offset: i64, whence: i32) -> io::Result<i64> {
+        self.enter(OpKind::read)?;
+        self.inner.seek_hole_data(file, offset, whence)
+    }
     fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         self.enter(OpKind::read)?;
         self.inner.read_at(file, buf, offset)
