@@ -331,16 +331,38 @@ fn fio_writes_through_passthrough_verify_and_publish() {
     let s = Scratch::new();
     let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=50ms");
     assert_eq!(m.status()["data_path"], "passthrough");
-    // Global options (the directory) come before the first job.
-    run(Command::new("fio")
-        .current_dir(s.path("cache"))
-        .arg(format!("--directory={}", s.path("mnt").display()))
-        .args(["--verify=crc32c", "--do_verify=1"])
-        .args(["--name=seq", "--rw=write", "--bs=1M", "--size=32M"])
-        .args(["--name=rand", "--rw=randwrite", "--bs=4k", "--size=8M"]));
+    // Global options (the directory) come before the first job. Large files
+    // sequential and random, and four jobs of four small files each.
+    let jobs = [
+        "--name=seq",
+        "--rw=write",
+        "--bs=1M",
+        "--size=32M",
+        "--name=rand",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=8M",
+        "--name=small",
+        "--rw=randwrite",
+        "--bs=4k",
+        "--size=256k",
+        "--numjobs=4",
+        "--nrfiles=4",
+    ];
+    let fio = |dir: &Path, extra: &[&str]| {
+        run(Command::new("fio")
+            .current_dir(s.path("cache"))
+            .arg(format!("--directory={}", dir.display()))
+            .args(["--verify=crc32c", "--do_verify=1"])
+            .args(extra)
+            .args(jobs));
+    };
+    fio(&s.path("mnt"), &[]);
     m.sync();
+    // fio checks its own checksums again, reading the backend directly.
+    fio(&s.path("backend"), &["--verify_only"]);
     let files: Vec<_> = std::fs::read_dir(s.path("mnt")).unwrap().collect();
-    assert_eq!(files.len(), 2, "both fio files are in the mount");
+    assert_eq!(files.len(), 2 + 16, "every fio file is in the mount");
     for f in files {
         let name = f.unwrap().file_name();
         let a = std::fs::read(s.path("mnt").join(&name)).unwrap();
