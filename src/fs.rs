@@ -1056,6 +1056,10 @@ impl Fs {
             if write {
                 i.writers += 1;
                 ns.debounce.remove(&ino);
+                // Journaled as open for writing from now on: the size at the
+                // last close no longer describes the staged data (recovery
+                // must not refuse what this writer writes before a crash).
+                ns.touched.push(ino);
             }
             self.apply(&mut ns, Effects::default());
             drop(ns);

@@ -2565,6 +2565,47 @@ fn crash_with_removals_queued_behind_a_publish() {
     assert_eq!(runs, 32);
 }
 
+/// A closed, unpublished file is opened again with O_TRUNC and rewritten
+/// shorter, and the daemon is killed before the writer closes it: the journal
+/// must say the file is open for writing, or recovery would take the shorter
+/// staged data for data lost in a machine crash and refuse to publish it.
+#[test]
+fn crash_while_an_unpublished_file_is_rewritten_shorter() {
+    let mut runs = 0;
+    for cfg in scenario_cfgs() {
+        for crash in scenario_crashes() {
+            let ops = vec![
+                Op::Create {
+                    path: p(&["f"]),
+                    excl: true,
+                    trunc: false,
+                    data: b"0123456789".to_vec(),
+                    keep: None,
+                    perm: 0o644,
+                    owner: 0,
+                },
+                Op::Open {
+                    path: p(&["f"]),
+                    trunc: true,
+                    slot: 0,
+                },
+                Op::Write {
+                    slot: 0,
+                    offset: 0,
+                    data: b"abc".to_vec(),
+                },
+                Op::Crash(crash.clone()),
+                Op::CheckAll,
+            ];
+            let h = run_case(cfg.clone(), &ops);
+            let want = BTreeMap::from([("f".to_string(), Some(b"abc".to_vec()))]);
+            assert_eq!(backend_files(h.backend_dir.path()), want, "{ops:?}, {cfg:?}");
+            runs += 1;
+        }
+    }
+    assert!(runs > 0);
+}
+
 // ---- regression tests for known bugs ----------------------------------------------
 
 /// A mount for the regression tests: debounce 0, exclusive, two free-running workers.
