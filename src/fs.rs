@@ -536,7 +536,7 @@ impl Fs {
                 _ => return Err(FsError::Invalid),
             }
         }
-        let mut ns = loop {
+        let (mut ns, staged) = loop {
             let id = self.stage(ino, size > 0, may_block)?;
             // Under the lock, so a publish finishing now cannot drop the staging file.
             let ns = self.ns.lock();
@@ -546,7 +546,7 @@ impl Fs {
             let f = self.staging.open_rw(id).map_err(io_err)?;
             f.set_len(size).map_err(io_err)?;
             self.staging.set_size(id, size);
-            break ns;
+            break (ns, f);
         };
         ns.mark_dirty(ino)?;
         let i = ns.get_mut(ino)?;
@@ -554,6 +554,7 @@ impl Fs {
         let now = Timespec::now();
         i.attr.mtime = now;
         i.attr.ctime = now;
+        stamp_staging(&staged, &i.attr);
         if i.writers == 0 {
             ns.file_quiet(ino, Instant::now());
         }
@@ -572,7 +573,8 @@ impl Fs {
             }
             if !keep_data || i.attr.size == 0 {
                 let id = ns.new_staging_id();
-                self.staging.create(id).map_err(io_err)?;
+                let f = self.staging.create(id).map_err(io_err)?;
+                stamp_staging(&f, &ns.get(ino)?.attr);
                 let i = ns.get_mut(ino)?;
                 i.content = Content::Staged { id, dirty: false };
                 return Ok(id);
@@ -595,6 +597,7 @@ impl Fs {
             self.staging.remove(id); // someone else staged it meanwhile
             return Ok(other);
         }
+        stamp_staging(&dst, &i.attr);
         i.content = Content::Staged { id, dirty: false };
         Ok(id)
     }
@@ -815,6 +818,7 @@ impl Fs {
                 return Err(io_err(e));
             }
         };
+        stamp_staging(&file, &ns.get(ino)?.attr);
         let i = ns.get_mut(ino)?;
         i.opens += 1;
         i.writers += 1;
@@ -973,12 +977,22 @@ impl Fs {
             self.staging.set_size(id, md.len());
         }
         if let Ok(i) = ns.get_mut(ino) {
-            i.attr.size = md.len();
-            i.attr.blocks = md.blocks();
-            i.attr.mtime = Timespec {
+            let mtime = Timespec {
                 sec: md.mtime(),
                 nsec: md.mtime_nsec() as u32,
             };
+            // A passthrough write happened (the staging file is stamped with
+            // the overlay's times otherwise): it changed ctime too.
+            if mtime != i.attr.mtime || md.len() != i.attr.size {
+                let ctime = Timespec {
+                    sec: md.ctime(),
+                    nsec: md.ctime_nsec() as u32,
+                };
+                i.attr.ctime = i.attr.ctime.max(ctime);
+            }
+            i.attr.size = md.len();
+            i.attr.blocks = md.blocks();
+            i.attr.mtime = mtime;
         }
     }
 
@@ -1045,6 +1059,7 @@ impl Fs {
                 let now = Timespec::now();
                 i.attr.mtime = now;
                 i.attr.ctime = now;
+                stamp_staging(&file, &i.attr);
             }
             let passthrough = self.passthrough_enabled() && self.open_mode(ino) != Some(false);
             if write && passthrough {
@@ -1150,6 +1165,7 @@ impl Fs {
             i.attr.mtime = now;
             i.attr.ctime = now;
         }
+        stamp_staging(&file, &i.attr);
         ns.touched.push(ino);
         self.apply(&mut ns, Effects::default());
         Ok(())
@@ -1645,4 +1661,18 @@ fn copy_up(backend: &dyn Backend, src: &File, dst: &File) -> io::Result<()> {
         off += n as u64;
     }
     Ok(())
+}
+
+/// Gives a staging file the overlay's atime and mtime. The kernel stamps
+/// staging files with its own (coarser) clock; the overlay's times come from
+/// the daemon's. Without this, taking size and mtime back from the staging
+/// file after passthrough writes (`refresh_from_staging`) would move the
+/// mtime of a file that was never written to.
+fn stamp_staging(file: &File, attr: &Attr) {
+    let times = std::fs::FileTimes::new()
+        .set_accessed(attr.atime.to_system_time())
+        .set_modified(attr.mtime.to_system_time());
+    if let Err(e) = file.set_times(times) {
+        tracing::debug!(error = %e, "cannot set a staging file's times");
+    }
 }

@@ -29,29 +29,12 @@ use common::*;
 
 /// Tests that pass on the baseline but not through efscache: (test name,
 /// cause). Remove an entry when its cause is fixed.
-const KNOWN_FAILURES: &[(&str, &str)] = &[
-    (
-        "utimensat::utime_omit",
-        "a file created through the mount changes its mtime at close without \
-         being written: create() replies with overlay times from the daemon's \
-         clock, release() then copies the staging file's mtime (stamped by the \
-         kernel's coarser clock) into the overlay (src/fs.rs create, \
-         refresh_from_staging)",
-    ),
-    (
-        "posix_fallocate::update_ctime_success",
-        "writes through FUSE passthrough do not change ctime: refresh_from_staging \
-         (src/fs.rs) takes size and mtime from the staging file but not ctime \
-         (fallocate itself is EOPNOTSUPP; glibc's posix_fallocate falls back to \
-         pwrite, which goes through passthrough)",
-    ),
-    (
-        "link::link_count_max",
-        "skipped on FUSE: glibc's pathconf(_PC_LINK_MAX) knows no limit for a \
+const KNOWN_FAILURES: &[(&str, &str)] = &[(
+    "link::link_count_max",
+    "skipped on FUSE: glibc's pathconf(_PC_LINK_MAX) knows no limit for a \
          FUSE filesystem (answers 127, 'unknown'), so pjdfstest cannot test \
          EMLINK there; not something the daemon can change",
-    ),
-];
+)];
 
 /// The baseline passes about 385 tests; far fewer means the suite was set up
 /// wrongly (missing users, wrong configuration), not that all is well.
