@@ -376,6 +376,14 @@ impl Scheduler {
                 let home = e.home;
                 let attempts = e.attempts;
                 let (journal_seq, expect_ino) = (e.op.journal_seq, e.op.expect_ino);
+                let objects =
+                    e.op.keys
+                        .iter()
+                        .filter_map(|(k, _)| match k {
+                            Key::Ino(i) => Some(*i),
+                            Key::Name(..) => None,
+                        })
+                        .collect();
                 // The op is lent to the worker; the entry keeps its keys.
                 let action = std::mem::replace(&mut e.op.action, Action::Rmdir { path: RelPath::root() });
                 st.in_flight += 1;
@@ -386,6 +394,7 @@ impl Scheduler {
                     attempts,
                     journal_seq,
                     expect_ino,
+                    objects,
                 });
             }
             let wait = st
@@ -632,6 +641,8 @@ pub struct Lent {
     pub journal_seq: Option<u64>,
     /// See `FlushOp::expect_ino`.
     pub expect_ino: Option<u64>,
+    /// The overlay objects the op is about (its `Key::Ino` keys).
+    pub objects: Vec<Ino>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]

@@ -1444,6 +1444,21 @@ impl Fs {
                 Err(e) => publish::conflict(e).map(|c| c.found_ino),
                 Ok(_) => None,
             };
+            // An op on an object whose publish found it already removed (so
+            // it never reached the backend): nothing left to do.
+            let result = match result {
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOENT)
+                        && matches!(
+                            lent.action,
+                            Action::Rename { .. } | Action::Link { .. } | Action::SetAttr { .. }
+                        )
+                        && self.all_removed(&lent.objects) =>
+                {
+                    Ok(Published::default())
+                }
+                r => r,
+            };
             let (outcome, published) = match result {
                 Ok(p) => (Outcome::Done, Some(p)),
                 Err(e) if flush::is_transient(&e) => (Outcome::Retry(e), None),
@@ -1508,6 +1523,12 @@ impl Fs {
             }
             self.sched.settled();
         }
+    }
+
+    /// Whether every object is gone from the overlay or has no name left.
+    fn all_removed(&self, objects: &[Ino]) -> bool {
+        let ns = self.ns.lock();
+        !objects.is_empty() && objects.iter().all(|o| ns.get(*o).map_or(true, |i| i.links.is_empty()))
     }
 
     /// Keeps a copy (a hard link: no data is copied) of a file whose publish

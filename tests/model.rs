@@ -115,7 +115,6 @@ fn mtime_of(t: u32) -> Timespec {
 /// with `EFSCACHE_MODEL_AVOID=none` to drive straight into all of them.
 const KNOWN_BUGS: &[Bug] = &[
     Bug::UnlistedNlink,
-    Bug::RemovedBeforePublish,
     Bug::ReopenedFileBlocksSync,
     Bug::SetgidLingers,
     Bug::RenameOverOwnLink,
@@ -3184,13 +3183,12 @@ fn regression_second_publish_keeps_latest_attrs() {
     );
 }
 
-/// The publish of a new file is queued (the file now counts as on the
+/// (Fixed.) The publish of a new file is queued (the file now counts as on the
 /// backend), then the file is renamed (a Rename op queued behind the publish)
 /// and removed; once the kernel forgets it, its staging file is deleted. The
 /// publish then finds no data and creates nothing, and the Rename fails with
 /// ENOENT: `sync` reports a permanent failure for a file that no longer exists.
 #[test]
-#[ignore = "known bug: ops queued behind the publish of a removed file fail with ENOENT"]
 fn regression_rename_before_removal_of_unpublished_file() {
     let dir = TempDir::new().expect("tempdir");
     let m = regression_mount(dir.path());
