@@ -293,7 +293,7 @@ done
 FPSYNC_NOTE="skipped: not installed"
 if command -v fpsync >/dev/null; then
   for r in $(seq 1 "$REPS"); do
-    run_timed t fpsync -n 8 -o "-a --numeric-ids" "$W/src/" "$SIM_MP/fpsync-r$r/"; record w1_fp "$t"
+    run_timed t fpsync -n 8 -o "-lptgoD --numeric-ids" "$W/src/" "$SIM_MP/fpsync-r$r/"; record w1_fp "$t"
   done
   FPSYNC_NOTE=""
 fi
