@@ -90,6 +90,11 @@ enum Handle {
         file: Arc<File>,
         write: bool,
         passthrough: bool,
+        /// For a passthrough writer that opened a clean file: its size, mtime
+        /// and generation right after the open. If they are the same at the
+        /// close, nothing was written and the file is clean again (no
+        /// republish of a file merely opened for writing, as `touch` does).
+        clean_at_open: Option<(u64, Timespec, u64)>,
     },
     /// Clean content read from the backend.
     Remote { ino: Ino, file: Arc<File> },
@@ -832,6 +837,7 @@ impl Fs {
             file: file.clone(),
             write: true,
             passthrough,
+            clean_at_open: None,
         });
         Ok((
             out,
@@ -1033,6 +1039,12 @@ impl Fs {
             self.wait_for_cache_space(may_block)?;
         }
         if write || content != Content::Remote {
+            // Clean and on the backend as it is (no publish of it pending).
+            let was_clean = self
+                .ns
+                .lock()
+                .get(ino)
+                .map(|i| !i.is_dirty() && i.publish_queued == 0 && i.on_backend)?;
             let (mut ns, file) = loop {
                 let id = self.stage(ino, !trunc, may_block)?;
                 // Open and count the handle under the lock: a publish finishing
@@ -1062,9 +1074,14 @@ impl Fs {
                 stamp_staging(&file, &i.attr);
             }
             let passthrough = self.passthrough_enabled() && self.open_mode(ino) != Some(false);
+            let mut clean_at_open = None;
             if write && passthrough {
                 // Writes will bypass the daemon: the content counts as changed now.
                 ns.mark_dirty(ino)?;
+                let i = ns.get(ino)?;
+                if was_clean && !trunc {
+                    clean_at_open = Some((i.attr.size, i.attr.mtime, i.generation));
+                }
             }
             let i = ns.get_mut(ino)?;
             i.opens += 1;
@@ -1084,6 +1101,7 @@ impl Fs {
                 file: file.clone(),
                 write,
                 passthrough,
+                clean_at_open,
             });
             return Ok(Opened {
                 fh,
@@ -1205,14 +1223,15 @@ impl Fs {
     }
 
     pub fn release(&self, fh: u64) {
-        let Some((ino, write, passthrough)) = self.handles.lock().get(&fh).map(|h| match h {
+        let Some((ino, write, passthrough, clean_at_open)) = self.handles.lock().get(&fh).map(|h| match h {
             Handle::Staged {
                 ino,
                 write,
                 passthrough,
+                clean_at_open,
                 ..
-            } => (*ino, *write, *passthrough),
-            Handle::Remote { ino, .. } => (*ino, false, false),
+            } => (*ino, *write, *passthrough, *clean_at_open),
+            Handle::Remote { ino, .. } => (*ino, false, false, None),
         }) else {
             return;
         };
@@ -1228,6 +1247,13 @@ impl Fs {
             if write {
                 i.writers = i.writers.saturating_sub(1);
             }
+            if let Some((size, mtime, generation)) = clean_at_open
+                && i.writers == 0
+                && (i.attr.size, i.attr.mtime, i.generation) == (size, mtime, generation)
+            {
+                ns.mark_clean(ino);
+            }
+            let i = ns.get(ino).expect("exists");
             let (writers, opens, content) = (i.writers, i.opens, i.content);
             if writers == 0 {
                 ns.file_quiet(ino, Instant::now());

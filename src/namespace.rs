@@ -942,6 +942,19 @@ impl Namespace {
         Ok(())
     }
 
+    /// A file opened for writing was closed unchanged: its staged copy is
+    /// the backend's content again, nothing to publish.
+    pub fn mark_clean(&mut self, ino: Ino) {
+        self.touched.push(ino);
+        self.debounce.remove(&ino);
+        self.dirty_files.remove(&ino);
+        if let Some(i) = self.inodes.get_mut(&ino)
+            && let Content::Staged { id, .. } = i.content
+        {
+            i.content = Content::Staged { id, dirty: false };
+        }
+    }
+
     /// The last writer closed a dirty file: start its quiet period.
     pub fn file_quiet(&mut self, ino: Ino, now: Instant) {
         self.touched.push(ino);

@@ -78,6 +78,21 @@ impl Mount {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+        // The control socket comes up just after the mount appears.
+        while !Command::new(BIN)
+            .args(["status", "--json"])
+            .arg(mountpoint)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "efscache's control socket did not answer within 20s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         m
     }
 
