@@ -102,6 +102,22 @@ status object (with --watch: one object per line)."
         #[arg(long, value_name = "PID", requires = "wait")]
         wait_pid: Option<u32>,
     },
+    /// Print the status as Prometheus metrics, or write them for
+    /// node_exporter's textfile collector.
+    #[command(
+        long_about = "Print the daemon's counters as Prometheus text: pending files and bytes, queued ops, \
+cache use, published files and bytes, retries, failures, backend requests by kind, and a histogram of \
+the time each kind of flush op spends on the backend (efscache_flush_op_duration_seconds).\n\n\
+For node_exporter's textfile collector, run it from cron or a systemd timer:\n  \
+efscache metrics /mnt/efs --textfile /var/lib/node_exporter/textfile_collector/efscache.prom\n\
+The file is replaced atomically, so the collector never reads half of it."
+    )]
+    Metrics {
+        mountpoint: PathBuf,
+        /// Write to this file (atomically, through a temp file) instead of stdout.
+        #[arg(long, value_name = "PATH")]
+        textfile: Option<PathBuf>,
+    },
     /// Find damaged-looking files and stale temp files on a backend tree
     /// (never through an efscache mount).
     #[command(

@@ -102,6 +102,11 @@ pub enum Action {
 }
 
 impl Action {
+    /// Names of the op kinds that reach the backend.
+    pub const KINDS: [&'static str; 9] = [
+        "mkdir", "rmdir", "unlink", "rename", "symlink", "link", "mknod", "setattr", "publish",
+    ];
+
     pub fn name(&self) -> &'static str {
         match self {
             Action::Mkdir { .. } => "mkdir",
@@ -250,6 +255,9 @@ pub struct FlushStats {
     pub bytes_published: AtomicU64,
     pub retries: AtomicU64,
     pub failed: AtomicU64,
+    /// Time each kind of op spent on the backend (every attempt), indexed
+    /// like `Action::KINDS`.
+    pub latency: [crate::metrics::Histogram; Action::KINDS.len()],
 }
 
 /// Retry policy for transient backend errors.

@@ -1443,6 +1443,7 @@ impl Fs {
                 Action::Publish { ino, .. } => Some(*ino),
                 _ => None,
             };
+            let started = Instant::now();
             let result = if writer_busy {
                 Err(io::Error::from_raw_os_error(libc::EAGAIN))
             } else {
@@ -1466,6 +1467,9 @@ impl Fs {
                     },
                 )
             };
+            if !writer_busy && let Some(k) = Action::KINDS.iter().position(|k| *k == lent.action.name()) {
+                self.sched.stats.latency[k].record(started.elapsed());
+            }
             let conflict_with = match &result {
                 Err(e) => publish::conflict(e).map(|c| c.found_ino),
                 Ok(_) => None,

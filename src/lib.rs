@@ -14,6 +14,7 @@ pub mod fuse;
 pub mod helpers;
 pub mod journal;
 pub mod meta;
+pub mod metrics;
 pub mod namespace;
 pub mod recovery;
 pub mod run;
@@ -87,6 +88,24 @@ pub fn main_with(cli: Cli) -> Result<i32, String> {
                 },
             )?;
             Ok(print_sync(&v))
+        }
+        Cmd::Metrics {
+            mountpoint: mp,
+            textfile,
+        } => {
+            init_logging(None);
+            let v = status_call(&mountpoint(&mp)?, None)?;
+            let text = metrics::prometheus(&v);
+            match textfile {
+                None => print!("{text}"),
+                Some(path) => {
+                    let tmp = path.with_extension("prom.tmp");
+                    std::fs::write(&tmp, &text)
+                        .and_then(|()| std::fs::rename(&tmp, &path))
+                        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+                }
+            }
+            Ok(0)
         }
         Cmd::Status {
             mountpoint: mp,

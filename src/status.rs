@@ -50,6 +50,11 @@ pub fn collect(fs: &Fs, cfg: &Config, started: Instant, recovery: &serde_json::V
         "backend_ops": fs.backend.stats().snapshot(),
         "cache": fs.cache_status(),
         "capabilities": fs.capabilities(),
+        "flush_latency": crate::flush::Action::KINDS
+            .iter()
+            .zip(&s.latency)
+            .map(|(k, h)| (k.to_string(), h.to_json()))
+            .collect::<serde_json::Map<_, _>>(),
         "journal": journal,
         "recovery": recovery,
         "config": cfg,
