@@ -267,7 +267,15 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
     let backend =
         PosixBackend::open(&cfg.backend).map_err(|e| format!("cannot open backend {}: {e}", cfg.backend.display()))?;
     let cache = match &cfg.cache_dir {
-        Some(c) => abs(c, "cache_dir")?,
+        Some(c) => {
+            // Created if missing (0700), but never inside the backend or the
+            // mountpoint: checked on the plain absolute path first.
+            let plain = std::path::absolute(c).map_err(|e| format!("cache_dir {}: {e}", c.display()))?;
+            if !plain.exists() {
+                check_cache_dir(&plain, cfg)?;
+            }
+            abs(c, "cache_dir")?
+        }
         None => default_cache_dir(&cfg.mountpoint),
     };
     check_cache_dir(&cache, cfg)?;

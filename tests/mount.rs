@@ -371,3 +371,31 @@ fn fio_writes_through_passthrough_verify_and_publish() {
     }
     m.umount();
 }
+
+/// A `cache_dir=` that does not exist yet is created, 0700 (fstab lines name
+/// one before anything made it); one inside the backend is still refused.
+#[test]
+fn a_missing_cache_dir_is_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    let cache = s.path("var/cache/efscache/new");
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &cache, "");
+    let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+    m.umount();
+    let inside = s.path("backend/cache");
+    let out = Command::new(BIN)
+        .args(["mount", "-o"])
+        .arg(format!("cache_dir={}", inside.display()))
+        .arg(s.path("backend"))
+        .arg(s.path("mnt"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("lies inside the backend"),
+        "{out:?}"
+    );
+    assert!(!inside.exists(), "a refused cache dir was created inside the backend");
+    assert!(!is_efscache_mounted(&s.path("mnt")));
+}
