@@ -779,6 +779,9 @@ impl Namespace {
         }
         let mut replaced_shadows = false;
         let mut replaced_ino = None;
+        // The backend object the replaced name still has, if it is not the
+        // replaced overlay file itself (that one was never published).
+        let mut shadowed_on_backend = None;
         if let Some(t) = dst {
             if noreplace {
                 return Err(FsError::Exists);
@@ -798,6 +801,9 @@ impl Namespace {
             } else {
                 tdent.shadow_ino
             };
+            if !ti.on_backend && tdent.shadows {
+                shadowed_on_backend = tdent.shadow_ino;
+            }
         }
         let src_on_backend = self.get(src)?.on_backend;
         let from = self.path_for(parent, name)?;
@@ -829,7 +835,16 @@ impl Namespace {
         let s = self.get_mut(src)?;
         s.links.push((newparent, newname.to_owned()));
         s.attr.ctime = Timespec::now();
-        if src_on_backend {
+        let src_backend_ino = self.get(src)?.backend_ino;
+        if src_on_backend && shadowed_on_backend.is_some() && shadowed_on_backend == src_backend_ino {
+            // On the backend the new name already is this very file (a hard
+            // link the overlay had replaced with an unpublished file), and
+            // rename(2) between two links of one file does nothing: drop the
+            // old name instead.
+            let mut op = FlushOp::new(keys, Action::Unlink { path: from });
+            op.expect_ino = src_backend_ino;
+            fx.ops.push(op);
+        } else if src_on_backend {
             fx.ops.push(FlushOp::new(keys, Action::Rename { from, to, noreplace }));
         } else if sdent.shadows {
             // The backend's older object under the old name must go.

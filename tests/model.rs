@@ -113,12 +113,7 @@ fn mtime_of(t: u32) -> Timespec {
 /// While one is open the properties steer around it (so they stay green and keep
 /// finding other bugs); delete its entry once its regression test passes. Run
 /// with `EFSCACHE_MODEL_AVOID=none` to drive straight into all of them.
-const KNOWN_BUGS: &[Bug] = &[
-    Bug::UnlistedNlink,
-    Bug::ReopenedFileBlocksSync,
-    Bug::SetgidLingers,
-    Bug::RenameOverOwnLink,
-];
+const KNOWN_BUGS: &[Bug] = &[Bug::UnlistedNlink, Bug::ReopenedFileBlocksSync, Bug::SetgidLingers];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bug {
@@ -3470,14 +3465,13 @@ fn regression_new_objects_in_a_setgid_directory_whose_mode_or_group_changed() {
     );
 }
 
-/// `ln d b` (both on the backend), then rsync replaces `b` (a temp file
+/// (Fixed.) `ln d b` (both on the backend), then rsync replaces `b` (a temp file
 /// renamed over it; not published yet), then `mv d b`. The overlay drops the
 /// unpublished `b` and renames `d` over it: only `b` is left, with `d`'s
 /// content. The backend still has `d` and `b` as links of one file, and the
 /// queued rename(2) of one link onto another of the same file does nothing:
 /// `d` stays on the backend.
 #[test]
-#[ignore = "open bug: renaming a file onto a replaced name that is still its hard link on the backend leaves the source"]
 fn regression_rename_onto_a_replaced_hard_link_removes_the_source() {
     daemon_umask();
     let dir = TempDir::new().expect("tempdir");
