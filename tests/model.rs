@@ -113,7 +113,7 @@ fn mtime_of(t: u32) -> Timespec {
 /// While one is open the properties steer around it (so they stay green and keep
 /// finding other bugs); delete its entry once its regression test passes. Run
 /// with `EFSCACHE_MODEL_AVOID=none` to drive straight into all of them.
-const KNOWN_BUGS: &[Bug] = &[Bug::UnlistedNlink, Bug::ReopenedFileBlocksSync, Bug::SetgidLingers];
+const KNOWN_BUGS: &[Bug] = &[Bug::UnlistedNlink, Bug::ReopenedFileBlocksSync];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bug {
@@ -3412,7 +3412,7 @@ fn regression_orphan_in_a_renamed_directory_is_removed() {
     assert_eq!(left, vec![std::ffi::OsString::from("f")], "backend b/ ({})", m.recovery);
 }
 
-/// `mkdir -m 2775 d` (group 1000), `chmod 755 d`, then a directory and a
+/// (Fixed.) `mkdir -m 2775 d` (group 1000), `chmod 755 d`, then a directory and a
 /// symlink are created in `d` by root. The overlay gives both root's group
 /// (`d` is no longer setgid). On the backend, `d`'s chmod waits until the
 /// work inside `d` is done, so both are created while the backend's `d` is
@@ -3420,7 +3420,6 @@ fn regression_orphan_in_a_renamed_directory_is_removed() {
 /// the owner 0:0 is never applied because it equals the daemon's own ids.
 /// Likewise after `chown 0:0` of a setgid directory of group 1000.
 #[test]
-#[ignore = "open bug: new directories and symlinks inherit the group (and setgid bit) a setgid directory had before its pending chmod/chown"]
 fn regression_new_objects_in_a_setgid_directory_whose_mode_or_group_changed() {
     daemon_umask();
     let dir = TempDir::new().expect("tempdir");

@@ -124,12 +124,12 @@ pub fn execute(
                 Err(e) => return Err(e),
             }
             let attrs = AttrSet {
-                perm: (perm & 0o7000 != 0).then_some(*perm),
+                perm: Some(*perm),
                 uid: Some(*uid),
                 gid: Some(*gid),
                 ..Default::default()
             };
-            backend.set_attrs(path, &attrs, true)?;
+            set_new_object_attrs(backend, path, attrs)?;
             Ok(Published::default())
         }
         Action::Rmdir { path } => ignore_enoent(backend.rmdir(path)),
@@ -148,7 +148,7 @@ pub fn execute(
                 }
                 Err(e) => return Err(e),
             }
-            backend.set_attrs(path, attrs, true)?;
+            set_new_object_attrs(backend, path, attrs.clone())?;
             Ok(Published::default())
         }
         Action::Link { existing, new } => match backend.link(existing, new) {
@@ -174,8 +174,8 @@ pub fn execute(
                 r => r?,
             }
             let mut a = attrs.clone();
-            a.perm = (perm & 0o7000 != 0).then_some(*perm);
-            backend.set_attrs(path, &a, true)?;
+            a.perm = Some(*perm);
+            set_new_object_attrs(backend, path, a)?;
             Ok(Published::default())
         }
         Action::SetAttr { path, attrs } => backend.set_attrs(path, attrs, false).map(|_| Published::default()),
@@ -195,6 +195,29 @@ pub fn execute(
             Ok(Published::default())
         }
     }
+}
+
+/// Gives an object efscache just created (directory, symlink, special
+/// file) its owner and mode where they differ from what it got: a directory
+/// that is setgid on the backend (perhaps still, while its chmod or chown
+/// waits behind the work inside it) hands new objects its group, and a new
+/// directory its setgid bit. One stat; a chown or chmod only when needed.
+fn set_new_object_attrs(backend: &dyn Backend, path: &RelPath, mut attrs: AttrSet) -> io::Result<()> {
+    let st = backend.stat(path)?;
+    if attrs.uid == Some(st.uid) && attrs.gid == Some(st.gid) {
+        attrs.uid = None;
+        attrs.gid = None;
+    }
+    // chown clears setuid/setgid: then such a mode must be set again after it.
+    let chown = attrs.uid.is_some();
+    let keep_perm = attrs.perm.is_some_and(|p| p != st.perm || chown && p & 0o6000 != 0);
+    if !keep_perm || st.kind == Kind::Symlink {
+        attrs.perm = None;
+    }
+    if attrs.is_empty() {
+        return Ok(());
+    }
+    backend.set_attrs(path, &attrs, false)
 }
 
 fn ignore_enoent(r: io::Result<()>) -> io::Result<Published> {
