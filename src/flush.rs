@@ -387,9 +387,10 @@ impl Scheduler {
                 let objects =
                     e.op.keys
                         .iter()
-                        .filter_map(|(k, _)| match k {
-                            Key::Ino(i) => Some(*i),
-                            Key::Name(..) => None,
+                        .filter_map(|(k, a)| match (k, a) {
+                            // Shared inode keys are ancestors, not the op's objects.
+                            (Key::Ino(i), Access::Exclusive) => Some(*i),
+                            _ => None,
                         })
                         .collect();
                 // The op is lent to the worker; the entry keeps its keys.
@@ -562,9 +563,9 @@ impl Scheduler {
         st.entries.len() + st.settling
     }
 
-    /// Publishes queued or running.
-    pub fn pending_publishes(&self) -> usize {
-        self.state.lock().pending_publishes
+    /// Ops running now.
+    pub fn in_flight(&self) -> usize {
+        self.state.lock().in_flight
     }
 
     pub fn snapshot(&self) -> SchedSnapshot {

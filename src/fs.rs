@@ -26,7 +26,7 @@ use crate::error::{FsError, FsResult};
 use crate::flush::publish::{self, Published, TempNames};
 use crate::flush::{self, Action, Failure, FlushOp, Outcome, Scheduler};
 use crate::journal::{Header, Journal, PendingState};
-use crate::namespace::{Attr, Content, Effects, Ino, Namespace, ROOT, SetAttr};
+use crate::namespace::{Attr, ConflictOutcome, Content, Effects, Ino, Namespace, ROOT, SetAttr};
 use crate::staging::Staging;
 
 /// Tunables of the filesystem core (from the mount options).
@@ -90,11 +90,6 @@ enum Handle {
         file: Arc<File>,
         write: bool,
         passthrough: bool,
-        /// For a passthrough writer that opened a clean file: its size, mtime
-        /// and generation right after the open. If they are the same at the
-        /// close, nothing was written and the file is clean again (no
-        /// republish of a file merely opened for writing, as `touch` does).
-        clean_at_open: Option<(u64, Timespec, u64)>,
     },
     /// Clean content read from the backend.
     Remote { ino: Ino, file: Arc<File> },
@@ -837,7 +832,6 @@ impl Fs {
             file: file.clone(),
             write: true,
             passthrough,
-            clean_at_open: None,
         });
         Ok((
             out,
@@ -904,19 +898,14 @@ impl Fs {
         }
     }
 
-    /// Whether publishing could free cache space: some dirty file is not open
-    /// for writing, or a publish is queued.
+    /// Whether publishing could free cache space: an op is running, or a
+    /// dirty file is closed (so its publish is due or queued).
     fn cache_can_free(&self) -> bool {
-        let open_writers: std::collections::HashSet<Ino> = self
-            .handles
-            .lock()
-            .values()
-            .filter_map(|h| match h {
-                Handle::Staged { ino, write: true, .. } => Some(*ino),
-                _ => None,
-            })
-            .collect();
-        self.sched.pending_publishes() > 0 || self.ns.lock().dirty_files.len() > open_writers.len()
+        if self.sched.in_flight() > 0 {
+            return true;
+        }
+        let ns = self.ns.lock();
+        ns.dirty_files.iter().any(|i| ns.get(*i).is_ok_and(|i| i.writers == 0))
     }
 
     pub fn cache_status(&self) -> CacheStatus {
@@ -1039,12 +1028,6 @@ impl Fs {
             self.wait_for_cache_space(may_block)?;
         }
         if write || content != Content::Remote {
-            // Clean and on the backend as it is (no publish of it pending).
-            let was_clean = self
-                .ns
-                .lock()
-                .get(ino)
-                .map(|i| !i.is_dirty() && i.publish_queued == 0 && i.on_backend)?;
             let (mut ns, file) = loop {
                 let id = self.stage(ino, !trunc, may_block)?;
                 // Open and count the handle under the lock: a publish finishing
@@ -1074,14 +1057,9 @@ impl Fs {
                 stamp_staging(&file, &i.attr);
             }
             let passthrough = self.passthrough_enabled() && self.open_mode(ino) != Some(false);
-            let mut clean_at_open = None;
             if write && passthrough {
                 // Writes will bypass the daemon: the content counts as changed now.
                 ns.mark_dirty(ino)?;
-                let i = ns.get(ino)?;
-                if was_clean && !trunc {
-                    clean_at_open = Some((i.attr.size, i.attr.mtime, i.generation));
-                }
             }
             let i = ns.get_mut(ino)?;
             i.opens += 1;
@@ -1101,7 +1079,6 @@ impl Fs {
                 file: file.clone(),
                 write,
                 passthrough,
-                clean_at_open,
             });
             return Ok(Opened {
                 fh,
@@ -1157,8 +1134,8 @@ impl Fs {
     }
 
     /// `fallocate(2)` on an open file: done on its staging file, so holes
-    /// and preallocation carry over to the publish (which copies data
-    /// extents only).
+    /// carry over to the publish (which copies data extents only; a
+    /// preallocated range reads as zeros and is not copied either).
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> FsResult<()> {
         let (ino, file) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
             Handle::Staged {
@@ -1167,6 +1144,8 @@ impl Fs {
             _ => return Err(FsError::BadHandle),
         };
         self.check_journal()?;
+        // Passthrough writes so far first, so the times stamped below are current.
+        self.refresh_from_staging(ino);
         crate::staging::fallocate(&file, mode, offset, len).map_err(io_err)?;
         use std::os::unix::fs::MetadataExt;
         let md = file.metadata().map_err(io_err)?;
@@ -1178,7 +1157,11 @@ impl Fs {
         let i = ns.get_mut(ino)?;
         i.attr.size = md.len();
         i.attr.blocks = md.blocks();
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 || mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+        let changes_content = libc::FALLOC_FL_PUNCH_HOLE
+            | libc::FALLOC_FL_ZERO_RANGE
+            | libc::FALLOC_FL_COLLAPSE_RANGE
+            | libc::FALLOC_FL_INSERT_RANGE;
+        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 || mode & changes_content != 0 {
             let now = Timespec::now();
             i.attr.mtime = now;
             i.attr.ctime = now;
@@ -1207,6 +1190,8 @@ impl Fs {
         if end > i.attr.size {
             i.attr.size = end;
         }
+        // At least the blocks just written (holes are only known from a stat).
+        i.attr.blocks = (i.attr.blocks + data.len().div_ceil(512) as u64).min(i.attr.size.div_ceil(512));
         let now = Timespec::now();
         i.attr.mtime = now;
         i.attr.ctime = now;
@@ -1223,15 +1208,14 @@ impl Fs {
     }
 
     pub fn release(&self, fh: u64) {
-        let Some((ino, write, passthrough, clean_at_open)) = self.handles.lock().get(&fh).map(|h| match h {
+        let Some((ino, write, passthrough)) = self.handles.lock().get(&fh).map(|h| match h {
             Handle::Staged {
                 ino,
                 write,
                 passthrough,
-                clean_at_open,
                 ..
-            } => (*ino, *write, *passthrough, *clean_at_open),
-            Handle::Remote { ino, .. } => (*ino, false, false, None),
+            } => (*ino, *write, *passthrough),
+            Handle::Remote { ino, .. } => (*ino, false, false),
         }) else {
             return;
         };
@@ -1247,13 +1231,6 @@ impl Fs {
             if write {
                 i.writers = i.writers.saturating_sub(1);
             }
-            if let Some((size, mtime, generation)) = clean_at_open
-                && i.writers == 0
-                && (i.attr.size, i.attr.mtime, i.generation) == (size, mtime, generation)
-            {
-                ns.mark_clean(ino);
-            }
-            let i = ns.get(ino).expect("exists");
             let (writers, opens, content) = (i.writers, i.opens, i.content);
             if writers == 0 {
                 ns.file_quiet(ino, Instant::now());
@@ -1431,6 +1408,12 @@ impl Fs {
                             // this file as last published or loaded, or the
                             // older file it was renamed over.
                             expect_ino = i.backend_ino.or(i.replaces);
+                            // A retry may follow a rename that did happen (an
+                            // error after it): the name then holds this mount's
+                            // own new file. Only a first attempt is checked.
+                            if lent.attempts > 0 {
+                                expect_ino = None;
+                            }
                             (i.writers > 0, i.foreign_writer)
                         }
                         Err(_) => (false, false),
@@ -1471,7 +1454,7 @@ impl Fs {
                 self.sched.stats.latency[k].record(started.elapsed());
             }
             let conflict_with = match &result {
-                Err(e) => publish::conflict(e).map(|c| c.found_ino),
+                Err(e) => publish::conflict(e).map(|c| c.found.clone()),
                 Ok(_) => None,
             };
             // An op on an object whose publish found it already removed (so
@@ -1527,9 +1510,11 @@ impl Fs {
                         ns.entries_changed_on_backend(d);
                     }
                 }
-                if let (Action::Publish { ino, staging, .. }, Some(theirs)) = (&op.action, conflict_with) {
-                    if ns.publish_conflict(*ino, theirs) {
-                        self.keep_conflicting_copy(*staging, &op.action);
+                if let (Action::Publish { ino, staging, .. }, Some(theirs)) = (&op.action, &conflict_with) {
+                    match ns.publish_conflict(*ino, theirs) {
+                        ConflictOutcome::BackendWins => self.keep_conflicting_copy(*staging, &op.action, false),
+                        ConflictOutcome::StillOpen => self.keep_conflicting_copy(*staging, &op.action, true),
+                        ConflictOutcome::ChangedAgain => {}
                     }
                 } else if let Action::Publish { ino, staging, .. } = &op.action {
                     match published {
@@ -1578,9 +1563,17 @@ impl Fs {
 
     /// Moves this mount's version of a file that lost a conflict out of
     /// staging into `<cache_dir>/lost+found/conflicts/` (never deleted).
-    fn keep_conflicting_copy(&self, staging: u64, action: &Action) {
+    ///
+    /// With `still_open`, the file is in use through the mount and keeps its
+    /// staged copy: a hard link is kept instead.
+    fn keep_conflicting_copy(&self, staging: u64, action: &Action, still_open: bool) {
         let path = action.path().map(|p| p.display()).unwrap_or_default();
-        match self.staging.keep_aside(staging, "conflicts", &path) {
+        let kept = if still_open {
+            self.staging.link_aside(staging, "conflicts", &path)
+        } else {
+            self.staging.keep_aside(staging, "conflicts", &path)
+        };
+        match kept {
             Ok(kept) => tracing::warn!(
                 path = %path,
                 kept = %kept.display(),

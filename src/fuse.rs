@@ -198,7 +198,13 @@ fn file_attr(a: &AttrOut) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.attr.size,
-        blocks: a.attr.blocks,
+        // Zero blocks for a non-empty file means "not known yet" (a file still
+        // being written through passthrough): report it dense, never as holes.
+        blocks: if a.attr.blocks == 0 && a.attr.size > 0 {
+            a.attr.size.div_ceil(512)
+        } else {
+            a.attr.blocks
+        },
         atime: time(a.attr.atime),
         mtime: time(a.attr.mtime),
         ctime: time(a.attr.ctime),
@@ -271,6 +277,9 @@ impl EfsFuse {
                 let id = self.watchdog.watch(std::time::Instant::now() + timeout, on_timeout);
                 let (fs, watchdog) = (self.fs.clone(), self.watchdog.clone());
                 self.pool.spawn(move || {
+                    if slot.lock().is_none() {
+                        return; // answered (EIO) while it waited for a thread: not run
+                    }
                     let r = op(&fs, true);
                     watchdog.unwatch(id);
                     let taken = slot.lock().take();

@@ -242,6 +242,18 @@ impl Inode {
     }
 }
 
+/// What became of a file whose publish lost a conflict.
+pub enum ConflictOutcome {
+    /// The backend's version is the file now; this mount's staged copy is
+    /// to be moved aside.
+    BackendWins,
+    /// Still open through the mount: it keeps its staged copy (a copy is to
+    /// be kept aside too); its next publish checks again.
+    StillOpen,
+    /// Changed again since: its next publish checks again.
+    ChangedAgain,
+}
+
 /// Changes requested by setattr.
 #[derive(Clone, Debug, Default)]
 pub struct SetAttr {
@@ -796,8 +808,10 @@ impl Namespace {
             }
             let tdent = self.dir(newparent)?.entries.get(newname).expect("dst exists").clone();
             replaced_shadows = ti.on_backend || tdent.shadows;
+            // (Unknown while a publish of the target is queued or running:
+            // it brings a new one.)
             replaced_ino = if ti.on_backend {
-                ti.backend_ino
+                ti.backend_ino.filter(|_| ti.publish_queued == 0)
             } else {
                 tdent.shadow_ino
             };
@@ -836,7 +850,9 @@ impl Namespace {
         s.links.push((newparent, newname.to_owned()));
         s.attr.ctime = Timespec::now();
         let src_backend_ino = self.get(src)?.backend_ino;
-        if src_on_backend && shadowed_on_backend.is_some() && shadowed_on_backend == src_backend_ino {
+        let src_publishing = self.get(src)?.publish_queued > 0;
+        if src_on_backend && !src_publishing && shadowed_on_backend.is_some() && shadowed_on_backend == src_backend_ino
+        {
             // On the backend the new name already is this very file (a hard
             // link the overlay had replaced with an unpublished file), and
             // rename(2) between two links of one file does nothing: drop the
@@ -957,19 +973,6 @@ impl Namespace {
         Ok(())
     }
 
-    /// A file opened for writing was closed unchanged: its staged copy is
-    /// the backend's content again, nothing to publish.
-    pub fn mark_clean(&mut self, ino: Ino) {
-        self.touched.push(ino);
-        self.debounce.remove(&ino);
-        self.dirty_files.remove(&ino);
-        if let Some(i) = self.inodes.get_mut(&ino)
-            && let Content::Staged { id, .. } = i.content
-        {
-            i.content = Content::Staged { id, dirty: false };
-        }
-    }
-
     /// The last writer closed a dirty file: start its quiet period.
     pub fn file_quiet(&mut self, ino: Ino, now: Instant) {
         self.touched.push(ino);
@@ -1057,23 +1060,26 @@ impl Namespace {
     /// A publish ended without publishing (content changed meanwhile, file
     /// removed, or a permanent failure that `status` reports).
     /// A publish found the file replaced on the backend by another client
-    /// (inode `theirs`): the backend's version wins and the file reads from
-    /// the backend again. Returns whether the staged copy is to be kept aside
-    /// (false while it changed again: its next publish reports again).
-    pub fn publish_conflict(&mut self, ino: Ino, theirs: u64) -> bool {
+    /// (`theirs`): unless it changed again or is open, the backend's version
+    /// wins and the file reads from the backend again.
+    pub fn publish_conflict(&mut self, ino: Ino, theirs: &crate::backend::Stat) -> ConflictOutcome {
         let Some(i) = self.inodes.get_mut(&ino) else {
-            return false;
+            return ConflictOutcome::ChangedAgain;
         };
         i.publish_queued = i.publish_queued.saturating_sub(1);
         if !matches!(i.content, Content::Staged { dirty: false, .. }) || i.publish_queued > 0 {
-            return false;
+            return ConflictOutcome::ChangedAgain;
+        }
+        if i.opens > 0 {
+            return ConflictOutcome::StillOpen;
         }
         i.content = Content::Remote;
         i.replaces = None;
-        i.fetched = None;
-        self.set_backend_ino(ino, theirs);
+        i.attr = Attr::from_stat(theirs);
+        i.fetched = Some(Instant::now());
+        self.set_backend_ino(ino, theirs.ino);
         self.touched.push(ino);
-        true
+        ConflictOutcome::BackendWins
     }
 
     pub fn publish_abandoned(&mut self, ino: Ino) {

@@ -61,6 +61,8 @@ pub struct Published {
 pub struct Conflict {
     pub expected_ino: u64,
     pub found_ino: u64,
+    /// What the backend has under the name now.
+    pub found: crate::backend::Stat,
 }
 
 impl std::fmt::Display for Conflict {
@@ -92,6 +94,7 @@ fn check_unchanged(backend: &dyn Backend, path: &RelPath, expected: Option<u64>)
         Ok(st) if st.ino != expected_ino => Err(io::Error::other(Conflict {
             expected_ino,
             found_ino: st.ino,
+            found: st,
         })),
         Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
         _ => Ok(()),
