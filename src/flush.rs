@@ -211,7 +211,25 @@ struct Entry {
     blocked_on: usize,
     attempts: u32,
     home: Ino,
+    /// Its last attempt found the file open for writing (`WriterBusy`).
+    waiting_for_writer: bool,
 }
+
+/// How often a publish waiting for its file's writer looks again.
+const WRITER_POLL: Duration = Duration::from_millis(50);
+
+/// Why a publish did not start: its file is open for writing (the data may
+/// change under a copy). Retried like a transient error.
+#[derive(Debug)]
+pub struct WriterBusy;
+
+impl std::fmt::Display for WriterBusy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the file is open for writing")
+    }
+}
+
+impl std::error::Error for WriterBusy {}
 
 /// A permanently failed op, as `status` and `sync` report it.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -337,6 +355,7 @@ impl Scheduler {
                 blocked_on: blocked,
                 attempts: 0,
                 home,
+                waiting_for_writer: false,
             },
         );
         if blocked == 0 {
@@ -458,8 +477,17 @@ impl Scheduler {
         let e = st.entries.get_mut(&seq).expect("finished op exists");
         e.op.action = lent.action;
         match outcome {
+            Outcome::Retry(err) if err.get_ref().is_some_and(|r| r.is::<WriterBusy>()) => {
+                // No backend failure: look again soon (the check costs no
+                // backend request), so the publish follows the close closely.
+                e.waiting_for_writer = true;
+                st.retry.push((Instant::now() + WRITER_POLL, seq));
+                self.work.notify_one();
+                return None;
+            }
             Outcome::Retry(err) => {
                 e.attempts += 1;
+                e.waiting_for_writer = false;
                 let backoff = backoff(self.retry, e.attempts, seq);
                 tracing::debug!(op = e.op.action.name(), attempts = e.attempts, ?backoff, error = %err, "backend op failed, will retry");
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
@@ -563,6 +591,32 @@ impl Scheduler {
     pub fn queued(&self) -> usize {
         let st = self.state.lock();
         st.entries.len() + st.settling
+    }
+
+    /// If what is still queued can only move once some files are closed
+    /// (nothing runs or is ready, and every op waiting to retry is a publish
+    /// that found its file open for writing, so every blocked op waits behind
+    /// one): the inodes of those files.
+    pub fn only_waiting_for_writers(&self) -> Option<Vec<Ino>> {
+        let st = self.state.lock();
+        if st.in_flight > 0 || st.settling > 0 || st.ready_count > 0 || st.retry.is_empty() {
+            return None;
+        }
+        st.retry
+            .iter()
+            .map(|(_, seq)| match st.entries.get(seq) {
+                Some(Entry {
+                    waiting_for_writer: true,
+                    op:
+                        FlushOp {
+                            action: Action::Publish { ino, .. },
+                            ..
+                        },
+                    ..
+                }) => Some(*ino),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Ops running now.

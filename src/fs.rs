@@ -1428,7 +1428,7 @@ impl Fs {
             };
             let started = Instant::now();
             let result = if writer_busy {
-                Err(io::Error::from_raw_os_error(libc::EAGAIN))
+                Err(io::Error::other(flush::WriterBusy))
             } else {
                 publish::execute(
                     &*self.backend,
@@ -1608,7 +1608,13 @@ impl Fs {
             self.tick(true);
             // Queue first: a finishing op may still re-dirty a directory, but
             // once nothing is queued nothing can until someone changes the tree.
-            let idle = self.sched.queued() == 0;
+            // Publishes of files open for writing wait for the close; those
+            // files are reported, not waited for.
+            let idle = self.sched.queued() == 0
+                || self.sched.only_waiting_for_writers().is_some_and(|inos| {
+                    let ns = self.ns.lock();
+                    inos.iter().all(|i| ns.get(*i).is_ok_and(|i| i.writers > 0))
+                });
             let pending = {
                 let ns = self.ns.lock();
                 // Directories waiting only for files still open for writing do

@@ -139,9 +139,13 @@ enum Bug {
     /// open, ENOENT failures are tolerated; the backend must still be right.
     RemovedBeforePublish,
     /// A publish queued before its file was reopened for writing retries until
-    /// the file is closed, and `sync` waits for it (see
-    /// `regression_sync_with_a_reopened_file_whose_publish_is_queued`). While
-    /// open, the flush queue is drained before an existing file is opened.
+    /// the file is closed, and `sync` waited for it (see
+    /// `regression_sync_with_a_reopened_file_whose_publish_is_queued`, which
+    /// passes now: `sync` reports such files and returns). The steering stays
+    /// for now: without it, long property runs (`PROPTEST_CASES=384`) hang in
+    /// `crash_recovery_keeps_every_acknowledged_change` and
+    /// `overlay_and_backend_agree_with_model`, not investigated yet. While
+    /// listed, the flush queue is drained before an existing file is opened.
     ReopenedFileBlocksSync,
     /// Recovery removes the publish temp files of the dead mount (of the
     /// publishes running at the kill) only after it has replayed the journal,
@@ -3203,13 +3207,12 @@ fn regression_rename_before_removal_of_unpublished_file() {
     assert!(left.is_empty(), "backend: {left:?}");
 }
 
-/// A file's publish is queued, then the file is opened for writing again
+/// (Fixed.) A file's publish is queued, then the file is opened for writing again
 /// before the publish runs. The publish refuses to copy while a writer has the
 /// file open (EAGAIN, retried with backoff), so it stays queued until the file
 /// is closed, and `sync`, which should report the open file and return, waits
 /// for it until its deadline (forever without one).
 #[test]
-#[ignore = "known bug: sync waits for a queued publish of a file reopened for writing"]
 fn regression_sync_with_a_reopened_file_whose_publish_is_queued() {
     let dir = TempDir::new().expect("tempdir");
     let m = regression_mount(dir.path());
