@@ -96,6 +96,15 @@ pub fn replay(
             PendingState::Dir { .. } => None,
         })
         .collect();
+    // Only the last queued publish of a staging file carries its current
+    // content (and size): an earlier one (its file was closed, reopened,
+    // rewritten and closed again) would be refused as incomplete.
+    let mut last_publish: std::collections::HashMap<u64, Option<u64>> = std::collections::HashMap::new();
+    for op in &r.ops {
+        if let Action::Publish { staging, .. } = &op.action {
+            last_publish.insert(*staging, op.journal_seq);
+        }
+    }
     let mut publish_dirs: HashSet<RelPath> = HashSet::new();
     // Replayed ops (and the orphan cleanup) change directories' times on the
     // backend; the running daemon would re-apply the overlay's times after
@@ -106,7 +115,7 @@ pub fn replay(
     for op in r.ops {
         if let Action::Publish { staging: id, paths, .. } = &op.action {
             publish_dirs.extend(paths.iter().filter_map(|p| p.split_last().map(|(d, _)| d)));
-            if restaged.contains(id) {
+            if restaged.contains(id) || last_publish.get(id) != Some(&op.journal_seq) {
                 journal.done(op.journal_seq.expect("journaled op has a seq"));
                 continue;
             }

@@ -2604,6 +2604,47 @@ fn crash_while_an_unpublished_file_is_rewritten_shorter() {
     assert!(runs > 0);
 }
 
+/// A file's publish is queued, the file is rewritten longer and closed, and
+/// its second publish is queued behind the first (same staging file); then
+/// the daemon is killed. The first publish's recorded size no longer matches
+/// the staging file: replay must publish the newest content through the
+/// last publish, not refuse the first as "incomplete" and lose the data.
+#[test]
+fn crash_with_two_publishes_of_one_staging_file_queued() {
+    let mut runs = 0;
+    for cfg in scenario_cfgs() {
+        for crash in scenario_crashes() {
+            let ops = vec![
+                Op::Create {
+                    path: p(&["f"]),
+                    excl: true,
+                    trunc: false,
+                    data: b"0123456789".to_vec(),
+                    keep: None,
+                    perm: 0o644,
+                    owner: 0,
+                },
+                Op::Pause,
+                Op::TickForce,
+                Op::Rewrite {
+                    path: p(&["f"]),
+                    trunc: true,
+                    offset: 0,
+                    data: b"a longer content than before".to_vec(),
+                },
+                Op::TickForce,
+                Op::Crash(crash.clone()),
+                Op::CheckAll,
+            ];
+            let h = run_case(cfg.clone(), &ops);
+            let want = BTreeMap::from([("f".to_string(), Some(b"a longer content than before".to_vec()))]);
+            assert_eq!(backend_files(h.backend_dir.path()), want, "{ops:?}, {cfg:?}");
+            runs += 1;
+        }
+    }
+    assert!(runs > 0);
+}
+
 // ---- regression tests for known bugs ----------------------------------------------
 
 /// A mount for the regression tests: debounce 0, exclusive, two free-running workers.
