@@ -55,10 +55,12 @@ fn step(mnt: &Path, rng: &mut Rng, round: usize, n: usize, m: &Mutex<Manifest>) 
         g.dirs.insert(rel_dir.clone());
         g.in_doubt.remove(&rel_dir);
     }
+    // Only files whose content is known: one left in doubt by a kill (a
+    // rewrite cut short) would carry the doubt to its new name if moved.
     let pick_existing = |rng: &mut Rng| {
         let g = m.lock().unwrap();
-        let k = g.files.len();
-        (k > 0).then(|| g.files.keys().nth(rng.below(k as u64) as usize).unwrap().clone())
+        let known: Vec<&PathBuf> = g.files.keys().filter(|p| !g.in_doubt.contains(*p)).collect();
+        (!known.is_empty()).then(|| known[rng.below(known.len() as u64) as usize].clone())
     };
     match n % 13 {
         5 => {
