@@ -1651,6 +1651,21 @@ impl Fs {
         }
     }
 
+    /// `sync` before an unmount. close(2) returns before the kernel's
+    /// RELEASE of the file reaches the daemon, so a file closed just before
+    /// the drain may still count as open for writing: give such files a
+    /// moment to be released, and sync again.
+    pub fn drain(&self, deadline: Option<Instant>) -> SyncReport {
+        let grace = Instant::now() + Duration::from_secs(1);
+        loop {
+            let report = self.sync(deadline);
+            if report.open_files.is_empty() || !report.complete || Instant::now() >= grace {
+                return report;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn status(&self) -> FsStatus {
         let ns = self.ns.lock();
         let mut pending_bytes = 0;

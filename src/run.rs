@@ -416,7 +416,7 @@ impl Running {
 
 /// Drains (bounded) and unmounts the mount this daemon serves (on SIGTERM).
 fn drain_and_unmount(fs: &Fs, cfg: &Config) {
-    let report = fs.sync(Some(Instant::now() + cfg.drain_timeout));
+    let report = fs.drain(Some(Instant::now() + cfg.drain_timeout));
     if !report.complete {
         tracing::warn!("drain timed out; pending work stays queued until the daemon exits");
     }
@@ -453,7 +453,7 @@ fn control_handler(
         }
         Request::Drain { timeout_ms } => {
             let limit = timeout_ms.map_or(cfg.drain_timeout, Duration::from_millis);
-            serde_json::to_value(fs.sync(Some(Instant::now() + limit))).expect("report serializes")
+            serde_json::to_value(fs.drain(Some(Instant::now() + limit))).expect("report serializes")
         }
     })
 }
