@@ -74,12 +74,7 @@ pub fn render(v: &serde_json::Value) -> String {
         n("open_for_write"),
         n("waiting_debounce")
     ));
-    out.push_str(&format!(
-        "queue         {} ops queued, {} in flight, {} waiting to retry\n",
-        n("queued_ops"),
-        n("in_flight"),
-        n("retry_waiting")
-    ));
+    out.push_str(&queue_line(v));
     out.push_str(&format!(
         "published     {} files, {} bytes ({} backend changes)\n",
         n("published_files"),
@@ -159,6 +154,17 @@ pub fn render(v: &serde_json::Value) -> String {
         ));
     }
     out
+}
+
+/// The queue's line, the same in `status` and `--watch`.
+fn queue_line(v: &serde_json::Value) -> String {
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    format!(
+        "queue         {} ops queued, {} in flight, {} waiting to retry\n",
+        n("queued_ops"),
+        n("in_flight"),
+        n("retry_waiting")
+    )
 }
 
 /// "1.5 GiB", "12 KiB", "512 B".
@@ -317,12 +323,7 @@ pub fn render_watch(v: &serde_json::Value, rates: &Rates) -> String {
         }
     };
     out.push_str(&format!("eta           {eta}\n"));
-    out.push_str(&format!(
-        "queue         {} ops queued, {} in flight, {} waiting to retry\n",
-        n("queued_ops"),
-        n("in_flight"),
-        n("retry_waiting")
-    ));
+    out.push_str(&queue_line(v));
     out.push_str(&format!(
         "published     {} files, {} since mount\n",
         n("published_files"),

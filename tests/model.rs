@@ -2563,45 +2563,52 @@ fn crash_with_removals_queued_behind_a_publish() {
     assert_eq!(runs, 32);
 }
 
+/// Runs `before` then a crash of every scenario kind, in every scenario
+/// configuration, and checks the backend holds exactly `want` after recovery.
+fn assert_backend_after_each_crash(before: &[Op], want: &[(&str, &[u8])]) {
+    let want: BTreeMap<String, Option<Vec<u8>>> = want.iter().map(|(k, v)| (k.to_string(), Some(v.to_vec()))).collect();
+    for cfg in scenario_cfgs() {
+        for crash in scenario_crashes() {
+            let mut ops = before.to_vec();
+            ops.extend([Op::Crash(crash), Op::CheckAll]);
+            let h = run_case(cfg.clone(), &ops);
+            assert_eq!(backend_files(h.backend_dir.path()), want, "{ops:?}, {cfg:?}");
+        }
+    }
+}
+
+fn create_f(data: &[u8]) -> Op {
+    Op::Create {
+        path: p(&["f"]),
+        excl: true,
+        trunc: false,
+        data: data.to_vec(),
+        keep: None,
+        perm: 0o644,
+        owner: 0,
+    }
+}
+
 /// A closed, unpublished file is opened again with O_TRUNC and rewritten
 /// shorter, and the daemon is killed before the writer closes it: the journal
 /// must say the file is open for writing, or recovery would take the shorter
 /// staged data for data lost in a machine crash and refuse to publish it.
 #[test]
 fn crash_while_an_unpublished_file_is_rewritten_shorter() {
-    let mut runs = 0;
-    for cfg in scenario_cfgs() {
-        for crash in scenario_crashes() {
-            let ops = vec![
-                Op::Create {
-                    path: p(&["f"]),
-                    excl: true,
-                    trunc: false,
-                    data: b"0123456789".to_vec(),
-                    keep: None,
-                    perm: 0o644,
-                    owner: 0,
-                },
-                Op::Open {
-                    path: p(&["f"]),
-                    trunc: true,
-                    slot: 0,
-                },
-                Op::Write {
-                    slot: 0,
-                    offset: 0,
-                    data: b"abc".to_vec(),
-                },
-                Op::Crash(crash.clone()),
-                Op::CheckAll,
-            ];
-            let h = run_case(cfg.clone(), &ops);
-            let want = BTreeMap::from([("f".to_string(), Some(b"abc".to_vec()))]);
-            assert_eq!(backend_files(h.backend_dir.path()), want, "{ops:?}, {cfg:?}");
-            runs += 1;
-        }
-    }
-    assert!(runs > 0);
+    let before = [
+        create_f(b"0123456789"),
+        Op::Open {
+            path: p(&["f"]),
+            trunc: true,
+            slot: 0,
+        },
+        Op::Write {
+            slot: 0,
+            offset: 0,
+            data: b"abc".to_vec(),
+        },
+    ];
+    assert_backend_after_each_crash(&before, &[("f", b"abc")]);
 }
 
 /// A file's publish is queued, the file is rewritten longer and closed, and
@@ -2611,38 +2618,20 @@ fn crash_while_an_unpublished_file_is_rewritten_shorter() {
 /// last publish, not refuse the first as "incomplete" and lose the data.
 #[test]
 fn crash_with_two_publishes_of_one_staging_file_queued() {
-    let mut runs = 0;
-    for cfg in scenario_cfgs() {
-        for crash in scenario_crashes() {
-            let ops = vec![
-                Op::Create {
-                    path: p(&["f"]),
-                    excl: true,
-                    trunc: false,
-                    data: b"0123456789".to_vec(),
-                    keep: None,
-                    perm: 0o644,
-                    owner: 0,
-                },
-                Op::Pause,
-                Op::TickForce,
-                Op::Rewrite {
-                    path: p(&["f"]),
-                    trunc: true,
-                    offset: 0,
-                    data: b"a longer content than before".to_vec(),
-                },
-                Op::TickForce,
-                Op::Crash(crash.clone()),
-                Op::CheckAll,
-            ];
-            let h = run_case(cfg.clone(), &ops);
-            let want = BTreeMap::from([("f".to_string(), Some(b"a longer content than before".to_vec()))]);
-            assert_eq!(backend_files(h.backend_dir.path()), want, "{ops:?}, {cfg:?}");
-            runs += 1;
-        }
-    }
-    assert!(runs > 0);
+    let longer: &[u8] = b"a longer content than before";
+    let before = [
+        create_f(b"0123456789"),
+        Op::Pause,
+        Op::TickForce,
+        Op::Rewrite {
+            path: p(&["f"]),
+            trunc: true,
+            offset: 0,
+            data: longer.to_vec(),
+        },
+        Op::TickForce,
+    ];
+    assert_backend_after_each_crash(&before, &[("f", longer)]);
 }
 
 // ---- regression tests for known bugs ----------------------------------------------
