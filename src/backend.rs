@@ -205,6 +205,20 @@ pub trait Backend: Send + Sync {
     fn set_len(&self, file: &File, len: u64) -> io::Result<()>;
     /// Closes a written file (NFS commits its data here and reports write errors).
     fn close_file(&self, file: File) -> io::Result<()>;
+    /// Every extended attribute of an object (not following a symlink).
+    /// Backends without extended attributes answer `EOPNOTSUPP`.
+    fn list_xattrs(&self, _path: &RelPath) -> io::Result<Vec<(OsString, Vec<u8>)>> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    /// Sets (`Some`) or removes (`None`; absent is fine) one extended
+    /// attribute of an object (not following a symlink).
+    fn set_xattr(&self, _path: &RelPath, _name: &OsStr, _value: Option<&[u8]>) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+    /// Sets one extended attribute through an fd from `create_exclusive`.
+    fn set_xattr_fd(&self, _file: &File, _name: &OsStr, _value: &[u8]) -> io::Result<()> {
+        Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
     /// Counters of the requests made so far.
     fn stats(&self) -> &BackendStats;
 }
@@ -224,14 +238,38 @@ macro_rules! op_kinds {
     };
 }
 op_kinds!(
-    readdir, stat, readlink, open, read, statfs, create, write, close, mkdir, rmdir, unlink, rename, symlink, link,
-    mknod, chown, chmod, utimens, truncate,
+    readdir,
+    stat,
+    readlink,
+    open,
+    read,
+    statfs,
+    create,
+    write,
+    close,
+    mkdir,
+    rmdir,
+    unlink,
+    rename,
+    symlink,
+    link,
+    mknod,
+    chown,
+    chmod,
+    utimens,
+    truncate,
+    listxattr,
+    getxattr,
+    setxattr,
+    removexattr,
 );
+
+const _: () = assert!(OpKind::ALL.len() == 24, "BackendStats::counts has one slot per kind");
 
 /// Per-kind request counters (lock-free; read by `status`).
 #[derive(Debug, Default)]
 pub struct BackendStats {
-    counts: [AtomicU64; 20],
+    counts: [AtomicU64; 24],
     bytes_written: AtomicU64,
     bytes_read: AtomicU64,
 }
@@ -290,6 +328,67 @@ pub struct Capabilities {
     pub devices_refused: Option<i32>,
     pub fifos_refused: Option<i32>,
     pub sockets_refused: Option<i32>,
+    /// Extended attribute namespaces both the backend and the cache disk
+    /// accept; names in any other namespace fail with `EOPNOTSUPP` at the
+    /// syscall.
+    pub xattrs: XattrCaps,
+}
+
+/// Which extended attribute namespaces are usable (see `crate::xattr::Class`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct XattrCaps {
+    pub user: bool,
+    pub trusted: bool,
+    pub security: bool,
+    /// POSIX ACLs (`system.posix_acl_access`/`_default`).
+    pub acls: bool,
+}
+
+impl XattrCaps {
+    pub fn allows(&self, class: crate::xattr::Class) -> bool {
+        use crate::xattr::Class;
+        match class {
+            Class::User => self.user,
+            Class::Trusted => self.trusted,
+            Class::Security => self.security,
+            Class::Acl => self.acls,
+            Class::Unsupported => false,
+        }
+    }
+    /// Whether any namespace is usable.
+    pub fn any(&self) -> bool {
+        self.user || self.trusted || self.security || self.acls
+    }
+    pub fn intersect(self, o: XattrCaps) -> XattrCaps {
+        XattrCaps {
+            user: self.user && o.user,
+            trusted: self.trusted && o.trusted,
+            security: self.security && o.security,
+            acls: self.acls && o.acls,
+        }
+    }
+
+    /// Tries one name of each namespace with `set` (on a scratch file).
+    /// Only a success counts: a namespace that fails for any reason is
+    /// refused at the syscall rather than accepted and lost in the flush.
+    pub fn probe(mut set: impl FnMut(&OsStr, &[u8]) -> io::Result<()>) -> XattrCaps {
+        let mut ok = |name: &str, value: &[u8]| match set(OsStr::new(name), value) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(name, error = %e, "extended attribute namespace refused");
+                false
+            }
+        };
+        XattrCaps {
+            user: ok("user.efscache.probe", b"1"),
+            trusted: ok("trusted.efscache.probe", b"1"),
+            security: ok("security.efscache.probe", b"1"),
+            acls: ok(
+                crate::xattr::ACL_ACCESS,
+                &crate::xattr::Acl::from_mode(0o600).to_bytes(),
+            ),
+        }
+    }
 }
 
 impl Capabilities {
@@ -327,10 +426,28 @@ impl Capabilities {
             }
         };
         let root_before = backend.stat(&RelPath::root());
+        let xattrs = {
+            let name = temp_name();
+            match backend.create_exclusive(&RelPath::root(), &name, 0o600) {
+                Ok(f) => {
+                    let caps = XattrCaps::probe(|n, v| backend.set_xattr_fd(&f, n, v));
+                    let _ = backend.close_file(f);
+                    if let Err(e) = backend.unlink(&RelPath::root().join(&name)) {
+                        tracing::warn!(error = %e, "cannot remove a probe file from the backend");
+                    }
+                    caps
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot probe the backend's extended attributes: refusing them");
+                    XattrCaps::default()
+                }
+            }
+        };
         let caps = Capabilities {
             devices_refused: try_kind(Kind::CharDev, libc::makedev(1, 3)),
             fifos_refused: try_kind(Kind::Fifo, 0),
             sockets_refused: try_kind(Kind::Socket, 0),
+            xattrs,
         };
         // The probe changed the root's times: put them back (the overlay
         // already holds them, and the root is the user's directory).

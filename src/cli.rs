@@ -36,6 +36,8 @@ dir_concurrency=N    publishes in flight per backend directory (default 4)\n  \
 debounce=DUR         quiet time after close before a file is published (default 500ms)\n  \
 attr_ttl=DUR         how long cached metadata is trusted (default 30s)\n  \
 exclusive            no other writers: trust the cache for the whole mount\n  \
+noxattr              refuse extended attributes and ACLs even where the backend keeps them\n                       \
+(they cost one daemon round trip per write(2); EFS has none anyway)\n  \
 fsync=local|remote   what fsync(2) waits for (default local)\n  \
 meta_parallel=N      parallel stats when loading a directory (default 64)\n  \
 drain_timeout=DUR    how long umount/SIGTERM wait for pending work (default 10m)\n  \
@@ -241,6 +243,9 @@ pub fn options_string(cfg: &Config) -> String {
     o.push(format!("drain_timeout={}", ms(cfg.drain_timeout)));
     if cfg.exclusive {
         o.push("exclusive".into());
+    }
+    if !cfg.xattrs {
+        o.push("noxattr".into());
     }
     if cfg.fsync == FsyncMode::Remote {
         o.push("fsync=remote".into());

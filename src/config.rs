@@ -28,6 +28,9 @@ pub struct Config {
     pub attr_ttl: Duration,
     /// No other writers: trust the cache for the whole mount.
     pub exclusive: bool,
+    /// Keep extended attributes and ACLs where the backend has them (off:
+    /// refused, and writes through passthrough cost no daemon round trip).
+    pub xattrs: bool,
     pub fsync: FsyncMode,
     /// Parallel stats when loading a directory.
     pub meta_parallel: usize,
@@ -109,6 +112,7 @@ impl Config {
             debounce: Duration::from_millis(500),
             attr_ttl: Duration::from_secs(30),
             exclusive: false,
+            xattrs: true,
             fsync: FsyncMode::Local,
             meta_parallel: 64,
             threads: 4,
@@ -145,6 +149,8 @@ impl Config {
                 "attr_ttl" => self.attr_ttl = parse_duration(key, need(key, val)?)?,
                 "drain_timeout" => self.drain_timeout = parse_duration(key, need(key, val)?)?,
                 "exclusive" => self.exclusive = parse_bool(key, val)?,
+                "xattr" => self.xattrs = parse_bool(key, val)?,
+                "noxattr" if val.is_none() => self.xattrs = false,
                 "fsync" => {
                     self.fsync = match need(key, val)? {
                         "local" => FsyncMode::Local,

@@ -31,6 +31,12 @@ pub enum FsError {
     NoSpace,
     #[error("stale handle")]
     BadHandle,
+    #[error("no such extended attribute")]
+    NoAttr,
+    /// The backend keeps no extended attributes at all. ENOSYS makes the
+    /// kernel answer EOPNOTSUPP itself from then on, without asking.
+    #[error("the backend has no extended attributes")]
+    NoXattrs,
     #[error("backend or staging I/O: {0}")]
     Io(#[from] io::Error),
     /// The backend did not answer within the request timeout (EIO, as on an
@@ -58,6 +64,8 @@ impl FsError {
             FsError::TooManyLinks => libc::EMLINK,
             FsError::NoSpace => libc::ENOSPC,
             FsError::BadHandle => libc::EBADF,
+            FsError::NoAttr => libc::ENODATA,
+            FsError::NoXattrs => libc::ENOSYS,
             FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             FsError::TimedOut => libc::EIO,
             FsError::WouldBlock => libc::EIO,

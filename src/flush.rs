@@ -94,6 +94,14 @@ pub enum Action {
         paths: Vec<RelPath>,
         attrs: AttrSet,
     },
+    /// Set (`value: Some`) or remove an extended attribute of an existing
+    /// backend object (directories, symlinks, special files, files whose
+    /// content is not staged; staged files carry theirs into the publish).
+    SetXattr {
+        path: RelPath,
+        name: OsString,
+        value: Option<Vec<u8>>,
+    },
     /// No backend change: signals once every earlier conflicting op is done
     /// (a clean file's backend path is valid again after a pending rename).
     /// Never journaled.
@@ -103,8 +111,8 @@ pub enum Action {
 
 impl Action {
     /// Names of the op kinds that reach the backend.
-    pub const KINDS: [&'static str; 9] = [
-        "mkdir", "rmdir", "unlink", "rename", "symlink", "link", "mknod", "setattr", "publish",
+    pub const KINDS: [&'static str; 10] = [
+        "mkdir", "rmdir", "unlink", "rename", "symlink", "link", "mknod", "setattr", "publish", "setxattr",
     ];
 
     pub fn name(&self) -> &'static str {
@@ -118,6 +126,7 @@ impl Action {
             Action::Mknod { .. } => "mknod",
             Action::SetAttr { .. } => "setattr",
             Action::Publish { .. } => "publish",
+            Action::SetXattr { .. } => "setxattr",
             Action::Barrier(_) => "barrier",
         }
     }
@@ -129,7 +138,8 @@ impl Action {
             | Action::Unlink { path }
             | Action::Symlink { path, .. }
             | Action::Mknod { path, .. }
-            | Action::SetAttr { path, .. } => Some(path),
+            | Action::SetAttr { path, .. }
+            | Action::SetXattr { path, .. } => Some(path),
             Action::Rename { to, .. } => Some(to),
             Action::Link { new, .. } => Some(new),
             Action::Publish { paths, .. } => paths.first(),

@@ -26,8 +26,9 @@ use crate::error::{FsError, FsResult};
 use crate::flush::publish::{self, Published, TempNames};
 use crate::flush::{self, Action, Failure, FlushOp, Outcome, Scheduler};
 use crate::journal::{Header, Journal, PendingState};
-use crate::namespace::{Attr, ConflictOutcome, Content, Effects, Ino, Namespace, ROOT, SetAttr};
+use crate::namespace::{Attr, ConflictOutcome, Content, Effects, Ino, Namespace, ROOT, SetAttr, XattrCache};
 use crate::staging::Staging;
+use crate::xattr::{self, Acl, Xattrs};
 
 /// Tunables of the filesystem core (from the mount options).
 #[derive(Clone, Debug)]
@@ -46,6 +47,8 @@ pub struct FsConfig {
     pub request_timeout: Duration,
     /// Budget for staged data (None: the cache disk's free space).
     pub cache_size: Option<u64>,
+    /// Keep extended attributes where the backend has them.
+    pub xattrs: bool,
 }
 
 impl Default for FsConfig {
@@ -58,6 +61,7 @@ impl Default for FsConfig {
             meta_parallel: 64,
             request_timeout: Duration::from_secs(60),
             cache_size: None,
+            xattrs: true,
         }
     }
 }
@@ -522,6 +526,9 @@ impl Fs {
         let mut fx = Effects::default();
         let mut ns = self.ns.lock();
         ns.set_attrs(ino, &ch, &mut fx)?;
+        if let Some(perm) = ch.perm {
+            self.chmod_acl(&mut ns, ino, perm)?;
+        }
         self.apply(&mut ns, fx);
         Self::attr_out(&ns, ino)
     }
@@ -565,6 +572,9 @@ impl Fs {
     /// Gives a regular file staged content and returns its staging id; copies
     /// the backend data first when `keep_data` (blocking).
     fn stage(&self, ino: Ino, keep_data: bool, may_block: bool) -> FsResult<u64> {
+        // The staged file carries the backend file's extended attributes
+        // (its publish replaces that file).
+        let backend_xattrs = self.xattrs_for_staging(ino, may_block)?;
         let path = {
             let mut ns = self.ns.lock();
             let i = ns.get(ino)?;
@@ -574,6 +584,7 @@ impl Fs {
             if !keep_data || i.attr.size == 0 {
                 let id = ns.new_staging_id();
                 let f = self.staging.create(id).map_err(io_err)?;
+                self.stage_xattrs(&mut ns, ino, id, &backend_xattrs)?;
                 stamp_staging(&f, &ns.get(ino)?.attr);
                 let i = ns.get_mut(ino)?;
                 i.content = Content::Staged { id, dirty: false };
@@ -597,9 +608,48 @@ impl Fs {
             self.staging.remove(id); // someone else staged it meanwhile
             return Ok(other);
         }
+        if let Err(e) = self.stage_xattrs(&mut ns, ino, id, &backend_xattrs) {
+            drop(ns);
+            self.staging.remove(id);
+            return Err(e);
+        }
+        let i = ns.get_mut(ino)?;
         stamp_staging(&dst, &i.attr);
         i.content = Content::Staged { id, dirty: false };
         Ok(id)
+    }
+
+    /// The extended attributes a backend file about to be staged has (None:
+    /// the backend keeps none, or the file is staged already).
+    fn xattrs_for_staging(&self, ino: Ino, may_block: bool) -> FsResult<Option<Xattrs>> {
+        if !self.capabilities().xattrs.any() {
+            return Ok(None);
+        }
+        {
+            let ns = self.ns.lock();
+            let i = ns.get(ino)?;
+            if i.staged_id().is_some() {
+                return Ok(None);
+            }
+            if let Some(c) = &i.xattrs
+                && self.fresh(Some(c.loaded))
+            {
+                return Ok(Some(c.map.clone()));
+            }
+        }
+        self.load_xattrs(ino, may_block).map(Some)
+    }
+
+    /// Writes a file's extended attributes onto its new staging file `id`
+    /// (the overlay's own, if it changed them since `loaded` was read); from
+    /// now on the staging file holds them.
+    fn stage_xattrs(&self, ns: &mut Namespace, ino: Ino, id: u64, loaded: &Option<Xattrs>) -> FsResult<()> {
+        let i = ns.get_mut(ino)?;
+        let current = i.xattrs.take().map(|c| c.map);
+        for (name, value) in current.as_ref().or(loaded.as_ref()).into_iter().flatten() {
+            self.staging.set_xattr(id, name, Some(value)).map_err(io_err)?;
+        }
+        Ok(())
     }
 
     pub fn readlink(&self, ino: Ino, may_block: bool) -> FsResult<OsString> {
@@ -640,19 +690,51 @@ impl Fs {
         r
     }
 
+    /// The permission bits and ACLs of a new object in `parent`: a default
+    /// ACL there takes the place of the umask (and a new directory inherits
+    /// it as its own default ACL); without one, the umask applies.
+    fn new_object_mode(
+        &self,
+        parent: Ino,
+        perm: u32,
+        umask: u32,
+        is_dir: bool,
+        may_block: bool,
+    ) -> FsResult<(u32, Xattrs)> {
+        let Some(default) = self.default_acl(parent, may_block)? else {
+            return Ok((perm & !(umask & 0o777), Xattrs::new()));
+        };
+        let (perm, access) = default.create_masq(perm);
+        let mut acls = Xattrs::new();
+        if let Some(a) = access {
+            acls.insert(OsString::from(xattr::ACL_ACCESS), a.to_bytes());
+        }
+        if is_dir {
+            acls.insert(OsString::from(xattr::ACL_DEFAULT), default.to_bytes());
+        }
+        Ok((perm, acls))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     pub fn mkdir(
         &self,
         parent: Ino,
         name: &OsStr,
         perm: u32,
+        umask: u32,
         uid: u32,
         gid: u32,
         may_block: bool,
     ) -> FsResult<AttrOut> {
+        self.ensure_loaded(parent, may_block)?;
+        let (perm, acls) = self.new_object_mode(parent, perm, umask, true, may_block)?;
         self.change(parent, may_block, |ns, fx| {
             let gid = inherit_gid(ns, parent, gid)?;
             let perm = perm | (ns.get(parent)?.attr.perm & libc::S_ISGID);
             let ino = ns.mkdir(parent, name, perm & 0o7777, uid, gid, fx)?;
+            for (n, v) in acls {
+                ns.set_xattr(ino, &n, Some(v), fx)?;
+            }
             Self::attr_out(ns, ino)
         })
     }
@@ -663,6 +745,7 @@ impl Fs {
         parent: Ino,
         name: &OsStr,
         mode: u32,
+        umask: u32,
         rdev: u64,
         uid: u32,
         gid: u32,
@@ -670,7 +753,7 @@ impl Fs {
     ) -> FsResult<AttrOut> {
         let kind = Kind::from_mode(mode).ok_or(FsError::Invalid)?;
         if kind == Kind::File {
-            let (out, opened) = self.create(parent, name, mode & 0o7777, libc::O_WRONLY, uid, gid, may_block)?;
+            let (out, opened) = self.create(parent, name, mode & 0o7777, umask, libc::O_WRONLY, uid, gid, may_block)?;
             self.release(opened.fh);
             return Ok(out);
         }
@@ -681,9 +764,14 @@ impl Fs {
         if let Some(errno) = self.capabilities().refuses(kind) {
             return Err(FsError::Io(io::Error::from_raw_os_error(errno)));
         }
+        self.ensure_loaded(parent, may_block)?;
+        let (perm, acls) = self.new_object_mode(parent, mode & 0o7777, umask, false, may_block)?;
         self.change(parent, may_block, |ns, fx| {
             let gid = inherit_gid(ns, parent, gid)?;
-            let ino = ns.mknod(parent, name, kind, mode & 0o7777, rdev, uid, gid, fx)?;
+            let ino = ns.mknod(parent, name, kind, perm, rdev, uid, gid, fx)?;
+            for (n, v) in acls {
+                ns.set_xattr(ino, &n, Some(v), fx)?;
+            }
             Self::attr_out(ns, ino)
         })
     }
@@ -778,6 +866,7 @@ impl Fs {
         parent: Ino,
         name: &OsStr,
         perm: u32,
+        umask: u32,
         flags: i32,
         uid: u32,
         gid: u32,
@@ -785,6 +874,7 @@ impl Fs {
     ) -> FsResult<(AttrOut, Opened)> {
         self.check_journal()?;
         self.ensure_loaded(parent, may_block)?;
+        let (perm, acls) = self.new_object_mode(parent, perm, umask, false, may_block)?;
         let mut ns = self.ns.lock();
         if let Some(existing) = ns.lookup(parent, name)? {
             if flags & libc::O_EXCL != 0 {
@@ -803,13 +893,19 @@ impl Fs {
             ns = self.ns.lock();
             if ns.lookup(parent, name)?.is_some() {
                 drop(ns);
-                return self.create(parent, name, perm, flags, uid, gid, may_block);
+                return self.create(parent, name, perm, 0, flags, uid, gid, may_block);
             }
         }
         let gid = inherit_gid(&ns, parent, gid)?;
         let ino = ns.create_file(parent, name, perm & 0o7777, uid, gid)?;
         let id = ns.get(ino)?.staged_id().expect("new file is staged");
-        let file = match self.staging.create(id) {
+        let created = self.staging.create(id).and_then(|f| {
+            for (n, v) in &acls {
+                self.staging.set_xattr(id, n, Some(v))?;
+            }
+            Ok(f)
+        });
+        let file = match created {
             Ok(f) => f,
             Err(e) => {
                 let mut fx = Effects::default();
@@ -842,11 +938,9 @@ impl Fs {
         ))
     }
 
-    /// Probes what the backend accepts (once, at mount).
-    pub fn probe_backend(&self) -> crate::backend::Capabilities {
-        *self
-            .capabilities
-            .get_or_init(|| crate::backend::Capabilities::probe(&*self.backend, || self.temps.next()))
+    /// What the backend accepts, as probed at mount (`probe_capabilities`).
+    pub fn set_capabilities(&self, caps: crate::backend::Capabilities) {
+        let _ = self.capabilities.set(caps);
     }
 
     pub fn capabilities(&self) -> crate::backend::Capabilities {
@@ -1241,7 +1335,9 @@ impl Fs {
                 && opens == 0
                 && !ns.get(ino).is_ok_and(|i| i.publish_queued > 0)
             {
-                ns.get_mut(ino).expect("exists").content = Content::Remote;
+                let i = ns.get_mut(ino).expect("exists");
+                i.content = Content::Remote;
+                i.xattrs = None;
                 fx.discard.push(id);
             }
             ns.maybe_free(ino, &mut fx);
@@ -1295,6 +1391,198 @@ impl Fs {
             return Err(FsError::WouldBlock);
         }
         self.backend.statfs().map_err(io_err)
+    }
+
+    // ---- extended attributes ---------------------------------------------------
+
+    /// Refuses a name whose namespace the backend (or the cache disk) cannot keep.
+    fn check_xattr_name(&self, name: &OsStr) -> FsResult<()> {
+        let caps = self.capabilities().xattrs;
+        if !caps.any() {
+            return Err(FsError::NoXattrs);
+        }
+        if !caps.allows(xattr::classify(name)) {
+            return Err(FsError::NotSupported);
+        }
+        Ok(())
+    }
+
+    /// Loads the extended attributes of an object whose content is not
+    /// staged from the backend (after any queued op that changes them) and
+    /// keeps them; returns what the overlay holds then.
+    fn load_xattrs(&self, ino: Ino, may_block: bool) -> FsResult<Xattrs> {
+        if !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        self.wait_path_stable(ino)?;
+        let path = match self.ns.lock().path_of(ino) {
+            Ok(p) => p,
+            Err(FsError::NotFound) => return Ok(Xattrs::new()), // unlinked while open
+            Err(e) => return Err(e),
+        };
+        let loaded: Xattrs = match self.backend.list_xattrs(&path) {
+            Ok(v) => v.into_iter().collect(),
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Xattrs::new(),
+            Err(e) => return Err(io_err(e)),
+        };
+        let mut ns = self.ns.lock();
+        let i = ns.get_mut(ino)?;
+        match &i.xattrs {
+            // Loaded by someone else, or changed here, meanwhile: that is newer.
+            Some(c) if self.fresh(Some(c.loaded)) => Ok(c.map.clone()),
+            _ => {
+                i.xattrs = Some(XattrCache::new(loaded.clone()));
+                Ok(loaded)
+            }
+        }
+    }
+
+    /// Runs `f` on an object's extended attributes: a staged file's from its
+    /// staging file, any other object's from the overlay (loaded first if
+    /// needed).
+    fn read_xattrs<T>(&self, ino: Ino, may_block: bool, f: impl Fn(&Xattrs) -> T) -> FsResult<T> {
+        {
+            let ns = self.ns.lock();
+            let i = ns.get(ino)?;
+            if let Some(id) = i.staged_id() {
+                // Under the lock: a publish finishing now cannot drop the file.
+                return Ok(f(&self.staging.xattrs(id).map_err(io_err)?));
+            }
+            if let Some(c) = &i.xattrs
+                && self.fresh(Some(c.loaded))
+            {
+                return Ok(f(&c.map));
+            }
+        }
+        let map = self.load_xattrs(ino, may_block)?;
+        // Staged meanwhile: ask again (the staging file has them now).
+        if self.ns.lock().get(ino)?.staged_id().is_some() {
+            return self.read_xattrs(ino, may_block, f);
+        }
+        Ok(f(&map))
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &OsStr, may_block: bool) -> FsResult<Vec<u8>> {
+        self.check_xattr_name(name)?;
+        self.read_xattrs(ino, may_block, |m| m.get(name).cloned())?
+            .ok_or(FsError::NoAttr)
+    }
+
+    /// The names, NUL-terminated (`trusted.*` only for privileged callers).
+    pub fn listxattr(&self, ino: Ino, privileged: bool, may_block: bool) -> FsResult<Vec<u8>> {
+        if !self.capabilities().xattrs.any() {
+            return Err(FsError::NoXattrs);
+        }
+        self.read_xattrs(ino, may_block, |m| xattr::list_bytes(m.keys(), privileged))
+    }
+
+    /// setxattr(2) (`value: Some`, with `XATTR_CREATE`/`XATTR_REPLACE`
+    /// `flags`) and removexattr(2) (`None`). An access ACL sets the mode's
+    /// permission bits, and is not kept at all when the mode says it all,
+    /// as on a local filesystem.
+    pub fn setxattr(&self, ino: Ino, name: &OsStr, value: Option<&[u8]>, flags: i32, may_block: bool) -> FsResult<()> {
+        self.check_xattr_name(name)?;
+        self.check_journal()?;
+        tracing::debug!(ino, ?name, set = value.is_some(), flags, "setxattr");
+        let is_access_acl = name == xattr::ACL_ACCESS;
+        let acl = match (value, xattr::classify(name)) {
+            (Some(v), xattr::Class::Acl) => Some(Acl::parse(v).map_err(|_| FsError::Invalid)?),
+            _ => None,
+        };
+        // What to store: an access ACL equal to a mode is not stored; an
+        // empty default ACL is a removal.
+        let (store, new_perm) = match (&acl, is_access_acl) {
+            (Some(acl), true) => {
+                let perm = self.ns.lock().get(ino)?.attr.perm;
+                let (mode, keep) = acl.equiv_mode(perm);
+                (keep.map(|a| a.to_bytes()), Some(mode))
+            }
+            (Some(acl), false) if acl.0.is_empty() => (None, None),
+            _ => (value.map(<[u8]>::to_vec), None),
+        };
+        let exists_before = |had: bool| -> FsResult<()> {
+            match (value.is_some(), had) {
+                (true, true) if flags & libc::XATTR_CREATE != 0 => Err(FsError::Exists),
+                (true, false) if flags & libc::XATTR_REPLACE != 0 => Err(FsError::NoAttr),
+                // Removing an ACL that is not there (`setfacl -b`) is fine,
+                // as on a local filesystem.
+                (false, false) if xattr::classify(name) == xattr::Class::Acl => Ok(()),
+                (false, false) => Err(FsError::NoAttr),
+                _ => Ok(()),
+            }
+        };
+        loop {
+            let mut fx = Effects::default();
+            let mut ns = self.ns.lock();
+            let i = ns.get(ino)?;
+            if let Some(id) = i.staged_id() {
+                let had = self.staging.xattr(id, name).map_err(io_err)?.is_some();
+                exists_before(had)?;
+                if store.is_some() || had {
+                    self.staging.set_xattr(id, name, store.as_deref()).map_err(io_err)?;
+                }
+                // Published with the content: the file has unpublished changes.
+                ns.mark_dirty(ino)?;
+                let i = ns.get_mut(ino)?;
+                i.attr.ctime = Timespec::now();
+                if i.writers == 0 {
+                    ns.file_quiet(ino, Instant::now());
+                }
+            } else if let Some(c) = i.xattrs.as_ref().filter(|c| self.fresh(Some(c.loaded))) {
+                let had = c.map.contains_key(name);
+                exists_before(had)?;
+                if store.is_some() || had {
+                    ns.set_xattr(ino, name, store.clone(), &mut fx)?;
+                }
+            } else {
+                drop(ns);
+                self.load_xattrs(ino, may_block)?;
+                continue;
+            }
+            if let Some(perm) = new_perm.filter(|p| *p != ns.get(ino).map_or(*p, |i| i.attr.perm)) {
+                let ch = SetAttr {
+                    perm: Some(perm),
+                    ..Default::default()
+                };
+                ns.set_attrs(ino, &ch, &mut fx)?;
+            }
+            self.apply(&mut ns, fx);
+            return Ok(());
+        }
+    }
+
+    /// chmod of an object with an access ACL: the ACL's owner, group class
+    /// and other entries follow the new mode (as the backend's own chmod
+    /// does to its copy).
+    fn chmod_acl(&self, ns: &mut Namespace, ino: Ino, perm: u32) -> FsResult<()> {
+        if !self.capabilities().xattrs.acls {
+            return Ok(());
+        }
+        let name = OsStr::new(xattr::ACL_ACCESS);
+        let i = ns.get_mut(ino)?;
+        if let Some(id) = i.staged_id() {
+            if let Some(v) = self.staging.xattr(id, name).map_err(io_err)?
+                && let Ok(acl) = Acl::parse(&v)
+            {
+                let v = acl.chmod(perm).to_bytes();
+                self.staging.set_xattr(id, name, Some(&v)).map_err(io_err)?;
+            }
+        } else if let Some(c) = i.xattrs.as_mut()
+            && let Some(acl) = c.map.get(name).and_then(|v| Acl::parse(v).ok())
+        {
+            c.map.insert(name.to_owned(), acl.chmod(perm).to_bytes());
+        }
+        Ok(())
+    }
+
+    /// The default ACL of directory `dir` (None: it has none, or the
+    /// backend keeps no ACLs), loading its extended attributes if needed.
+    fn default_acl(&self, dir: Ino, may_block: bool) -> FsResult<Option<Acl>> {
+        if !self.capabilities().xattrs.acls {
+            return Ok(None);
+        }
+        let v = self.read_xattrs(dir, may_block, |m| m.get(OsStr::new(xattr::ACL_DEFAULT)).cloned())?;
+        Ok(v.and_then(|v| Acl::parse(&v).ok()))
     }
 
     // ---- directories -----------------------------------------------------------
@@ -1435,6 +1723,7 @@ impl Fs {
                     &self.temps,
                     &lent.action,
                     expect_ino,
+                    self.capabilities().xattrs.acls,
                     |id| match self.staging.open_read(id) {
                         Ok(f) => Ok(Some(f)),
                         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -1464,7 +1753,10 @@ impl Fs {
                     if e.raw_os_error() == Some(libc::ENOENT)
                         && matches!(
                             lent.action,
-                            Action::Rename { .. } | Action::Link { .. } | Action::SetAttr { .. }
+                            Action::Rename { .. }
+                                | Action::Link { .. }
+                                | Action::SetAttr { .. }
+                                | Action::SetXattr { .. }
                         )
                         && self.all_removed(&lent.objects) =>
                 {
@@ -1505,7 +1797,10 @@ impl Fs {
             {
                 let mut ns = self.ns.lock();
                 // Attribute changes leave the parent's entries (and mtime) alone.
-                if !matches!(op.action, Action::SetAttr { .. } | Action::Barrier(_)) {
+                if !matches!(
+                    op.action,
+                    Action::SetAttr { .. } | Action::SetXattr { .. } | Action::Barrier(_)
+                ) {
                     for d in op.changed_dirs() {
                         ns.entries_changed_on_backend(d);
                     }
@@ -1687,6 +1982,26 @@ impl Fs {
             dirty_dirs: ns.dirty_dir_attrs.len(),
         }
     }
+}
+
+/// Probes what the backend accepts (once, at mount, before anything is
+/// replayed or served). Extended attributes count only where the cache
+/// disk can hold them too (a staged file keeps them there), and only with
+/// `xattrs` (the `noxattr` option turns them off).
+pub fn probe_capabilities(
+    backend: &dyn Backend,
+    staging: &Staging,
+    temps: &TempNames,
+    xattrs: bool,
+) -> crate::backend::Capabilities {
+    let mut caps = crate::backend::Capabilities::probe(backend, || temps.next());
+    caps.xattrs = if xattrs {
+        caps.xattrs.intersect(staging.probe_xattrs())
+    } else {
+        crate::backend::XattrCaps::default()
+    };
+    tracing::info!(xattrs = ?caps.xattrs, "extended attribute namespaces kept");
+    caps
 }
 
 /// New objects in a setgid directory take the directory's group.

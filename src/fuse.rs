@@ -341,6 +341,17 @@ impl fuser::Filesystem for EfsFuse {
         } else {
             tracing::info!("FUSE passthrough unavailable: serving file I/O through the daemon");
         }
+        // POSIX ACLs where the backend keeps them: the kernel then checks
+        // permissions with them, and leaves the umask to efscache (a default
+        // ACL replaces it), which keeps mode and ACLs consistent (`xattr`).
+        if self.fs.capabilities().xattrs.acls {
+            match config.add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK) {
+                Ok(()) => tracing::info!("POSIX ACLs enabled"),
+                Err(e) => {
+                    tracing::warn!(missing = ?e, "kernel lacks FUSE POSIX ACL support: ACLs are stored but not enforced")
+                }
+            }
+        }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_background(64);
         Ok(())
@@ -415,26 +426,17 @@ impl fuser::Filesystem for EfsFuse {
         );
     }
 
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        rdev: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.entry(reply, move |fs, b| {
-            fs.mknod(parent.0, &name, mode, rdev as u64, uid, gid, b)
+            fs.mknod(parent.0, &name, mode, umask, rdev as u64, uid, gid, b)
         });
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.entry(reply, move |fs, b| {
-            fs.mkdir(parent.0, &name, mode & 0o7777, uid, gid, b)
+            fs.mkdir(parent.0, &name, mode & 0o7777, umask, uid, gid, b)
         });
     }
 
@@ -636,33 +638,41 @@ impl fuser::Filesystem for EfsFuse {
         );
     }
 
-    // Extended attributes are not cached or published yet. ENOSYS makes the
-    // kernel answer EOPNOTSUPP itself from then on, so the per-write
-    // security.capability check of passthrough writes never reaches the daemon,
-    // and no xattr is ever accepted that would not persist.
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: fuser::ReplyXattr) {
+        let name = name.to_owned();
+        self.run(
+            reply,
+            move |fs, b| fs.getxattr(ino.0, &name, b),
+            move |reply, r| xattr_reply(reply, size, r),
+        );
     }
 
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: fuser::ReplyXattr) {
-        reply.error(Errno::ENOSYS);
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: fuser::ReplyXattr) {
+        let privileged = req.uid() == 0;
+        self.run(
+            reply,
+            move |fs, b| fs.listxattr(ino.0, privileged, b),
+            move |reply, r| xattr_reply(reply, size, r),
+        );
     }
 
     fn setxattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::ENOSYS);
+        let (name, value) = (name.to_owned(), value.to_vec());
+        self.empty(reply, move |fs, b| fs.setxattr(ino.0, &name, Some(&value), flags, b));
     }
 
-    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::ENOSYS);
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let name = name.to_owned();
+        self.empty(reply, move |fs, b| fs.setxattr(ino.0, &name, None, 0, b));
     }
 
     fn fallocate(
@@ -702,7 +712,7 @@ impl fuser::Filesystem for EfsFuse {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
@@ -711,7 +721,7 @@ impl fuser::Filesystem for EfsFuse {
         let (fs, backing) = (self.fs.clone(), self.backing.clone());
         self.run_undoable(
             reply,
-            move |fs, b| fs.create(parent.0, &name, mode & 0o7777, flags, uid, gid, b),
+            move |fs, b| fs.create(parent.0, &name, mode & 0o7777, umask, flags, uid, gid, b),
             move |reply, r| match r {
                 Ok((a, o)) => {
                     let (attr, fh) = (file_attr(&a), FileHandle(o.fh));
@@ -734,5 +744,16 @@ impl fuser::Filesystem for EfsFuse {
                 fs.unlookup(a.ino);
             },
         );
+    }
+}
+
+/// getxattr/listxattr replies: the size alone when asked for it (`size` 0),
+/// ERANGE when the caller's buffer is too small.
+fn xattr_reply(reply: fuser::ReplyXattr, size: u32, r: FsResult<Vec<u8>>) {
+    match r {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(v) => reply.data(&v),
+        Err(e) => reply.error(errno(&e)),
     }
 }

@@ -43,7 +43,8 @@ use crate::backend::{AttrSet, RelPath};
 use crate::flush::{Access, Action, FlushOp, Key};
 use crate::namespace::Ino;
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: ops may be `Action::SetXattr` (version 1 journals read unchanged).
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"EFSCJRNL";
 /// A journal larger than this and four times its live records is rewritten.
 const COMPACT_MIN_BYTES: u64 = 64 << 20;

@@ -21,6 +21,7 @@ pub mod run;
 pub mod scrub;
 pub mod staging;
 pub mod status;
+pub mod xattr;
 
 use std::path::Path;
 use std::time::Duration;

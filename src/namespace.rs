@@ -18,6 +18,7 @@ use crate::backend::{AttrSet, Kind, RelPath, Stat, Timespec};
 use crate::error::{FsError, FsResult};
 use crate::flush::{Access, Action, FlushOp, Key};
 use crate::journal::PendingState;
+use crate::xattr::Xattrs;
 
 pub type Ino = u64;
 pub const ROOT: Ino = 1;
@@ -200,6 +201,27 @@ pub struct Inode {
     /// write to its staging file through passthrough: publish only once that
     /// file is no longer open for writing.
     pub foreign_writer: bool,
+    /// Extended attributes, when known, of an object whose content is not
+    /// staged (a staged file keeps its own on its staging file): loaded
+    /// from the backend on first use, or given by the overlay (new objects).
+    pub xattrs: Option<Box<XattrCache>>,
+}
+
+/// An object's extended attributes as the overlay knows them.
+#[derive(Clone, Debug)]
+pub struct XattrCache {
+    pub map: Xattrs,
+    /// When they were loaded from the backend or last changed here.
+    pub loaded: Instant,
+}
+
+impl XattrCache {
+    pub fn new(map: Xattrs) -> Box<XattrCache> {
+        Box::new(XattrCache {
+            map,
+            loaded: Instant::now(),
+        })
+    }
 }
 
 impl Inode {
@@ -223,6 +245,7 @@ impl Inode {
             backend_attr: AttrSet::default(),
             foreign_writer: false,
             replaces: None,
+            xattrs: None,
         }
     }
     pub fn nlink(&self) -> u32 {
@@ -582,6 +605,7 @@ impl Namespace {
         let ino = self.new_ino();
         let mut i = Inode::new(ino, Kind::Dir, Attr::new(perm, uid, gid));
         i.on_backend = true;
+        i.xattrs = Some(XattrCache::new(Xattrs::new()));
         i.backend_attr = AttrSet {
             perm: Some(perm),
             uid: Some(uid),
@@ -623,6 +647,7 @@ impl Namespace {
         i.attr.size = target.len() as u64;
         i.symlink_target = Some(target.to_owned());
         i.on_backend = true;
+        i.xattrs = Some(XattrCache::new(Xattrs::new()));
         // The backend object gets the overlay's times, so both agree.
         let attrs = i.attr.to_set(Kind::Symlink);
         i.backend_attr = attrs.clone();
@@ -656,6 +681,7 @@ impl Namespace {
         let mut i = Inode::new(ino, kind, Attr::new(perm, uid, gid));
         i.attr.rdev = rdev;
         i.on_backend = true;
+        i.xattrs = Some(XattrCache::new(Xattrs::new()));
         let mut attrs = i.attr.to_set(kind);
         i.backend_attr = attrs.clone();
         attrs.perm = None; // set at mknod
@@ -958,6 +984,44 @@ impl Namespace {
         Ok(attr)
     }
 
+    /// Queues setting (`Some`) or removing an extended attribute of an
+    /// object whose content is not staged, and records it in the overlay.
+    pub fn set_xattr(&mut self, ino: Ino, name: &OsStr, value: Option<Vec<u8>>, fx: &mut Effects) -> FsResult<()> {
+        self.touched.push(ino);
+        let i = self.get_mut(ino)?;
+        i.attr.ctime = Timespec::now();
+        let cache = i.xattrs.get_or_insert_with(|| XattrCache::new(Xattrs::new()));
+        match &value {
+            Some(v) => {
+                cache.map.insert(name.to_owned(), v.clone());
+            }
+            None => {
+                cache.map.remove(name);
+            }
+        }
+        cache.loaded = Instant::now();
+        if !i.on_backend {
+            return Ok(());
+        }
+        let keys = if ino == ROOT {
+            vec![(Key::Ino(ROOT), Access::Exclusive)]
+        } else {
+            let names: Vec<(Ino, OsString)> = i.links.clone();
+            let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
+            self.keys(&names_ref, &[ino])?
+        };
+        let path = self.path_of(ino)?;
+        fx.ops.push(FlushOp::new(
+            keys,
+            Action::SetXattr {
+                path,
+                name: name.to_owned(),
+                value,
+            },
+        ));
+        Ok(())
+    }
+
     /// A file's content changes: from now on it has unpublished content.
     pub fn mark_dirty(&mut self, ino: Ino) -> FsResult<()> {
         if !self.dirty_files.contains(&ino) {
@@ -1051,6 +1115,7 @@ impl Namespace {
                 if i.generation == generation && i.opens == 0 && i.publish_queued == 0 =>
             {
                 i.content = Content::Remote;
+                i.xattrs = None; // the published ones, read back when asked
                 Some(id)
             }
             _ => None,
@@ -1074,6 +1139,7 @@ impl Namespace {
             return ConflictOutcome::StillOpen;
         }
         i.content = Content::Remote;
+        i.xattrs = None;
         i.replaces = None;
         i.attr = Attr::from_stat(theirs);
         i.fetched = Some(Instant::now());

@@ -56,6 +56,7 @@ pub fn replay(
     temps: &TempNames,
     current: &Header,
     cfg: &ReplayConfig,
+    backend_acls: bool,
 ) -> Result<Option<Replayed>, String> {
     let Some(r) = journal::read(cache).map_err(|e| e.to_string())? else {
         return Ok(None);
@@ -144,7 +145,7 @@ pub fn replay(
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..cfg.workers.max(1) {
-            scope.spawn(|| replay_worker(&sched, &journal, &**backend, staging, temps));
+            scope.spawn(|| replay_worker(&sched, &journal, &**backend, staging, temps, backend_acls));
         }
         while !sched.wait_idle(Some(Instant::now() + Duration::from_secs(5))) {
             let left = sched.queued().min(total);
@@ -216,7 +217,7 @@ fn dir_times_to_restore(
             Action::SetAttr { path, attrs } if attrs.mtime.is_some() => {
                 set_later.insert(path.clone(), attrs.clone());
             }
-            Action::SetAttr { .. } | Action::Barrier(_) => {}
+            Action::SetAttr { .. } | Action::SetXattr { .. } | Action::Barrier(_) => {}
         }
     }
     changed.sort_by(|a, b| a.0.cmp(&b.0));
@@ -261,9 +262,12 @@ pub fn start_fs(
     replay_cfg: &ReplayConfig,
 ) -> Result<(Arc<Fs>, serde_json::Value), String> {
     let started = Instant::now();
-    let replayed = replay(cache, &backend, &staging, &temps, &header, replay_cfg)?;
+    // What the backend keeps decides how replayed publishes are done.
+    let caps = crate::fs::probe_capabilities(&*backend, &staging, &temps, fs_cfg.xattrs);
+    let replayed = replay(cache, &backend, &staging, &temps, &header, replay_cfg, caps.xattrs.acls)?;
     let max_staged = staging.ids().unwrap_or_default().into_iter().max().unwrap_or(0);
     let fs = Arc::new(Fs::new(backend, staging, sched, temps, fs_cfg).map_err(|e| format!("backend root: {e}"))?);
+    fs.set_capabilities(caps);
     fs.reserve_staging_ids(max_staged);
     let mut recovery = serde_json::Value::Null;
     if let Some(r) = replayed {
@@ -286,7 +290,6 @@ pub fn start_fs(
     }
     fs.start_journal(cache, header)
         .map_err(|e| format!("cannot write the journal in {}: {e}", cache.display()))?;
-    fs.probe_backend();
     keep_leftovers(cache, fs.staging(), &fs.staging_in_use());
     if let Err(e) = fs.staging().rescan() {
         tracing::warn!(error = %e, "cannot measure the staging area");
@@ -329,13 +332,21 @@ fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &std::collections::Ha
 }
 
 /// Runs replayed ops until the scheduler shuts down.
-fn replay_worker(sched: &Scheduler, journal: &Journal, backend: &dyn Backend, staging: &Staging, temps: &TempNames) {
+fn replay_worker(
+    sched: &Scheduler,
+    journal: &Journal,
+    backend: &dyn Backend,
+    staging: &Staging,
+    temps: &TempNames,
+    backend_acls: bool,
+) {
     while let Some(lent) = sched.next() {
         let result = publish::execute(
             backend,
             temps,
             &lent.action,
             None, // what this mount knew of other clients died with it
+            backend_acls,
             |id| staged_for_replay(staging, &lent.action, id),
             || true,
         );
@@ -388,7 +399,7 @@ fn already_applied(action: &Action, r: io::Result<publish::Published>) -> io::Re
             if e.raw_os_error() == Some(libc::ENOENT)
                 && matches!(
                     action,
-                    Action::Rename { .. } | Action::Link { .. } | Action::SetAttr { .. }
+                    Action::Rename { .. } | Action::Link { .. } | Action::SetAttr { .. } | Action::SetXattr { .. }
                 ) =>
         {
             tracing::debug!(op = action.name(), path = %action.path().map(|p| p.display()).unwrap_or_default(), "already applied before the crash");

@@ -318,6 +318,7 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
         meta_parallel: cfg.meta_parallel,
         request_timeout: cfg.request_timeout,
         cache_size: cfg.cache_size,
+        xattrs: cfg.xattrs,
     };
     let replay_cfg = ReplayConfig {
         workers: cfg.flushers,

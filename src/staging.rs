@@ -221,6 +221,59 @@ impl Staging {
         Ok(dest.join(format!("{secs}-{id:x}-{label}")))
     }
 
+    /// The extended attributes of staging file `id`: they are the file's
+    /// own (durable with its data, published with it). Labels the cache
+    /// disk's security module adds are not the file's and are left out.
+    pub fn xattrs(&self, id: u64) -> io::Result<crate::xattr::Xattrs> {
+        let p = self.path(id);
+        let mut out = crate::xattr::Xattrs::new();
+        for name in xattr::list(&p)? {
+            if crate::xattr::is_host_label(&name) {
+                continue;
+            }
+            if let Some(v) = xattr::get(&p, &name)? {
+                out.insert(name, v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One extended attribute of staging file `id` (None: not set).
+    pub fn xattr(&self, id: u64, name: &std::ffi::OsStr) -> io::Result<Option<Vec<u8>>> {
+        xattr::get(self.path(id), name)
+    }
+
+    /// Sets (`Some`) or removes (`None`) an extended attribute of staging file `id`.
+    pub fn set_xattr(&self, id: u64, name: &std::ffi::OsStr, value: Option<&[u8]>) -> io::Result<()> {
+        match value {
+            Some(v) => xattr::set(self.path(id), name, v),
+            None => xattr::remove(self.path(id), name),
+        }
+    }
+
+    /// Which extended attribute namespaces the cache disk can hold for staged files.
+    pub fn probe_xattrs(&self) -> crate::backend::XattrCaps {
+        let p = self.dir.join("xattr-probe");
+        let f = match OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&p)
+        {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot probe the cache disk's extended attributes: refusing them");
+                return crate::backend::XattrCaps::default();
+            }
+        };
+        use xattr::FileExt;
+        let caps = crate::backend::XattrCaps::probe(|n, v| f.set_xattr(n, v));
+        drop(f);
+        let _ = std::fs::remove_file(&p);
+        caps
+    }
+
     pub fn remove(&self, id: u64) {
         if let Err(e) = std::fs::remove_file(self.path(id))
             && e.kind() != io::ErrorKind::NotFound
@@ -247,6 +300,21 @@ fn statvfs(dir: &Path) -> io::Result<libc::statvfs> {
         }
         Ok(v)
     }
+}
+
+/// The extended attributes of an open staging file, as `Staging::xattrs`.
+pub fn file_xattrs(file: &File) -> io::Result<Vec<(std::ffi::OsString, Vec<u8>)>> {
+    use xattr::FileExt;
+    let mut out = Vec::new();
+    for name in file.list_xattr()? {
+        if crate::xattr::is_host_label(&name) {
+            continue;
+        }
+        if let Some(v) = file.get_xattr(&name)? {
+            out.push((name, v));
+        }
+    }
+    Ok(out)
 }
 
 /// `fallocate(2)` on a staging file (preallocate, punch or zero a range).

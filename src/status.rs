@@ -131,12 +131,28 @@ pub fn render(v: &serde_json::Value) -> String {
         .iter()
         .filter_map(|(k, what)| c[*k].as_i64().map(|e| format!("{what} (errno {e})")))
         .collect();
+        let x = &c["xattrs"];
+        let kept: Vec<&str> = [
+            ("user", "user.*"),
+            ("trusted", "trusted.*"),
+            ("security", "security.*"),
+            ("acls", "POSIX ACLs"),
+        ]
+        .iter()
+        .filter(|(k, _)| x[*k].as_bool() == Some(true))
+        .map(|(_, what)| *what)
+        .collect();
         out.push_str(&format!(
-            "backend       refuses {}; extended attributes and ACLs: not supported by efscache yet\n",
+            "backend       refuses {}; extended attributes: {}\n",
             if refused.is_empty() {
                 "nothing probed".to_string()
             } else {
                 refused.join(", ")
+            },
+            if kept.is_empty() {
+                "none (refused with EOPNOTSUPP)".to_string()
+            } else {
+                kept.join(", ")
             }
         ));
     }

@@ -1460,7 +1460,7 @@ impl Harness {
         } else {
             self.resolve_parent(p).and_then(|parent| {
                 self.call(|fs, b| {
-                    fs.create(parent, OsStr::new(p.name()), perm, flags, owner, owner, b)
+                    fs.create(parent, OsStr::new(p.name()), perm, 0, flags, owner, owner, b)
                         .map(|(a, o)| (a, o.fh))
                 })
             })
@@ -1537,7 +1537,7 @@ impl Harness {
         }
         let r = self
             .resolve_parent(p)
-            .and_then(|parent| self.call(|fs, b| fs.mkdir(parent, OsStr::new(p.name()), perm, owner, owner, b)));
+            .and_then(|parent| self.call(|fs, b| fs.mkdir(parent, OsStr::new(p.name()), perm, 0, owner, owner, b)));
         self.agree("mkdir", &m, &r);
         if let Ok(a) = r {
             self.take_ref(a.ino);
@@ -2671,7 +2671,7 @@ fn name(s: &str) -> &OsStr {
 /// Creates `n` with `data` and closes it; returns its inode.
 fn put(fs: &Fs, n: &str, data: &[u8]) -> Ino {
     let (a, opened) = fs
-        .create(ROOT, name(n), 0o644, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
+        .create(ROOT, name(n), 0o644, 0, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
         .expect("create");
     let fh = opened.fh;
     fs.write(fh, 0, data).expect("write");
@@ -2694,7 +2694,7 @@ fn regression_rmdir_deadlocks() {
     let m = regression_mount(dir.path());
     let fs = m.fs.clone();
     let r = returns_within(Duration::from_secs(5), move || {
-        fs.mkdir(ROOT, name("a"), 0o755, 0, 0, true).expect("mkdir");
+        fs.mkdir(ROOT, name("a"), 0o755, 0, 0, 0, true).expect("mkdir");
         fs.rmdir(ROOT, name("a"), true).map_err(|e| e.errno())
     });
     let Some(r) = r else {
@@ -2812,8 +2812,8 @@ fn regression_create_of_existing_name_leaks_lookup() {
     sync_ok(fs); // "a" is clean on the backend: opening it for writing needs the backend
     let flags = libc::O_WRONLY | libc::O_CREAT;
     // The FUSE adapter: first without blocking, then again on the blocking pool.
-    let (a, opened) = match fs.create(ROOT, name("a"), 0o644, flags, 0, 0, false) {
-        Err(FsError::WouldBlock) => fs.create(ROOT, name("a"), 0o644, flags, 0, 0, true),
+    let (a, opened) = match fs.create(ROOT, name("a"), 0o644, 0, flags, 0, 0, false) {
+        Err(FsError::WouldBlock) => fs.create(ROOT, name("a"), 0o644, 0, flags, 0, 0, true),
         r => r,
     }
     .expect("create");
@@ -2823,9 +2823,9 @@ fn regression_create_of_existing_name_leaks_lookup() {
     fs.forget(ino, 2);
     assert_eq!(fs.status().inodes, 1, "only the root should be left: {:?}", fs.status());
     // An existing directory: the open fails, no reference may stay behind.
-    let d = fs.mkdir(ROOT, name("d"), 0o755, 0, 0, true).expect("mkdir"); // 1 reference
+    let d = fs.mkdir(ROOT, name("d"), 0o755, 0, 0, 0, true).expect("mkdir"); // 1 reference
     let r = fs
-        .create(ROOT, name("d"), 0o644, flags, 0, 0, true)
+        .create(ROOT, name("d"), 0o644, 0, flags, 0, 0, true)
         .map(|(a, o)| (a, o.fh));
     assert_eq!(r.map_err(|e| e.errno()).err(), Some(libc::EISDIR));
     fs.rmdir(ROOT, name("d"), true).expect("rmdir");
@@ -2916,7 +2916,7 @@ fn regression_sync_with_a_file_open_for_writing() {
     let fs = &m.fs;
     put(fs, "done", b"1");
     let (_, opened) = fs
-        .create(ROOT, name("log"), 0o644, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
+        .create(ROOT, name("log"), 0o644, 0, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
         .expect("create");
     let fh = opened.fh;
     fs.write(fh, 0, b"x").expect("write");
@@ -3014,7 +3014,7 @@ fn regression_group_in_setgid_directory() {
     let fs = &m.fs;
     let d = fs.lookup(ROOT, name("d"), true).expect("lookup d");
     let (f, opened) = fs
-        .create(d.ino, name("f"), 0o644, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
+        .create(d.ino, name("f"), 0o644, 0, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
         .expect("create");
     let fh = opened.fh;
     assert_eq!(f.attr.gid, 1000, "inherited from the setgid directory");
@@ -3129,9 +3129,9 @@ fn regression_child_setattr_does_not_retime_ancestors() {
     let dir = TempDir::new().expect("tempdir");
     let m = regression_mount(dir.path());
     let fs = &m.fs;
-    let a = fs.mkdir(ROOT, name("a"), 0o755, 0, 0, true).expect("mkdir a");
-    let b = fs.mkdir(a.ino, name("b"), 0o755, 0, 0, true).expect("mkdir b");
-    let c = fs.mkdir(b.ino, name("c"), 0o755, 0, 0, true).expect("mkdir c");
+    let a = fs.mkdir(ROOT, name("a"), 0o755, 0, 0, 0, true).expect("mkdir a");
+    let b = fs.mkdir(a.ino, name("b"), 0o755, 0, 0, 0, true).expect("mkdir b");
+    let c = fs.mkdir(b.ino, name("c"), 0o755, 0, 0, 0, true).expect("mkdir c");
     // Settle (see `regression_sync_waits_for_directory_times`).
     for _ in 0..3 {
         sync_ok(fs);
@@ -3383,7 +3383,7 @@ fn regression_orphan_blocks_a_replayed_rmdir() {
     let a = fs.lookup(ROOT, name("a"), true).expect("lookup a");
     m.sched.set_paused(true);
     let (_, opened) = fs
-        .create(a.ino, name("f"), 0o644, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
+        .create(a.ino, name("f"), 0o644, 0, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
         .expect("create a/f");
     fs.write(opened.fh, 0, b"data").expect("write");
     fs.release(opened.fh);
@@ -3425,7 +3425,7 @@ fn regression_orphan_in_a_renamed_directory_is_removed() {
     let a = fs.lookup(ROOT, name("a"), true).expect("lookup a");
     m.sched.set_paused(true);
     let (_, opened) = fs
-        .create(a.ino, name("f"), 0o644, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
+        .create(a.ino, name("f"), 0o644, 0, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
         .expect("create a/f");
     fs.write(opened.fh, 0, b"data").expect("write");
     fs.release(opened.fh);
@@ -3458,7 +3458,7 @@ fn regression_new_objects_in_a_setgid_directory_whose_mode_or_group_changed() {
     let dir = TempDir::new().expect("tempdir");
     let m = regression_mount(dir.path());
     let fs = &m.fs;
-    let d = fs.mkdir(ROOT, name("d"), 0o2775, 1000, 1000, true).expect("mkdir d");
+    let d = fs.mkdir(ROOT, name("d"), 0o2775, 0, 1000, 1000, true).expect("mkdir d");
     fs.setattr(
         d.ino,
         SetAttr {
@@ -3468,13 +3468,13 @@ fn regression_new_objects_in_a_setgid_directory_whose_mode_or_group_changed() {
         true,
     )
     .expect("chmod d");
-    let sub = fs.mkdir(d.ino, name("sub"), 0o755, 0, 0, true).expect("mkdir d/sub");
+    let sub = fs.mkdir(d.ino, name("sub"), 0o755, 0, 0, 0, true).expect("mkdir d/sub");
     let link = fs
         .symlink(d.ino, name("l"), name("t"), 0, 0, true)
         .expect("symlink d/l");
     assert_eq!((sub.attr.perm, sub.attr.gid, link.attr.gid), (0o755, 0, 0), "overlay");
     // The same after `chown 0:0 e` of a setgid directory `e` of group 1000.
-    let e = fs.mkdir(ROOT, name("e"), 0o2775, 1000, 1000, true).expect("mkdir e");
+    let e = fs.mkdir(ROOT, name("e"), 0o2775, 0, 1000, 1000, true).expect("mkdir e");
     fs.setattr(
         e.ino,
         SetAttr {
@@ -3485,7 +3485,7 @@ fn regression_new_objects_in_a_setgid_directory_whose_mode_or_group_changed() {
         true,
     )
     .expect("chown e");
-    let esub = fs.mkdir(e.ino, name("sub"), 0o755, 0, 0, true).expect("mkdir e/sub");
+    let esub = fs.mkdir(e.ino, name("sub"), 0o755, 0, 0, 0, true).expect("mkdir e/sub");
     assert_eq!((esub.attr.perm, esub.attr.gid), (0o2755, 0), "overlay");
     sync_ok(fs);
     let meta = |p: &str| std::fs::symlink_metadata(dir.path().join(p)).expect("stat");
@@ -3555,7 +3555,7 @@ fn regression_write_clearing_setuid_survives_a_crash() {
     };
     let m = Mount::start(backend.path(), cache.path(), &cfg, 0);
     let (a, opened) =
-        m.fs.create(ROOT, name("f"), 0o4755, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
+        m.fs.create(ROOT, name("f"), 0o4755, 0, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
             .expect("create");
     assert_eq!(a.attr.perm, 0o4755);
     m.fs.write(opened.fh, 0, b"x").expect("write");

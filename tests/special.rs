@@ -6,11 +6,10 @@
 mod common;
 
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
-use common::{BIN, Mount, Scratch, run};
+use common::{EfsSim, Mount, Scratch, run};
 
 fn mknod(path: &Path, mode: u32, dev: u64) -> std::io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
@@ -61,57 +60,11 @@ fn fifos_sockets_and_devices_are_published_with_their_ids() {
     );
 }
 
-/// efs-sim over a scratch directory, unmounted when dropped.
-struct EfsSim {
-    child: Child,
-    mountpoint: PathBuf,
-}
-
-impl EfsSim {
-    fn start(backing: &Path, mountpoint: &Path) -> EfsSim {
-        let sim = Path::new(BIN).with_file_name("efs-sim");
-        assert!(
-            sim.exists(),
-            "{} is missing: build the workspace (cargo test --workspace)",
-            sim.display()
-        );
-        let child = Command::new(sim)
-            .args(["--profile", "efs-typical"])
-            .arg(backing)
-            .arg(mountpoint)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let sim = EfsSim {
-            child,
-            mountpoint: mountpoint.into(),
-        };
-        let t = Instant::now();
-        while !fusemount::top_mount_at(mountpoint)
-            .ok()
-            .flatten()
-            .is_some_and(|m| m.is_fuse_subtype("efs-sim"))
-        {
-            assert!(t.elapsed() < Duration::from_secs(20), "efs-sim did not mount");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        sim
-    }
-}
-
-impl Drop for EfsSim {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn a_backend_that_refuses_devices_refuses_them_at_the_syscall() {
     let s = Scratch::new();
     std::fs::create_dir(s.path("efs")).unwrap();
-    let sim = EfsSim::start(&s.path("backend"), &s.path("efs"));
+    let sim = EfsSim::start(&s.path("backend"), &s.path("efs"), "efs-typical");
     let m = Mount::start(&s.path("efs"), &s.path("mnt"), &s.path("cache"), "debounce=0ms");
     assert_eq!(m.status()["capabilities"]["devices_refused"], libc::EPERM);
     let err = mknod(&s.path("mnt/null"), libc::S_IFCHR | 0o666, libc::makedev(1, 3)).unwrap_err();

@@ -29,6 +29,8 @@ const MUTATING: &[OpKind] = &[
     OpKind::chmod,
     OpKind::utimens,
     OpKind::truncate,
+    OpKind::setxattr,
+    OpKind::removexattr,
 ];
 
 pub struct FaultBackend {
@@ -186,6 +188,22 @@ impl Backend for FaultBackend {
     fn close_file(&self, file: File) -> io::Result<()> {
         self.enter(OpKind::close)?;
         self.inner.close_file(file)
+    }
+    fn list_xattrs(&self, path: &RelPath) -> io::Result<Vec<(OsString, Vec<u8>)>> {
+        self.enter(OpKind::listxattr)?;
+        self.inner.list_xattrs(path)
+    }
+    fn set_xattr(&self, path: &RelPath, name: &OsStr, value: Option<&[u8]>) -> io::Result<()> {
+        self.enter(if value.is_some() {
+            OpKind::setxattr
+        } else {
+            OpKind::removexattr
+        })?;
+        self.inner.set_xattr(path, name, value)
+    }
+    fn set_xattr_fd(&self, file: &File, name: &OsStr, value: &[u8]) -> io::Result<()> {
+        self.enter(OpKind::setxattr)?;
+        self.inner.set_xattr_fd(file, name, value)
     }
     fn stats(&self) -> &BackendStats {
         self.inner.stats()

@@ -474,8 +474,57 @@ impl Backend for PosixBackend {
         check(unsafe { libc::close(raw) }).map(drop)
     }
 
+    fn list_xattrs(&self, path: &RelPath) -> io::Result<Vec<(OsString, Vec<u8>)>> {
+        self.stats.count(OpKind::listxattr);
+        let (_fd, proc_path) = self.proc_path(path)?;
+        let mut out = Vec::new();
+        for name in xattr::list_deref(&proc_path)? {
+            self.stats.count(OpKind::getxattr);
+            // A name removed since the listing is simply not there.
+            if let Some(v) = xattr::get_deref(&proc_path, &name)? {
+                out.push((name, v));
+            }
+        }
+        Ok(out)
+    }
+
+    fn set_xattr(&self, path: &RelPath, name: &OsStr, value: Option<&[u8]>) -> io::Result<()> {
+        let (_fd, proc_path) = self.proc_path(path)?;
+        match value {
+            Some(v) => {
+                self.stats.count(OpKind::setxattr);
+                xattr::set_deref(&proc_path, name, v)
+            }
+            None => {
+                self.stats.count(OpKind::removexattr);
+                match xattr::remove_deref(&proc_path, name) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENODATA) => Ok(()),
+                    r => r,
+                }
+            }
+        }
+    }
+
+    fn set_xattr_fd(&self, file: &File, name: &OsStr, value: &[u8]) -> io::Result<()> {
+        use xattr::FileExt;
+        self.stats.count(OpKind::setxattr);
+        file.set_xattr(name, value)
+    }
+
     fn stats(&self) -> &BackendStats {
         &self.stats
+    }
+}
+
+impl PosixBackend {
+    /// An `O_PATH` fd of the object at `path` (reached as every path is, never
+    /// following a symlink), and its `/proc/self/fd` name: the xattr calls on
+    /// that name act on the object itself, symlinks and special files included,
+    /// without resolving `path` again.
+    fn proc_path(&self, path: &RelPath) -> io::Result<(OwnedFd, std::path::PathBuf)> {
+        let fd = self.open_beneath(path, libc::O_PATH, 0)?;
+        let p = std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        Ok((fd, p))
     }
 }
 

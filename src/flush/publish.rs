@@ -1,6 +1,7 @@
 //! Executes one flush op against the backend. Publishing a file:
 //! temp name in the final directory (`O_CREAT|O_EXCL`, final mode without
-//! setuid/setgid) -> data -> owner, setuid/setgid, times -> close -> `renameat`
+//! setuid/setgid) -> data -> owner, setuid/setgid, times -> extended
+//! attributes (ACLs) -> close -> `renameat`
 //! over the final name; further hard links via link + rename. Every failure
 //! path removes the temp file. Ops are idempotent, so a retry (or a replay
 //! after a crash) converges.
@@ -102,7 +103,10 @@ fn check_unchanged(backend: &dyn Backend, path: &RelPath, expected: Option<u64>)
 }
 
 /// Runs `action`. `expect_ino` (unlink and publish) is the backend inode
-/// number the target name must still have, if this mount knows it. `content` opens the staged data of a publish (None: the
+/// number the target name must still have, if this mount knows it.
+/// `backend_acls`: the backend keeps POSIX ACLs (a published file then gets
+/// exactly its staged ACL, not one its backend directory would give it).
+/// `content` opens the staged data of a publish (None: the
 /// staging file is gone, the file was removed meanwhile); `still_current`
 /// says whether the staged content is unchanged since the copy started
 /// (otherwise the publish fails with EAGAIN and is retried).
@@ -111,6 +115,7 @@ pub fn execute(
     temps: &TempNames,
     action: &Action,
     expect_ino: Option<u64>,
+    backend_acls: bool,
     content: impl FnOnce(u64) -> io::Result<Option<File>>,
     still_current: impl FnOnce() -> bool,
 ) -> io::Result<Published> {
@@ -182,6 +187,9 @@ pub fn execute(
             Ok(Published::default())
         }
         Action::SetAttr { path, attrs } => backend.set_attrs(path, attrs, false).map(|_| Published::default()),
+        Action::SetXattr { path, name, value } => backend
+            .set_xattr(path, name, value.as_deref())
+            .map(|_| Published::default()),
         Action::Publish {
             staging, paths, attrs, ..
         } => {
@@ -191,7 +199,16 @@ pub fn execute(
                     ..Default::default()
                 });
             };
-            publish_file(backend, temps, &src, paths, attrs, expect_ino, still_current)
+            publish_file(
+                backend,
+                temps,
+                &src,
+                paths,
+                attrs,
+                expect_ino,
+                backend_acls,
+                still_current,
+            )
         }
         Action::Barrier(tx) => {
             let _ = tx.send(());
@@ -246,6 +263,7 @@ impl Drop for TempGuard<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn publish_file(
     backend: &dyn Backend,
     temps: &TempNames,
@@ -253,6 +271,7 @@ fn publish_file(
     paths: &[RelPath],
     attrs: &AttrSet,
     expect_ino: Option<u64>,
+    backend_acls: bool,
     still_current: impl FnOnce() -> bool,
 ) -> io::Result<Published> {
     let first = paths
@@ -284,6 +303,19 @@ fn publish_file(
         mtime: attrs.mtime,
     };
     backend.set_attrs_fd(&dst, &post)?;
+    // Extended attributes (and ACLs) after the owner: chown drops
+    // security.capability. Setting them leaves the times alone.
+    let xattrs = crate::staging::file_xattrs(src)?;
+    let acl = std::ffi::OsStr::new(crate::xattr::ACL_ACCESS);
+    if backend_acls && !xattrs.iter().any(|(n, _)| n == acl) {
+        // The temp file may have inherited its directory's default ACL: an
+        // ACL that is just the mode removes it.
+        let minimal = crate::xattr::Acl::from_mode(perm).to_bytes();
+        backend.set_xattr_fd(&dst, acl, &minimal)?;
+    }
+    for (name, value) in xattrs {
+        backend.set_xattr_fd(&dst, &name, &value)?;
+    }
     backend.close_file(dst)?;
     let backend_ino = st.ino;
     if !still_current() {

@@ -471,3 +471,49 @@ pub fn assert_same_tree(expected: &Path, actual: &Path) {
         );
     }
 }
+
+/// efs-sim over a scratch directory, unmounted when dropped.
+pub struct EfsSim {
+    child: Child,
+    mountpoint: PathBuf,
+}
+
+impl EfsSim {
+    pub fn start(backing: &Path, mountpoint: &Path, profile: &str) -> EfsSim {
+        let sim = Path::new(BIN).with_file_name("efs-sim");
+        assert!(
+            sim.exists(),
+            "{} is missing: build the workspace (cargo test --workspace)",
+            sim.display()
+        );
+        let child = Command::new(sim)
+            .args(["--profile", profile])
+            .arg(backing)
+            .arg(mountpoint)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let sim = EfsSim {
+            child,
+            mountpoint: mountpoint.into(),
+        };
+        let t = Instant::now();
+        while !fusemount::top_mount_at(mountpoint)
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.is_fuse_subtype("efs-sim"))
+        {
+            assert!(t.elapsed() < Duration::from_secs(20), "efs-sim did not mount");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sim
+    }
+}
+
+impl Drop for EfsSim {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mountpoint).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
