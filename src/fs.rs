@@ -145,6 +145,97 @@ pub struct Fs {
     writers_throttled: AtomicU64,
     /// What the backend accepts (probed at mount; absent: everything).
     capabilities: OnceLock<crate::backend::Capabilities>,
+    /// Up while work of a dead instance is recovered in the background.
+    gate: OnceLock<Arc<RecoveryGate>>,
+    /// What recovery did or is doing (null: nothing to recover), for `status`.
+    recovery: Mutex<serde_json::Value>,
+    /// The background recovery thread, while there is one.
+    recovery_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// While a crashed instance's work is recovered in the background, the
+/// listings of the directories it changes wait (`dirs`), and so do changes
+/// to the names on the way to it (`entries`: renaming or removing one would
+/// pull a path from under a replayed op) and attribute changes of
+/// directories whose journaled attributes are still to be taken back
+/// (`attrs`). Everything else is served. Requests wait at most
+/// `request_timeout` (then `EIO`).
+pub struct RecoveryGate {
+    dirs: std::collections::HashSet<RelPath>,
+    entries: std::collections::HashSet<RelPath>,
+    attrs: std::collections::HashSet<RelPath>,
+    /// Directories holding something in `attrs` (a listing with attributes
+    /// shows them).
+    attrs_parents: std::collections::HashSet<RelPath>,
+    open: Mutex<bool>,
+    opened: parking_lot::Condvar,
+}
+
+/// What a request behind the recovery gate does to a path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gated {
+    /// Lists the directory.
+    Listing,
+    /// Changes the name.
+    Entry,
+    /// Reads or changes the object's attributes.
+    Attrs,
+    /// Lists the directory with its entries' attributes (readdirplus).
+    ChildAttrs,
+}
+
+impl RecoveryGate {
+    pub fn new(
+        dirs: std::collections::HashSet<RelPath>,
+        entries: std::collections::HashSet<RelPath>,
+        attrs: std::collections::HashSet<RelPath>,
+    ) -> RecoveryGate {
+        let attrs_parents = attrs.iter().filter_map(|p| p.split_last().map(|(d, _)| d)).collect();
+        RecoveryGate {
+            dirs,
+            entries,
+            attrs,
+            attrs_parents,
+            open: Mutex::new(false),
+            opened: parking_lot::Condvar::new(),
+        }
+    }
+    fn is_open(&self) -> bool {
+        *self.open.lock()
+    }
+    /// Waits until the gate opens or `deadline`; true if it is open.
+    fn wait(&self, deadline: Option<Instant>) -> bool {
+        let mut open = self.open.lock();
+        while !*open {
+            match deadline {
+                Some(d) => {
+                    if self.opened.wait_until(&mut open, d).timed_out() {
+                        return *open;
+                    }
+                }
+                None => self.opened.wait(&mut open),
+            }
+        }
+        true
+    }
+    fn set_open(&self) {
+        *self.open.lock() = true;
+        self.opened.notify_all();
+    }
+}
+
+thread_local! {
+    /// Set on the recovery thread: it works behind the gate.
+    static RECOVERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the current thread as the recovery thread while it lives.
+pub struct RecoveryThread;
+
+impl Drop for RecoveryThread {
+    fn drop(&mut self) {
+        RECOVERING.with(|r| r.set(false));
+    }
 }
 
 /// The debounce while writers wait for cache space: long enough for a
@@ -190,6 +281,9 @@ impl Fs {
             writers_waiting_for_space: AtomicU64::new(0),
             writers_throttled: AtomicU64::new(0),
             capabilities: OnceLock::new(),
+            gate: OnceLock::new(),
+            recovery: Mutex::new(serde_json::Value::Null),
+            recovery_thread: Mutex::new(None),
         })
     }
 
@@ -258,8 +352,16 @@ impl Fs {
     }
 
     /// Starts journaling (once, before serving): a new journal holding the
-    /// pending state the overlay has now replaces `<cache>/journal`.
-    pub fn start_journal(&self, cache: &std::path::Path, header: Header) -> std::io::Result<Arc<Journal>> {
+    /// pending state the overlay has now, and the work `carried` over from an
+    /// earlier run's journal (its ops get new sequence numbers), replaces
+    /// `<cache>/journal`.
+    pub fn start_journal(
+        &self,
+        cache: &std::path::Path,
+        header: Header,
+        carried_states: Vec<PendingState>,
+        carried_ops: &mut [FlushOp],
+    ) -> std::io::Result<Arc<Journal>> {
         let mut ns = self.ns.lock();
         let mut inos: Vec<Ino> = ns
             .dirty_files
@@ -269,13 +371,141 @@ impl Fs {
             .collect();
         inos.sort_unstable();
         inos.dedup();
-        let states = inos.into_iter().filter_map(|i| ns.pending_state(i)).collect();
+        let mut states: Vec<PendingState> = inos.into_iter().filter_map(|i| ns.pending_state(i)).collect();
+        states.extend(carried_states);
         let j = Arc::new(Journal::create(cache, header, states)?);
+        if !carried_ops.is_empty() {
+            let mut tx = j.begin();
+            for op in carried_ops.iter_mut() {
+                tx.op(op);
+            }
+            tx.commit();
+            if !j.healthy() {
+                return Err(io::Error::other("cannot write the recovered ops into the new journal"));
+            }
+        }
         j.install(cache)?;
         ns.touched.clear();
         ns.moved_dir = false;
         let _ = self.journal.set(j.clone());
         Ok(j)
+    }
+
+    // ---- background recovery ---------------------------------------------
+
+    /// Puts the recovery gate up (before serving).
+    pub fn begin_recovery(&self, gate: RecoveryGate) {
+        *self.recovery.lock() = serde_json::json!({"running": true});
+        let _ = self.gate.set(Arc::new(gate));
+    }
+
+    /// Keeps the background recovery thread (see `join_recovery`).
+    pub fn set_recovery_handle(&self, h: std::thread::JoinHandle<()>) {
+        *self.recovery_thread.lock() = Some(h);
+    }
+
+    /// Waits for the background recovery thread to end.
+    pub fn join_recovery(&self) {
+        let h = self.recovery_thread.lock().take();
+        if let Some(h) = h
+            && h.join().is_err()
+        {
+            tracing::error!("the recovery thread panicked");
+        }
+    }
+
+    /// Marks the calling thread as the recovery thread (it passes the gate).
+    pub fn recovery_thread(&self) -> RecoveryThread {
+        RECOVERING.with(|r| r.set(true));
+        RecoveryThread
+    }
+
+    pub fn recovery_progress(&self, done: usize, total: usize) {
+        *self.recovery.lock() = serde_json::json!({"running": true, "ops": total, "ops_done": done});
+    }
+
+    /// Recovery is done: the gate opens.
+    pub fn end_recovery(&self, report: serde_json::Value) {
+        *self.recovery.lock() = report;
+        if let Some(g) = self.gate.get() {
+            g.set_open();
+        }
+    }
+
+    /// What recovery did or is doing (null: there was nothing to recover).
+    pub fn recovery_status(&self) -> serde_json::Value {
+        self.recovery.lock().clone()
+    }
+
+    /// Waits until recovery is done (or `deadline`); true if it is.
+    pub fn wait_recovered(&self, deadline: Option<Instant>) -> bool {
+        self.gate.get().is_none_or(|g| g.wait(deadline))
+    }
+
+    /// Waits for recovery if `path` is behind the gate for `what`.
+    fn pass_gate(&self, path: impl FnOnce() -> FsResult<RelPath>, what: Gated, may_block: bool) -> FsResult<()> {
+        let Some(g) = self.gate.get() else { return Ok(()) };
+        if g.is_open() || RECOVERING.with(|r| r.get()) {
+            return Ok(());
+        }
+        // An object without a path (unlinked) is behind nothing.
+        let Ok(p) = path() else { return Ok(()) };
+        let behind = match what {
+            Gated::Listing => g.dirs.contains(&p),
+            Gated::Entry => g.entries.contains(&p),
+            Gated::Attrs => g.attrs.contains(&p),
+            Gated::ChildAttrs => g.attrs_parents.contains(&p),
+        };
+        if !behind {
+            return Ok(());
+        }
+        if !may_block {
+            return Err(FsError::WouldBlock);
+        }
+        if g.wait(Some(Instant::now() + self.cfg.request_timeout)) {
+            Ok(())
+        } else {
+            Err(FsError::TimedOut)
+        }
+    }
+
+    /// Waits for recovery if changing `name` in `dir` could move a path
+    /// recovered work still uses.
+    fn pass_gate_entry(&self, dir: Ino, name: &OsStr, may_block: bool) -> FsResult<()> {
+        self.pass_gate(|| Ok(self.ns.lock().path_of(dir)?.join(name)), Gated::Entry, may_block)
+    }
+
+    /// New objects get inode numbers above `ino` (a dead instance's, whose
+    /// journal records this mount carries).
+    pub fn reserve_inos(&self, ino: Ino) {
+        self.ns.lock().reserve_inos(ino);
+    }
+
+    /// Journals that the dead instance's objects `inos` have no pending state
+    /// of their own any more (what was taken back is recorded under this
+    /// mount's inodes).
+    pub fn forget_states(&self, inos: &[Ino]) {
+        let mut ns = self.ns.lock();
+        ns.touched.extend_from_slice(inos);
+        self.apply(&mut ns, Effects::default());
+    }
+
+    /// Reads the backend root's attributes again (after recovery changed them).
+    pub fn refresh_root_attrs(&self) {
+        let Ok(st) = self.backend.stat(&RelPath::root()) else {
+            return;
+        };
+        let mut ns = self.ns.lock();
+        if !ns.dirty_dir_attrs.contains(&ROOT)
+            && let Ok(i) = ns.get_mut(ROOT)
+        {
+            i.attr = Attr::from_stat(&st);
+            i.backend_attr = i.attr.to_set(Kind::Dir);
+        }
+    }
+
+    pub fn temp_names(&self) -> &TempNames {
+        &self.temps
     }
 
     /// New staging ids start above `id` (files kept from an earlier run).
@@ -367,7 +597,12 @@ impl Fs {
                 Ok(())
             }
             PendingState::Dir { path, attrs, .. } => {
-                let d = self.resolve_dir(path).map_err(|e| e.to_string())?;
+                // The root needs no listing (its state is taken back before serving).
+                let d = if path.0.is_empty() {
+                    ROOT
+                } else {
+                    self.resolve_dir(path).map_err(|e| e.to_string())?
+                };
                 self.ns.lock().adopt_dir_attrs(d, attrs).map_err(|e| e.to_string())
             }
         }
@@ -412,6 +647,7 @@ impl Fs {
 
     /// Makes sure `dir`'s listing is loaded and fresh.
     pub fn ensure_loaded(&self, dir: Ino, may_block: bool) -> FsResult<()> {
+        self.pass_gate(|| self.ns.lock().path_of(dir), Gated::Listing, may_block)?;
         {
             let mut ns = self.ns.lock();
             let d = ns.dir(dir)?;
@@ -452,6 +688,11 @@ impl Fs {
         if name.len() > 255 {
             return Err(FsError::NameTooLong);
         }
+        self.pass_gate(
+            || Ok(self.ns.lock().path_of(parent)?.join(name)),
+            Gated::Attrs,
+            may_block,
+        )?;
         self.ensure_loaded(parent, may_block)?;
         let mut ns = self.ns.lock();
         let ino = ns.lookup(parent, name)?.ok_or(FsError::NotFound)?;
@@ -467,6 +708,7 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: Ino, may_block: bool) -> FsResult<AttrOut> {
+        self.pass_gate(|| self.ns.lock().path_of(ino), Gated::Attrs, may_block)?;
         if self.ns.lock().get(ino)?.writers > 0 {
             self.refresh_from_staging(ino);
         }
@@ -502,6 +744,8 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: Ino, ch: SetAttr, may_block: bool) -> FsResult<AttrOut> {
+        // Journaled attributes still to be taken back must not overwrite this change.
+        self.pass_gate(|| self.ns.lock().path_of(ino), Gated::Attrs, may_block)?;
         if let Some(size) = ch.size {
             self.truncate(ino, size, may_block)?;
         }
@@ -525,10 +769,10 @@ impl Fs {
         }
         let mut fx = Effects::default();
         let mut ns = self.ns.lock();
-        ns.set_attrs(ino, &ch, &mut fx)?;
         if let Some(perm) = ch.perm {
             self.chmod_acl(&mut ns, ino, perm)?;
         }
+        ns.set_attrs(ino, &ch, &mut fx)?;
         self.apply(&mut ns, fx);
         Self::attr_out(&ns, ino)
     }
@@ -572,14 +816,19 @@ impl Fs {
     /// Gives a regular file staged content and returns its staging id; copies
     /// the backend data first when `keep_data` (blocking).
     fn stage(&self, ino: Ino, keep_data: bool, may_block: bool) -> FsResult<u64> {
-        // The staged file carries the backend file's extended attributes
-        // (its publish replaces that file).
-        let backend_xattrs = self.xattrs_for_staging(ino, may_block)?;
-        let path = {
+        let (backend_xattrs, path) = loop {
+            // The staged file carries the backend file's extended attributes
+            // (its publish replaces that file).
+            let backend_xattrs = self.xattrs_for_staging(ino, may_block)?;
             let mut ns = self.ns.lock();
             let i = ns.get(ino)?;
             if let Content::Staged { id, .. } = i.content {
                 return Ok(id);
+            }
+            if backend_xattrs.is_none() && i.xattrs.is_none() && self.capabilities().xattrs.any() {
+                // It was staged when asked, and its publish has finished
+                // since: its attributes are the backend's now. Ask again.
+                continue;
             }
             if !keep_data || i.attr.size == 0 {
                 let id = ns.new_staging_id();
@@ -590,7 +839,7 @@ impl Fs {
                 i.content = Content::Staged { id, dirty: false };
                 return Ok(id);
             }
-            ns.path_of(ino)?
+            break (backend_xattrs, ns.path_of(ino)?);
         };
         if !may_block {
             return Err(FsError::WouldBlock);
@@ -796,6 +1045,7 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: Ino, name: &OsStr, may_block: bool) -> FsResult<()> {
+        self.pass_gate_entry(parent, name, may_block)?;
         self.change(parent, may_block, |ns, fx| ns.unlink(parent, name, fx))
     }
 
@@ -809,6 +1059,7 @@ impl Fs {
     }
 
     pub fn rmdir(&self, parent: Ino, name: &OsStr, may_block: bool) -> FsResult<()> {
+        self.pass_gate_entry(parent, name, may_block)?;
         self.ensure_loaded(parent, may_block)?;
         if let Some(child) = self.child_dir(parent, name)? {
             self.ensure_loaded(child, may_block)?;
@@ -828,6 +1079,8 @@ impl Fs {
         if flags & !(libc::RENAME_NOREPLACE) != 0 {
             return Err(FsError::Invalid); // RENAME_EXCHANGE / WHITEOUT: not supported
         }
+        self.pass_gate_entry(parent, name, may_block)?;
+        self.pass_gate_entry(newparent, newname, may_block)?;
         self.ensure_loaded(newparent, may_block)?;
         if let Some(t) = self.child_dir(newparent, newname)? {
             self.ensure_loaded(t, may_block)?;
@@ -1411,21 +1664,60 @@ impl Fs {
     /// staged from the backend (after any queued op that changes them) and
     /// keeps them; returns what the overlay holds then.
     fn load_xattrs(&self, ino: Ino, may_block: bool) -> FsResult<Xattrs> {
+        {
+            let ns = self.ns.lock();
+            let i = ns.get(ino)?;
+            if i.links.is_empty() && ino != ROOT {
+                // Unlinked while open: no backend path; what the overlay has.
+                return Ok(i.xattrs.as_ref().map(|c| c.map.clone()).unwrap_or_default());
+            }
+        }
         if !may_block {
             return Err(FsError::WouldBlock);
         }
-        self.wait_path_stable(ino)?;
+        // After the queued ops that change the object (for the root, which
+        // no rename can move, its own attribute ops).
+        if ino == ROOT {
+            let keys = vec![(flush::Key::Ino(ROOT), flush::Access::Shared)];
+            if self.sched.conflicts(&keys) {
+                let (tx, rx) = crossbeam::channel::bounded(1);
+                self.sched.enqueue(FlushOp::new(keys, Action::Barrier(tx)));
+                rx.recv()
+                    .map_err(|_| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))?;
+            }
+        } else {
+            self.wait_path_stable(ino)?;
+        }
         let path = match self.ns.lock().path_of(ino) {
             Ok(p) => p,
-            Err(FsError::NotFound) => return Ok(Xattrs::new()), // unlinked while open
+            Err(FsError::NotFound) => return Ok(Xattrs::new()), // unlinked meanwhile
             Err(e) => return Err(e),
         };
-        let loaded: Xattrs = match self.backend.list_xattrs(&path) {
-            Ok(v) => v.into_iter().collect(),
+        let caps = self.capabilities().xattrs;
+        let mut loaded: Xattrs = match self.backend.list_xattrs(&path) {
+            // Only what this mount can keep (an NFS client lists
+            // `system.nfs4_acl`, a security module its labels).
+            Ok(v) => v
+                .into_iter()
+                .filter(|(n, _)| caps.allows(xattr::classify(n)) && !xattr::is_host_label(n))
+                .collect(),
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Xattrs::new(),
             Err(e) => return Err(io_err(e)),
         };
         let mut ns = self.ns.lock();
+        // A directory's chmod reaches the backend only once its entries
+        // settle: until then its ACL follows the overlay's mode.
+        let pending_mode = ns
+            .dirty_dir_attrs
+            .contains(&ino)
+            .then(|| ns.get(ino).map(|i| i.attr.perm));
+        if let Some(Ok(perm)) = pending_mode
+            && let Some(acl) = loaded
+                .get(OsStr::new(xattr::ACL_ACCESS))
+                .and_then(|v| Acl::parse(v).ok())
+        {
+            loaded.insert(xattr::ACL_ACCESS.into(), acl.chmod(perm).to_bytes());
+        }
         let i = ns.get_mut(ino)?;
         match &i.xattrs {
             // Loaded by someone else, or changed here, meanwhile: that is newer.
@@ -1441,6 +1733,7 @@ impl Fs {
     /// staging file, any other object's from the overlay (loaded first if
     /// needed).
     fn read_xattrs<T>(&self, ino: Ino, may_block: bool, f: impl Fn(&Xattrs) -> T) -> FsResult<T> {
+        self.pass_gate(|| self.ns.lock().path_of(ino), Gated::Attrs, may_block)?;
         {
             let ns = self.ns.lock();
             let i = ns.get(ino)?;
@@ -1484,6 +1777,7 @@ impl Fs {
         self.check_xattr_name(name)?;
         self.check_journal()?;
         tracing::debug!(ino, ?name, set = value.is_some(), flags, "setxattr");
+        self.pass_gate(|| self.ns.lock().path_of(ino), Gated::Attrs, may_block)?;
         let is_access_acl = name == xattr::ACL_ACCESS;
         let acl = match (value, xattr::classify(name)) {
             (Some(v), xattr::Class::Acl) => Some(Acl::parse(v).map_err(|_| FsError::Invalid)?),
@@ -1511,6 +1805,7 @@ impl Fs {
                 _ => Ok(()),
             }
         };
+        let mut just_loaded = false;
         loop {
             let mut fx = Effects::default();
             let mut ns = self.ns.lock();
@@ -1528,7 +1823,7 @@ impl Fs {
                 if i.writers == 0 {
                     ns.file_quiet(ino, Instant::now());
                 }
-            } else if let Some(c) = i.xattrs.as_ref().filter(|c| self.fresh(Some(c.loaded))) {
+            } else if let Some(c) = i.xattrs.as_ref().filter(|c| just_loaded || self.fresh(Some(c.loaded))) {
                 let had = c.map.contains_key(name);
                 exists_before(had)?;
                 if store.is_some() || had {
@@ -1537,6 +1832,7 @@ impl Fs {
             } else {
                 drop(ns);
                 self.load_xattrs(ino, may_block)?;
+                just_loaded = true;
                 continue;
             }
             if let Some(perm) = new_perm.filter(|p| *p != ns.get(ino).map_or(*p, |i| i.attr.perm)) {
@@ -1589,6 +1885,9 @@ impl Fs {
 
     pub fn readdir(&self, dir: Ino, offset: u64, plus: bool, may_block: bool) -> FsResult<Vec<DirEntryOut>> {
         self.ensure_loaded(dir, may_block)?;
+        if plus {
+            self.pass_gate(|| self.ns.lock().path_of(dir), Gated::ChildAttrs, may_block)?;
+        }
         let mut ns = self.ns.lock();
         let d = ns.dir(dir)?;
         let parent = if dir == ROOT {
@@ -1723,7 +2022,7 @@ impl Fs {
                     &self.temps,
                     &lent.action,
                     expect_ino,
-                    self.capabilities().xattrs.acls,
+                    self.capabilities().xattrs,
                     |id| match self.staging.open_read(id) {
                         Ok(f) => Ok(Some(f)),
                         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -1896,6 +2195,20 @@ impl Fs {
     /// The `sync` barrier: publishes everything accepted so far and waits for
     /// it (files still open for writing are reported, not waited for).
     pub fn sync(&self, deadline: Option<Instant>) -> SyncReport {
+        // Work recovered from a crash was accepted before this barrier too.
+        if !self.wait_recovered(deadline) {
+            let ns = self.ns.lock();
+            return SyncReport {
+                complete: false,
+                failures: self.sched.failures(),
+                open_files: ns
+                    .dirty_files
+                    .iter()
+                    .filter(|i| ns.get(**i).is_ok_and(|i| i.writers > 0))
+                    .map(|i| ns.path_of(*i).map(|p| p.display()).unwrap_or_default())
+                    .collect(),
+            };
+        }
         if let Err(e) = self.sync_journal() {
             tracing::warn!(error = %e, "cannot sync the journal");
         }

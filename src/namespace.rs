@@ -1000,8 +1000,8 @@ impl Namespace {
             }
         }
         cache.loaded = Instant::now();
-        if !i.on_backend {
-            return Ok(());
+        if !i.on_backend || (i.links.is_empty() && ino != ROOT) {
+            return Ok(()); // nothing on the backend (any more) to change
         }
         let keys = if ino == ROOT {
             vec![(Key::Ino(ROOT), Access::Exclusive)]
@@ -1305,6 +1305,13 @@ impl Namespace {
         // For a directory this only marks its attributes as due (no op).
         self.set_attrs(dir, &ch, &mut Effects::default())?;
         Ok(())
+    }
+
+    /// New objects get inode numbers above `ino`.
+    pub fn reserve_inos(&mut self, ino: Ino) {
+        if ino >= SYNTHETIC_BASE {
+            self.next_synthetic = self.next_synthetic.max(ino);
+        }
     }
 
     /// New staging ids start above `id` (ids of files kept from a crash).

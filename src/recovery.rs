@@ -1,19 +1,23 @@
-//! Recovery after a crash (`kill -9`, OOM, power loss): bring the backend up
-//! to what the journal says was accepted, so the new overlay can be built on
-//! it.
+//! Recovery after a crash (`kill -9`, OOM, power loss): finish what the
+//! journal says was accepted, while the new mount already serves.
 //!
-//! 1. `replay` runs the journal's pending ops against the backend, in journal
-//!    order under their original scheduler keys (so in parallel wherever the
-//!    original run could have been), and marks each done in the old journal
-//!    (a crash during recovery resumes where it stopped). Every op is
+//! Before the first reply (`start_fs`): the old journal is read and its
+//! pending work is carried into the new journal (so a crash during recovery
+//! loses nothing), and a `RecoveryGate` is put up: the listings of the
+//! directories that work changes, and changes to the names on the way to
+//! it, wait until recovery is done. Everything else is served at once.
+//!
+//! In the background (`recover`):
+//! 1. Publish temp files the dead instance left in the directories of its
+//!    unfinished publishes are removed (no tree walk).
+//! 2. The pending ops run against the backend, in journal order under their
+//!    original scheduler keys (so in parallel wherever the original run
+//!    could have been), each marked done in the new journal. Every op is
 //!    idempotent; an op whose source is already gone was applied before the
 //!    crash (or superseded by newer staged content) and counts as done.
-//! 2. Publish temp files the dead instance left in the directories of its
-//!    unfinished publishes are removed (no tree walk).
-//! 3. The caller hands the pending state (files with unpublished staged
-//!    content, directory attributes) to the new overlay (`Fs::adopt`), whose
-//!    names are valid now that every op has run, and starts a new journal.
-
+//! 3. The pending state (files with unpublished staged content, directory
+//!    attributes) is taken back into the overlay (`Fs::adopt`), whose names
+//!    are valid now that every op has run; the gate opens.
 use std::collections::HashSet;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
@@ -23,41 +27,29 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{AttrSet, Backend, RelPath};
 use crate::flush::publish::{self, TempNames};
-use crate::flush::{self, Action, Failure, Outcome, RetryPolicy, Scheduler};
-use crate::fs::{Fs, FsConfig};
+use crate::flush::{self, Action, Failure, FlushOp, Outcome, RetryPolicy, Scheduler};
+use crate::fs::{Fs, FsConfig, RecoveryGate};
 use crate::journal::{self, Header, Journal, PendingState};
 use crate::staging::Staging;
 
-/// What a replay did.
-#[derive(Debug, Default)]
-pub struct Replayed {
-    /// Ops run against the backend.
-    pub ops: usize,
-    /// Ops that failed for good (their staged data, if any, is kept).
-    pub failures: Vec<Failure>,
-    /// Pending state to hand to the new overlay.
-    pub states: Vec<PendingState>,
-    pub orphans_removed: usize,
-}
-
 /// How replay runs.
+#[derive(Clone, Debug)]
 pub struct ReplayConfig {
     pub workers: usize,
     pub dir_concurrency: usize,
     pub retry: RetryPolicy,
 }
 
-/// Replays the journal in `cache` (if any) onto `backend`, whose identity is
-/// `current`. Refuses a journal with pending work for another backend.
-pub fn replay(
-    cache: &Path,
-    backend: &Arc<dyn Backend>,
-    staging: &Staging,
-    temps: &TempNames,
-    current: &Header,
-    cfg: &ReplayConfig,
-    backend_acls: bool,
-) -> Result<Option<Replayed>, String> {
+/// What the journal of an earlier run still has to do for this backend.
+struct Pending {
+    header: Header,
+    ops: Vec<FlushOp>,
+    states: Vec<PendingState>,
+}
+
+/// Reads the journal in `cache` (if any). Refuses one with pending work for
+/// another backend than `current`.
+fn read_pending(cache: &Path, current: &Header) -> Result<Option<Pending>, String> {
     let Some(r) = journal::read(cache).map_err(|e| e.to_string())? else {
         return Ok(None);
     };
@@ -83,12 +75,13 @@ pub fn replay(
         ops = r.ops.len(),
         files_and_dirs = r.states.len(),
         records = r.records,
-        "recovering changes from the journal of an earlier run"
+        "recovering changes from the journal of an earlier run (in the background; the mount serves meanwhile)"
     );
-    let journal =
-        Arc::new(Journal::resume(cache, r.header.clone()).map_err(|e| format!("cannot reopen the journal: {e}"))?);
     // Staged content that was changed again after its publish was queued is
-    // published (as the newer content) from the pending state instead.
+    // published (as the newer content) from the pending state instead; and
+    // only the last queued publish of a staging file carries its current
+    // content (and size): an earlier one (its file was closed, reopened,
+    // rewritten and closed again) would be refused as incomplete.
     let restaged: HashSet<u64> = r
         .states
         .iter()
@@ -97,33 +90,123 @@ pub fn replay(
             PendingState::Dir { .. } => None,
         })
         .collect();
-    // Only the last queued publish of a staging file carries its current
-    // content (and size): an earlier one (its file was closed, reopened,
-    // rewritten and closed again) would be refused as incomplete.
     let mut last_publish: std::collections::HashMap<u64, Option<u64>> = std::collections::HashMap::new();
     for op in &r.ops {
         if let Action::Publish { staging, .. } = &op.action {
             last_publish.insert(*staging, op.journal_seq);
         }
     }
+    let ops = r
+        .ops
+        .into_iter()
+        .filter(|op| match &op.action {
+            Action::Publish { staging: id, .. } => {
+                !restaged.contains(id) && last_publish.get(id) == Some(&op.journal_seq)
+            }
+            _ => true,
+        })
+        .collect();
+    Ok(Some(Pending {
+        header: r.header,
+        ops,
+        states: r.states,
+    }))
+}
+
+/// Every backend path an op names.
+fn op_paths(action: &Action) -> Vec<&RelPath> {
+    match action {
+        Action::Mkdir { path, .. }
+        | Action::Rmdir { path }
+        | Action::Unlink { path }
+        | Action::Symlink { path, .. }
+        | Action::Mknod { path, .. }
+        | Action::SetAttr { path, .. }
+        | Action::SetXattr { path, .. } => vec![path],
+        Action::Rename { from, to, .. } => vec![from, to],
+        Action::Link { existing, new } => vec![existing, new],
+        Action::Publish { paths, .. } => paths.iter().collect(),
+        Action::Barrier(_) => Vec::new(),
+    }
+}
+
+/// What the overlay must not show or change until recovery is done: the
+/// listings of directories whose entries the recovered work changes, every
+/// name on the way to a recovered path (renaming or removing one would pull
+/// the path from under a replayed op), and the directories whose journaled
+/// attributes are still to be taken back (their attributes and their
+/// listing: an entry created there would give them a newer mtime the old
+/// one must not undo), the root's when recovered ops change it.
+fn gate_for(ops: &[FlushOp], states: &[PendingState]) -> RecoveryGate {
+    let mut paths: Vec<&RelPath> = ops.iter().flat_map(|op| op_paths(&op.action)).collect();
+    let mut dirs = HashSet::new();
+    let mut attrs = HashSet::new();
+    let mut entries = HashSet::new();
+    // The root's attributes (or xattrs) change: it has no listing to wait on.
+    if paths.iter().any(|p| p.0.is_empty()) {
+        attrs.insert(RelPath::root());
+    }
+    for s in states {
+        match s {
+            PendingState::File { paths: p, .. } => paths.extend(p),
+            PendingState::Dir { path, .. } => {
+                dirs.insert(path.clone());
+                attrs.insert(path.clone());
+                // Only the names on the way to it: its parent's listing
+                // does not change.
+                for k in 1..=path.0.len() {
+                    entries.insert(RelPath(path.0[..k].to_vec()));
+                }
+            }
+        }
+    }
+    for p in paths {
+        if let Some((parent, _)) = p.split_last() {
+            dirs.insert(parent);
+        }
+        for k in 1..=p.0.len() {
+            entries.insert(RelPath(p.0[..k].to_vec()));
+        }
+    }
+    // A directory whose entries change has its times changed (and put
+    // back) on the backend meanwhile.
+    attrs.extend(dirs.iter().cloned());
+    RecoveryGate::new(dirs, entries, attrs)
+}
+
+/// The highest overlay inode number the dead instance used (new objects of
+/// this mount get higher ones, so journal records of the two never mix).
+fn max_ino(ops: &[FlushOp], states: &[PendingState]) -> u64 {
+    let keys = ops.iter().flat_map(|op| op.keys.iter()).map(|(k, _)| match k {
+        flush::Key::Ino(i) | flush::Key::Name(i, _) => *i,
+    });
+    keys.chain(states.iter().map(|s| s.ino())).max().unwrap_or(0)
+}
+
+/// Replays `ops` (journaled in the running mount's journal) against the
+/// backend, in journal order under their original scheduler keys (in
+/// parallel wherever the original run could have been), after removing the
+/// publish temp files the dead instance left in the directories of its
+/// unfinished publishes. Returns the ops run, the failures and the orphans
+/// removed.
+fn replay(
+    fs: &Fs,
+    old: &Header,
+    ops: Vec<FlushOp>,
+    states: &[PendingState],
+    cfg: &ReplayConfig,
+) -> (usize, Vec<Failure>, usize) {
+    let backend = &*fs.backend;
     let mut publish_dirs: HashSet<RelPath> = HashSet::new();
+    for op in &ops {
+        if let Action::Publish { paths, .. } = &op.action {
+            publish_dirs.extend(paths.iter().filter_map(|p| p.split_last().map(|(d, _)| d)));
+        }
+    }
     // Replayed ops (and the orphan cleanup) change directories' times on the
     // backend; the running daemon would re-apply the overlay's times after
     // them, so replay does too.
-    let dir_times = dir_times_to_restore(&r.ops, &r.states, &**backend);
-    let sched = Arc::new(Scheduler::new(cfg.dir_concurrency, cfg.retry));
-    let mut total = 0;
-    for op in r.ops {
-        if let Action::Publish { staging: id, paths, .. } = &op.action {
-            publish_dirs.extend(paths.iter().filter_map(|p| p.split_last().map(|(d, _)| d)));
-            if restaged.contains(id) || last_publish.get(id) != Some(&op.journal_seq) {
-                journal.done(op.journal_seq.expect("journaled op has a seq"));
-                continue;
-            }
-        }
-        total += 1;
-        sched.enqueue(op);
-    }
+    let dir_times = dir_times_to_restore(&ops, states, backend);
     // Temp files of publishes the dead instance had in flight, removed before
     // the replay moves anything: a publish in flight held its directory's
     // key, so nothing had moved the directory since, but a replayed rename
@@ -132,7 +215,7 @@ pub fn replay(
     for dir in &publish_dirs {
         let Ok(names) = backend.list_names(dir) else { continue };
         for n in names {
-            if n.as_encoded_bytes().starts_with(r.header.temp_prefix.as_bytes()) {
+            if n.as_encoded_bytes().starts_with(old.temp_prefix.as_bytes()) {
                 match backend.unlink(&dir.join(&n)) {
                     Ok(()) => orphans_removed += 1,
                     Err(e) => {
@@ -142,13 +225,21 @@ pub fn replay(
             }
         }
     }
+    let sched = Arc::new(Scheduler::new(cfg.dir_concurrency, cfg.retry));
+    let total = ops.len();
+    for op in ops {
+        sched.enqueue(op);
+    }
     let started = Instant::now();
+    let journal = fs.journal().expect("journaling started before the replay");
+    let xattrs = fs.capabilities().xattrs;
     std::thread::scope(|scope| {
         for _ in 0..cfg.workers.max(1) {
-            scope.spawn(|| replay_worker(&sched, &journal, &**backend, staging, temps, backend_acls));
+            scope.spawn(|| replay_worker(&sched, journal, backend, fs.staging(), fs.temp_names(), xattrs));
         }
         while !sched.wait_idle(Some(Instant::now() + Duration::from_secs(5))) {
             let left = sched.queued().min(total);
+            fs.recovery_progress(total - left, total);
             tracing::warn!(
                 done = total - left,
                 total,
@@ -169,7 +260,6 @@ pub fn replay(
             _ => {} // moved or removed by the replay: its times are not ours to set
         }
     }
-    journal.sync().map_err(|e| format!("cannot sync the journal: {e}"))?;
     tracing::warn!(
         ops = total,
         failed = failures.len(),
@@ -177,12 +267,7 @@ pub fn replay(
         seconds = started.elapsed().as_secs_f64(),
         "journal replayed"
     );
-    Ok(Some(Replayed {
-        ops: total,
-        failures,
-        states: r.states,
-        orphans_removed,
-    }))
+    (total, failures, orphans_removed)
 }
 
 /// Directories whose entries the replay changes, with the times they must
@@ -245,11 +330,13 @@ fn dir_times_to_restore(
     out
 }
 
-/// Brings up the filesystem core over `backend` with the cache dir `cache`:
-/// replays the journal an earlier run left (if any), takes its pending state
-/// back into a new overlay, starts a new journal, and moves staging files
-/// nothing refers to into `lost+found`. Returns the core and, after a
-/// recovery, what it did (for `status`).
+/// Brings up the filesystem core over `backend` with the cache dir `cache`,
+/// ready to serve: probes the backend, reads the journal an earlier run left
+/// (if any) and starts a new journal that carries its pending work. That
+/// work is recovered in the background (`recover`): the mount serves at
+/// once, and only what the recovered work touches waits for it (see
+/// `RecoveryGate`). Without pending work, staging files nothing refers to
+/// are moved into `lost+found` at once.
 #[allow(clippy::too_many_arguments)]
 pub fn start_fs(
     cache: &Path,
@@ -260,46 +347,113 @@ pub fn start_fs(
     header: Header,
     fs_cfg: FsConfig,
     replay_cfg: &ReplayConfig,
-) -> Result<(Arc<Fs>, serde_json::Value), String> {
-    let started = Instant::now();
+) -> Result<Arc<Fs>, String> {
     // What the backend keeps decides how replayed publishes are done.
     let caps = crate::fs::probe_capabilities(&*backend, &staging, &temps, fs_cfg.xattrs);
-    let replayed = replay(cache, &backend, &staging, &temps, &header, replay_cfg, caps.xattrs.acls)?;
+    let pending = read_pending(cache, &header)?;
     let max_staged = staging.ids().unwrap_or_default().into_iter().max().unwrap_or(0);
     let fs = Arc::new(Fs::new(backend, staging, sched, temps, fs_cfg).map_err(|e| format!("backend root: {e}"))?);
     fs.set_capabilities(caps);
     fs.reserve_staging_ids(max_staged);
-    let mut recovery = serde_json::Value::Null;
-    if let Some(r) = replayed {
-        for f in &r.failures {
-            tracing::error!(op = %f.op, path = %f.path, error = %f.error, "a journaled change could not be applied; its data (if any) is kept in lost+found");
+    let journal_err = |e: io::Error| format!("cannot write the journal in {}: {e}", cache.display());
+    let Some(Pending {
+        header: old,
+        mut ops,
+        states,
+    }) = pending
+    else {
+        fs.start_journal(cache, header, Vec::new(), &mut [])
+            .map_err(journal_err)?;
+        keep_leftovers(cache, fs.staging(), &fs.staging_in_use(), u64::MAX);
+        if let Err(e) = fs.staging().rescan() {
+            tracing::warn!(error = %e, "cannot measure the staging area");
         }
-        let states = r.states.len();
-        let not_adopted = fs.adopt(r.states);
-        for (st, why) in &not_adopted {
-            tracing::error!(state = ?st, reason = %why, "pending change could not be taken back after the crash; its data (if any) is kept in lost+found");
-        }
-        recovery = serde_json::json!({
-            "ops": r.ops,
-            "states": states,
-            "orphans_removed": r.orphans_removed,
-            "failed": r.failures.len() + not_adopted.len(),
-            "failures": r.failures,
-            "seconds": started.elapsed().as_secs_f64(),
-        });
+        return Ok(fs);
+    };
+    fs.reserve_inos(max_ino(&ops, &states));
+    // From the first reply on, a crash leaves the recovered work in the new
+    // journal (the ops renumbered), with whatever this mount adds after it.
+    fs.start_journal(cache, header, states.clone(), &mut ops)
+        .map_err(journal_err)?;
+    // The root's own pending attributes need no listing: taken back at once
+    // (it is never behind the gate).
+    let (root_state, states): (Vec<_>, Vec<_>) = states
+        .into_iter()
+        .partition(|s| matches!(s, PendingState::Dir { path, .. } if path.0.is_empty()));
+    fs.begin_recovery(gate_for(&ops, &states));
+    let early = root_state.len();
+    for (st, why) in fs.adopt(root_state) {
+        tracing::error!(state = ?st, reason = %why, "pending change could not be taken back after the crash");
     }
-    fs.start_journal(cache, header)
-        .map_err(|e| format!("cannot write the journal in {}: {e}", cache.display()))?;
-    keep_leftovers(cache, fs.staging(), &fs.staging_in_use());
+    let (bg, cache, cfg) = (fs.clone(), cache.to_path_buf(), replay_cfg.clone());
+    let h = std::thread::Builder::new()
+        .name("efscache-recovery".into())
+        .spawn(move || recover(&bg, &cache, &old, ops, states, early, &cfg, max_staged))
+        .map_err(|e| format!("cannot start recovery: {e}"))?;
+    fs.set_recovery_handle(h);
+    Ok(fs)
+}
+
+/// The background half of a recovery: replay the carried ops, take the
+/// pending state back into the overlay (its names are valid once every op
+/// has run), clear the dead instance's records, move staging files nothing
+/// refers to aside, and open the gate.
+#[allow(clippy::too_many_arguments)]
+fn recover(
+    fs: &Arc<Fs>,
+    cache: &Path,
+    old: &Header,
+    ops: Vec<FlushOp>,
+    states: Vec<PendingState>,
+    adopted_early: usize,
+    cfg: &ReplayConfig,
+    max_staged: u64,
+) {
+    let started = Instant::now();
+    let _recovering = fs.recovery_thread();
+    let (total, failures, orphans_removed) = replay(fs, old, ops, &states, cfg);
+    for f in &failures {
+        tracing::error!(op = %f.op, path = %f.path, error = %f.error, "a journaled change could not be applied; its data (if any) is kept in lost+found");
+    }
+    fs.refresh_root_attrs();
+    let old_inos: Vec<_> = states.iter().map(|s| s.ino()).collect();
+    let adopted = states.len() + adopted_early;
+    let not_adopted = fs.adopt(states);
+    for (st, why) in &not_adopted {
+        tracing::error!(state = ?st, reason = %why, "pending change could not be taken back after the crash; its data (if any) is kept in lost+found");
+    }
+    // The dead instance's records name its own inode numbers; the overlay
+    // re-recorded what it took back under its own.
+    fs.forget_states(&old_inos);
+    keep_leftovers(cache, fs.staging(), &fs.staging_in_use(), max_staged);
     if let Err(e) = fs.staging().rescan() {
         tracing::warn!(error = %e, "cannot measure the staging area");
     }
-    Ok((fs, recovery))
+    if let Some(j) = fs.journal()
+        && let Err(e) = j.sync()
+    {
+        tracing::error!(error = %e, "cannot sync the journal after recovery");
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    tracing::warn!(ops = total, states = adopted, seconds, "recovery done");
+    fs.end_recovery(serde_json::json!({
+        "running": false,
+        "ops": total,
+        "ops_done": total,
+        "states": adopted,
+        "orphans_removed": orphans_removed,
+        "failed": failures.len() + not_adopted.len(),
+        "failures": failures,
+        "seconds": seconds,
+    }));
 }
 
 /// Moves staging files that nothing refers to after recovery aside (nothing
 /// is deleted: data a crash could not account for stays inspectable).
-fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &std::collections::HashSet<u64>) {
+///
+/// Only ids up to `max_id` count: files this mount staged since it started
+/// serving (higher ids) are never leftovers.
+fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &std::collections::HashSet<u64>, max_id: u64) {
     let Ok(rd) = std::fs::read_dir(cache.join("staging")) else {
         return;
     };
@@ -307,6 +461,9 @@ fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &std::collections::Ha
         .flatten()
         .filter(|e| {
             let id = Staging::id_of(&e.file_name());
+            if id.is_some_and(|id| id > max_id) {
+                return false;
+            }
             !id.is_some_and(|id| in_use.contains(&id) && e.path() == staging.path(id))
         })
         .collect();
@@ -338,7 +495,7 @@ fn replay_worker(
     backend: &dyn Backend,
     staging: &Staging,
     temps: &TempNames,
-    backend_acls: bool,
+    xattrs: crate::backend::XattrCaps,
 ) {
     while let Some(lent) = sched.next() {
         let result = publish::execute(
@@ -346,7 +503,7 @@ fn replay_worker(
             temps,
             &lent.action,
             None, // what this mount knew of other clients died with it
-            backend_acls,
+            xattrs,
             |id| staged_for_replay(staging, &lent.action, id),
             || true,
         );

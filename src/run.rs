@@ -328,7 +328,7 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
             max: Duration::from_secs(30),
         },
     };
-    let (fs, recovery) = recovery::start_fs(
+    let fs = recovery::start_fs(
         &cache,
         backend,
         staging,
@@ -366,7 +366,7 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
     let socket = control::socket_path(&cfg.mountpoint);
     let mounted = session::mount(fs.clone(), &cfg.backend, &cfg.mountpoint, cfg.io_threads, cfg.threads)
         .map_err(|e| format!("cannot mount {}: {e}", cfg.mountpoint.display()))?;
-    let handler = control_handler(fs.clone(), cfg.clone(), recovery);
+    let handler = control_handler(fs.clone(), cfg.clone());
     control::serve(&socket, handler).map_err(|e| format!("control socket {}: {e}", socket.display()))?;
     signal_thread(sigset, fs.clone(), cfg.clone());
     tracing::info!(backend = %cfg.backend.display(), mountpoint = %cfg.mountpoint.display(), cache = %cache.display(), "mounted");
@@ -440,14 +440,10 @@ pub fn unmount(mountpoint: &Path) -> Result<(), String> {
     }
 }
 
-fn control_handler(
-    fs: Arc<Fs>,
-    cfg: Config,
-    recovery: serde_json::Value,
-) -> Arc<dyn Fn(Request) -> serde_json::Value + Send + Sync> {
+fn control_handler(fs: Arc<Fs>, cfg: Config) -> Arc<dyn Fn(Request) -> serde_json::Value + Send + Sync> {
     let started = Instant::now();
     Arc::new(move |req| match req {
-        Request::Status => crate::status::collect(&fs, &cfg, started, &recovery),
+        Request::Status => crate::status::collect(&fs, &cfg, started, &fs.recovery_status()),
         Request::Sync { timeout_ms } => {
             let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
             serde_json::to_value(fs.sync(deadline)).expect("report serializes")

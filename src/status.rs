@@ -110,7 +110,13 @@ pub fn render(v: &serde_json::Value) -> String {
         ));
     }
     let r = &v["recovery"];
-    if r.is_object() {
+    if r["running"].as_bool() == Some(true) {
+        out.push_str(&format!(
+            "recovering    {} of {} journaled ops of the last run replayed; directories they touch wait until it is done\n",
+            r["ops_done"].as_u64().unwrap_or(0),
+            r["ops"].as_u64().map_or("?".into(), |n| n.to_string()),
+        ));
+    } else if r.is_object() {
         out.push_str(&format!(
             "recovered     {} journaled ops replayed, {} files/dirs taken back, {} temp files removed, {} not recoverable (at mount)\n",
             r["ops"].as_u64().unwrap_or(0),

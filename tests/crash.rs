@@ -191,7 +191,7 @@ fn crash_rounds(s: &Scratch, opts: &str, rounds: usize, seed: u64) -> Rounds {
         let mut mount = Mount::start(&backend, &mnt, &cache, opts);
         // What was acknowledged before the previous kill is visible at once.
         check_manifest(&mnt, &manifest.lock().unwrap(), &format!("after remount {round}"));
-        let rec = mount.status()["recovery"].clone();
+        let rec = mount.recovery();
         replayed_ops += rec["ops"].as_u64().unwrap_or(0);
         adopted += rec["states"].as_u64().unwrap_or(0);
         orphans_removed += rec["orphans_removed"].as_u64().unwrap_or(0);
@@ -223,7 +223,7 @@ fn crash_rounds(s: &Scratch, opts: &str, rounds: usize, seed: u64) -> Rounds {
         drop(mount); // detaches the dead mount
     }
     let mount = Mount::start(&backend, &mnt, &cache, opts);
-    let rec = mount.status()["recovery"].clone();
+    let rec = mount.recovery();
     replayed_ops += rec["ops"].as_u64().unwrap_or(0);
     adopted += rec["states"].as_u64().unwrap_or(0);
     orphans_removed += rec["orphans_removed"].as_u64().unwrap_or(0);
@@ -317,7 +317,7 @@ fn rsync_crash_loop_converges_to_the_source() {
             "only {counted} of {attempts} rounds had work pending at the kill"
         );
         let mut m = Mount::start(&backend, &mnt, &cache, opts);
-        let rec = m.status()["recovery"].clone();
+        let rec = m.recovery();
         assert_eq!(rec["failed"].as_u64().unwrap_or(0), 0, "recovery failed: {rec}");
         replayed += rec["ops"].as_u64().unwrap_or(0);
         adopted += rec["states"].as_u64().unwrap_or(0);
@@ -344,7 +344,7 @@ fn rsync_crash_loop_converges_to_the_source() {
         drop(m); // detaches the dead mount
     }
     let m = Mount::start(&backend, &mnt, &cache, opts);
-    let rec = m.status()["recovery"].clone();
+    let rec = m.recovery();
     replayed += rec["ops"].as_u64().unwrap_or(0);
     adopted += rec["states"].as_u64().unwrap_or(0);
     let out = rsync(&["--delete-after"]).status().unwrap();
@@ -405,7 +405,7 @@ fn a_writer_of_the_dead_mount_is_not_torn_by_recovery() {
     drop(m);
     let m = Mount::start(&backend, &mnt, &cache, "debounce=20ms");
     assert_eq!(
-        m.status()["recovery"]["states"].as_u64(),
+        m.recovery()["states"].as_u64(),
         Some(2),
         "the file and the root's times"
     );
@@ -532,7 +532,7 @@ fn sigterm_drains_then_unmounts() {
         );
     }
     let m = Mount::start(&backend, &mnt, &cache, "");
-    let rec = &m.status()["recovery"];
+    let rec = &m.recovery();
     assert_eq!(
         rec["ops"].as_u64().unwrap_or(0) + rec["states"].as_u64().unwrap_or(0),
         0,

@@ -859,8 +859,6 @@ struct Mount {
     _own_cache: Option<TempDir>,
     /// Prefix of this mount's publish temp names.
     temp_prefix: String,
-    /// What `start_fs` recovered from the journal (null: nothing was pending).
-    recovery: serde_json::Value,
 }
 
 impl Mount {
@@ -904,7 +902,7 @@ impl Mount {
             dir_concurrency: 4,
             retry: retry_policy(),
         };
-        let (fs, recovery) = recovery::start_fs(
+        let fs = recovery::start_fs(
             cache,
             backend,
             Staging::open(cache).expect("staging"),
@@ -928,8 +926,18 @@ impl Mount {
             cache: cache.to_path_buf(),
             _own_cache: None,
             temp_prefix,
-            recovery,
         }
+    }
+
+    /// What `start_fs` recovered from the journal (null: nothing was
+    /// pending); waits for the recovery, which runs in the background.
+    fn recovery(&self) -> serde_json::Value {
+        assert!(
+            self.fs.wait_recovered(Some(Instant::now() + Duration::from_secs(120))),
+            "recovery did not finish"
+        );
+        self.fs.join_recovery();
+        self.fs.recovery_status()
     }
 
     fn staging_files(&self) -> Vec<String> {
@@ -944,6 +952,7 @@ impl Mount {
     /// overlay is dropped with whatever it had not flushed. Nothing is synced,
     /// drained or released; only what is in the cache dir survives.
     fn kill(mut self) {
+        self.fs.join_recovery();
         self.sched.shutdown();
         for w in self.workers.drain(..) {
             w.join().expect("flush worker panicked");
@@ -1043,7 +1052,7 @@ impl Harness {
         };
         let cache = TempDir::new().expect("cache dir");
         let mount = Mount::start(backend_dir.path(), cache.path(), &cfg, 0);
-        assert!(mount.recovery.is_null(), "a fresh cache dir has nothing to recover");
+        assert!(mount.recovery().is_null(), "a fresh cache dir has nothing to recover");
         let paused = !cfg.free_running;
         mount.sched.set_paused(paused);
         let mut h = Harness {
@@ -1672,10 +1681,10 @@ impl Harness {
         let m = Mount::start(self.backend_dir.path(), self.cache.path(), &self.cfg, self.mounts);
         self.mounts += 1;
         assert!(
-            m.recovery.is_null(),
+            m.recovery().is_null(),
             "{}: the journal of a flushed mount still has pending work: {}",
             self.ctx(),
-            m.recovery
+            m.recovery()
         );
         self.mount = Some(m);
         if !self.cfg.free_running {
@@ -1754,7 +1763,16 @@ impl Harness {
         let temps = if c.temps { self.leave_publish_temps(&prefix) } else { 0 };
         let m = Mount::start(self.backend_dir.path(), self.cache.path(), &self.cfg, self.mounts);
         self.mounts += 1;
-        let rec = m.recovery.clone();
+        self.mount = Some(m);
+        if !self.cfg.free_running {
+            self.pause();
+        }
+        // Everything is visible through the new overlay before any flush,
+        // also while the recovery still runs in the background (what it
+        // touches waits for it).
+        self.list_all_dirs();
+        self.check_all();
+        let rec = self.mount().recovery();
         assert_eq!(
             rec["failed"].as_u64().unwrap_or(0),
             0,
@@ -1770,13 +1788,6 @@ impl Harness {
             );
         }
         CRASH_STATS.record(&snap, lost_done, temps, &rec);
-        self.mount = Some(m);
-        if !self.cfg.free_running {
-            self.pause();
-        }
-        // Everything is visible through the new overlay before any flush.
-        self.list_all_dirs();
-        self.check_all();
         let sched = &self.mount().sched;
         assert_eq!(
             (sched.queued(), sched.stats.ops_done.load(Ordering::Relaxed)),
@@ -3297,7 +3308,7 @@ fn regression_orphan_cleanup_keeps_directory_times() {
     m.kill();
     std::fs::write(&temp, b"partial").expect("temp file");
     let m = Mount::start(backend.path(), cache.path(), &cfg, 1);
-    assert_eq!(m.recovery["orphans_removed"].as_u64(), Some(1), "{}", m.recovery);
+    assert_eq!(m.recovery()["orphans_removed"].as_u64(), Some(1), "{}", m.recovery());
     assert!(!temp.exists());
     assert_eq!(std::fs::read(backend.path().join("a")).expect("read a"), b"data");
     let meta = std::fs::metadata(backend.path()).expect("stat /");
@@ -3347,7 +3358,7 @@ fn regression_replay_keeps_directory_mtime() {
     fs.tick(true); // the publish of d/f is queued
     m.kill();
     let m = Mount::start(backend.path(), cache.path(), &cfg, 1);
-    assert_eq!(m.recovery["ops"].as_u64(), Some(1), "{}", m.recovery);
+    assert_eq!(m.recovery()["ops"].as_u64(), Some(1), "{}", m.recovery());
     assert_eq!(std::fs::read(backend.path().join("d/f")).expect("read"), b"new");
     let meta = std::fs::metadata(backend.path().join("d")).expect("stat d");
     let backend_mtime = Timespec {
@@ -3395,7 +3406,7 @@ fn regression_orphan_blocks_a_replayed_rmdir() {
     m.kill();
     std::fs::write(backend.path().join("a").join(&temp), b"partial").expect("temp file");
     let m = Mount::start(backend.path(), cache.path(), &cfg, 1);
-    assert_eq!(m.recovery["failed"].as_u64(), Some(0), "{}", m.recovery);
+    assert_eq!(m.recovery()["failed"].as_u64(), Some(0), "{}", m.recovery());
     assert!(!backend.path().join("a").exists(), "a is still on the backend");
 }
 
@@ -3437,12 +3448,18 @@ fn regression_orphan_in_a_renamed_directory_is_removed() {
     m.kill();
     std::fs::write(backend.path().join("a").join(&temp), b"partial").expect("temp file");
     let m = Mount::start(backend.path(), cache.path(), &cfg, 1);
+    m.recovery(); // runs in the background
     assert_eq!(std::fs::read(backend.path().join("b/f")).expect("read b/f"), b"data");
     let left: Vec<_> = std::fs::read_dir(backend.path().join("b"))
         .expect("list b")
         .map(|e| e.expect("entry").file_name())
         .collect();
-    assert_eq!(left, vec![std::ffi::OsString::from("f")], "backend b/ ({})", m.recovery);
+    assert_eq!(
+        left,
+        vec![std::ffi::OsString::from("f")],
+        "backend b/ ({})",
+        m.recovery()
+    );
 }
 
 /// (Fixed.) `mkdir -m 2775 d` (group 1000), `chmod 755 d`, then a directory and a
@@ -3568,6 +3585,6 @@ fn regression_write_clearing_setuid_survives_a_crash() {
         format!("{:o}", f.attr.perm),
         "755",
         "mode after recovery ({})",
-        m.recovery
+        m.recovery()
     );
 }

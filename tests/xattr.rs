@@ -230,3 +230,75 @@ fn a_backend_without_xattrs_refuses_them_at_the_syscall() {
     assert!(e.contains("Operation not supported"), "{e}");
     m.umount();
 }
+
+#[test]
+fn the_root_expired_caches_and_flags_behave() {
+    let s = Scratch::new();
+    // attr_ttl=0: every cached attribute has expired when it is next used.
+    let m = Mount::start(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        "debounce=0ms,attr_ttl=0ms",
+    );
+    sh(
+        &s.path("mnt"),
+        "setfattr -n user.root -v r .
+         setfacl -d -m u:1000:rwx .
+         touch inherits
+         mkdir d
+         setfattr -n user.one -v 1 d
+         setfattr -n user.two -v 2 d
+         setfattr -x user.one d",
+    );
+    // XATTR_CREATE on an existing name, XATTR_REPLACE on a missing one.
+    let py = "import os, errno\n\
+        for flag, name, want in ((os.XATTR_CREATE, 'user.two', errno.EEXIST), (os.XATTR_REPLACE, 'user.none', errno.ENODATA)):\n\
+        \x20   try:\n\
+        \x20       os.setxattr('d', name, b'x', flag)\n\
+        \x20       print('no error for', name)\n\
+        \x20   except OSError as e:\n\
+        \x20       print(name, e.errno == want)\n";
+    let out = run(Command::new("python3").args(["-c", py]).current_dir(s.path("mnt")));
+    assert_eq!(out, "user.two True\nuser.none True\n");
+    let e = refused(&s.path("mnt"), "setfattr -n system.other -v 1 d");
+    assert!(e.contains("Operation not supported"), "{e}");
+    assert!(sh(&s.path("mnt"), "getfacl -cn inherits").contains("user:1000:rwx"));
+    let view = xattr_listing(&s.path("mnt"));
+    m.sync();
+    assert_eq!(xattr_listing(&s.path("mnt")), view);
+    m.umount();
+    assert_eq!(xattr_listing(&s.path("backend")), view);
+    assert_eq!(sh(&s.path("backend"), "getfattr -n user.root --only-values ."), "r");
+}
+
+#[test]
+fn queued_xattr_ops_are_replayed_after_kill9() {
+    let s = Scratch::new();
+    // Every backend mkdir and symlink fails (EIO, retried) until the kill:
+    // the xattr ops queued behind them stay in the journal.
+    let mut m = Mount::start(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        "debounce=0ms,fault_rate=1,fault_ops=mkdir:symlink,fault_errno=EIO",
+    );
+    sh(
+        &s.path("mnt"),
+        "mkdir d
+         setfattr -n user.dir -v 1 d
+         setfacl -m u:1000:rx d
+         ln -s target l
+         setfattr -h -n trusted.link -v 2 l",
+    );
+    let before = xattr_listing(&s.path("mnt"));
+    assert!(m.status()["queued_ops"].as_u64().unwrap() >= 3, "{}", m.status());
+    m.kill9();
+    drop(m);
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "");
+    assert_eq!(m.recovery()["failed"], 0);
+    assert_eq!(xattr_listing(&s.path("mnt")), before);
+    m.sync();
+    m.umount();
+    assert_eq!(xattr_listing(&s.path("backend")), before);
+}

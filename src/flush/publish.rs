@@ -13,7 +13,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::backend::{AttrSet, Backend, Kind, RelPath};
+use crate::backend::{AttrSet, Backend, Kind, RelPath, XattrCaps};
 use crate::flush::{Action, TEMP_PREFIX};
 
 /// Makes unique temp names: `.efscache.<host>.<instance>.<n>`. Derived from an
@@ -104,8 +104,9 @@ fn check_unchanged(backend: &dyn Backend, path: &RelPath, expected: Option<u64>)
 
 /// Runs `action`. `expect_ino` (unlink and publish) is the backend inode
 /// number the target name must still have, if this mount knows it.
-/// `backend_acls`: the backend keeps POSIX ACLs (a published file then gets
-/// exactly its staged ACL, not one its backend directory would give it).
+/// `xattrs`: the extended attribute namespaces the backend keeps (a
+/// published file gets exactly its staged ones, its ACL included, not one
+/// its backend directory would give it; others are never sent).
 /// `content` opens the staged data of a publish (None: the
 /// staging file is gone, the file was removed meanwhile); `still_current`
 /// says whether the staged content is unchanged since the copy started
@@ -115,7 +116,7 @@ pub fn execute(
     temps: &TempNames,
     action: &Action,
     expect_ino: Option<u64>,
-    backend_acls: bool,
+    xattrs: XattrCaps,
     content: impl FnOnce(u64) -> io::Result<Option<File>>,
     still_current: impl FnOnce() -> bool,
 ) -> io::Result<Published> {
@@ -199,16 +200,7 @@ pub fn execute(
                     ..Default::default()
                 });
             };
-            publish_file(
-                backend,
-                temps,
-                &src,
-                paths,
-                attrs,
-                expect_ino,
-                backend_acls,
-                still_current,
-            )
+            publish_file(backend, temps, &src, paths, attrs, expect_ino, xattrs, still_current)
         }
         Action::Barrier(tx) => {
             let _ = tx.send(());
@@ -271,7 +263,7 @@ fn publish_file(
     paths: &[RelPath],
     attrs: &AttrSet,
     expect_ino: Option<u64>,
-    backend_acls: bool,
+    xattrs: XattrCaps,
     still_current: impl FnOnce() -> bool,
 ) -> io::Result<Published> {
     let first = paths
@@ -305,16 +297,19 @@ fn publish_file(
     backend.set_attrs_fd(&dst, &post)?;
     // Extended attributes (and ACLs) after the owner: chown drops
     // security.capability. Setting them leaves the times alone.
+    let keep = xattrs;
     let xattrs = crate::staging::file_xattrs(src)?;
     let acl = std::ffi::OsStr::new(crate::xattr::ACL_ACCESS);
-    if backend_acls && !xattrs.iter().any(|(n, _)| n == acl) {
+    if keep.acls && !xattrs.iter().any(|(n, _)| n == acl) {
         // The temp file may have inherited its directory's default ACL: an
         // ACL that is just the mode removes it.
         let minimal = crate::xattr::Acl::from_mode(perm).to_bytes();
         backend.set_xattr_fd(&dst, acl, &minimal)?;
     }
     for (name, value) in xattrs {
-        backend.set_xattr_fd(&dst, &name, &value)?;
+        if keep.allows(crate::xattr::classify(&name)) {
+            backend.set_xattr_fd(&dst, &name, &value)?;
+        }
     }
     backend.close_file(dst)?;
     let backend_ino = st.ino;

@@ -127,6 +127,20 @@ impl Mount {
         serde_json::from_slice(&out.stdout).expect("status json")
     }
 
+    /// What recovering the last run's journal did (null: nothing to
+    /// recover). Recovery runs in the background: this waits for it.
+    pub fn recovery(&self) -> serde_json::Value {
+        let t = Instant::now();
+        loop {
+            let r = self.status()["recovery"].clone();
+            if r["running"].as_bool() != Some(true) {
+                return r;
+            }
+            assert!(t.elapsed() < Duration::from_secs(120), "recovery did not finish: {r}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn backend_op(&self, kind: &str) -> u64 {
         self.status()["backend_ops"]["ops"][kind].as_u64().unwrap_or(0)
     }
