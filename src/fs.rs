@@ -27,6 +27,7 @@ use crate::flush::publish::{self, Published, TempNames};
 use crate::flush::{self, Action, Failure, FlushOp, Outcome, Scheduler};
 use crate::journal::{Header, Journal, PendingState};
 use crate::namespace::{Attr, ConflictOutcome, Content, Effects, Ino, Namespace, ROOT, SetAttr, XattrCache};
+use crate::recovery::gate::{Gated, RecoveryGate};
 use crate::staging::Staging;
 use crate::xattr::{self, Acl, Xattrs};
 
@@ -153,77 +154,6 @@ pub struct Fs {
     recovery_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// While a crashed instance's work is recovered in the background, the
-/// listings of the directories it changes wait (`dirs`), and so do changes
-/// to the names on the way to it (`entries`: renaming or removing one would
-/// pull a path from under a replayed op) and attribute changes of
-/// directories whose journaled attributes are still to be taken back
-/// (`attrs`). Everything else is served. Requests wait at most
-/// `request_timeout` (then `EIO`).
-pub struct RecoveryGate {
-    dirs: std::collections::HashSet<RelPath>,
-    entries: std::collections::HashSet<RelPath>,
-    attrs: std::collections::HashSet<RelPath>,
-    /// Directories holding something in `attrs` (a listing with attributes
-    /// shows them).
-    attrs_parents: std::collections::HashSet<RelPath>,
-    open: Mutex<bool>,
-    opened: parking_lot::Condvar,
-}
-
-/// What a request behind the recovery gate does to a path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Gated {
-    /// Lists the directory.
-    Listing,
-    /// Changes the name.
-    Entry,
-    /// Reads or changes the object's attributes.
-    Attrs,
-    /// Lists the directory with its entries' attributes (readdirplus).
-    ChildAttrs,
-}
-
-impl RecoveryGate {
-    pub fn new(
-        dirs: std::collections::HashSet<RelPath>,
-        entries: std::collections::HashSet<RelPath>,
-        attrs: std::collections::HashSet<RelPath>,
-    ) -> RecoveryGate {
-        let attrs_parents = attrs.iter().filter_map(|p| p.split_last().map(|(d, _)| d)).collect();
-        RecoveryGate {
-            dirs,
-            entries,
-            attrs,
-            attrs_parents,
-            open: Mutex::new(false),
-            opened: parking_lot::Condvar::new(),
-        }
-    }
-    fn is_open(&self) -> bool {
-        *self.open.lock()
-    }
-    /// Waits until the gate opens or `deadline`; true if it is open.
-    fn wait(&self, deadline: Option<Instant>) -> bool {
-        let mut open = self.open.lock();
-        while !*open {
-            match deadline {
-                Some(d) => {
-                    if self.opened.wait_until(&mut open, d).timed_out() {
-                        return *open;
-                    }
-                }
-                None => self.opened.wait(&mut open),
-            }
-        }
-        true
-    }
-    fn set_open(&self) {
-        *self.open.lock() = true;
-        self.opened.notify_all();
-    }
-}
-
 thread_local! {
     /// Set on the recovery thread: it works behind the gate.
     static RECOVERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -326,7 +256,9 @@ impl Fs {
                 tx.op(op);
             }
             if moved_dir {
-                touched.extend(tx.tracked());
+                // Objects of this overlay only: records carried over from a
+                // crashed instance stay until recovery took them back.
+                touched.extend(tx.tracked().into_iter().filter(|i| ns.get(*i).is_ok()));
             }
             touched.sort_unstable();
             touched.dedup();
@@ -399,6 +331,11 @@ impl Fs {
         let _ = self.gate.set(Arc::new(gate));
     }
 
+    /// The recovery gate, while recovery runs or after.
+    pub fn recovery_gate(&self) -> Option<&RecoveryGate> {
+        self.gate.get().map(|g| &**g)
+    }
+
     /// Keeps the background recovery thread (see `join_recovery`).
     pub fn set_recovery_handle(&self, h: std::thread::JoinHandle<()>) {
         *self.recovery_thread.lock() = Some(h);
@@ -428,7 +365,7 @@ impl Fs {
     pub fn end_recovery(&self, report: serde_json::Value) {
         *self.recovery.lock() = report;
         if let Some(g) = self.gate.get() {
-            g.set_open();
+            g.open();
         }
     }
 
@@ -439,7 +376,7 @@ impl Fs {
 
     /// Waits until recovery is done (or `deadline`); true if it is.
     pub fn wait_recovered(&self, deadline: Option<Instant>) -> bool {
-        self.gate.get().is_none_or(|g| g.wait(deadline))
+        self.gate.get().is_none_or(|g| g.wait_open(deadline))
     }
 
     /// Waits for recovery if `path` is behind the gate for `what`.
@@ -450,19 +387,13 @@ impl Fs {
         }
         // An object without a path (unlinked) is behind nothing.
         let Ok(p) = path() else { return Ok(()) };
-        let behind = match what {
-            Gated::Listing => g.dirs.contains(&p),
-            Gated::Entry => g.entries.contains(&p),
-            Gated::Attrs => g.attrs.contains(&p),
-            Gated::ChildAttrs => g.attrs_parents.contains(&p),
-        };
-        if !behind {
+        if !g.blocks(what, &p) {
             return Ok(());
         }
         if !may_block {
             return Err(FsError::WouldBlock);
         }
-        if g.wait(Some(Instant::now() + self.cfg.request_timeout)) {
+        if g.wait(what, &p, Instant::now() + self.cfg.request_timeout) {
             Ok(())
         } else {
             Err(FsError::TimedOut)
@@ -490,17 +421,31 @@ impl Fs {
         self.apply(&mut ns, Effects::default());
     }
 
-    /// Reads the backend root's attributes again (after recovery changed them).
-    pub fn refresh_root_attrs(&self) {
-        let Ok(st) = self.backend.stat(&RelPath::root()) else {
-            return;
+    /// Reads an object's attributes again after recovery changed them, if
+    /// the overlay already shows it (a listing loaded meanwhile read them
+    /// while they were in flux) and has no changes of its own to them.
+    pub fn refresh_attrs(&self, path: &RelPath) {
+        let known = {
+            let ns = self.ns.lock();
+            let mut cur = Some(ROOT);
+            for name in &path.0 {
+                cur = cur.and_then(|d| ns.lookup(d, name).ok().flatten());
+            }
+            cur
         };
+        let Some(ino) = known else { return };
+        let Ok(st) = self.backend.stat(path) else { return };
         let mut ns = self.ns.lock();
-        if !ns.dirty_dir_attrs.contains(&ROOT)
-            && let Ok(i) = ns.get_mut(ROOT)
+        let own_changes = ns.dirty_dir_attrs.contains(&ino) || ns.dirty_files.contains(&ino);
+        if !own_changes
+            && let Ok(i) = ns.get_mut(ino)
+            && i.kind == st.kind
+            && i.content == Content::Remote
+            && i.backend_ino == Some(st.ino)
         {
             i.attr = Attr::from_stat(&st);
-            i.backend_attr = i.attr.to_set(Kind::Dir);
+            i.backend_attr = i.attr.to_set(st.kind);
+            i.fetched = Some(Instant::now());
         }
     }
 
@@ -1961,11 +1906,14 @@ impl Fs {
         }
         if !ns.dirty_dir_attrs.is_empty() {
             let busy = ns.dirs_with_unqueued_files();
+            // The root's taken-back attributes wait for the replay of the
+            // dead instance's ops on it (another scheduler) to end.
+            let recovering = self.gate.get().is_some_and(|g| !g.is_open());
             let ready: Vec<Ino> = ns
                 .dirty_dir_attrs
                 .iter()
                 .copied()
-                .filter(|d| !busy.contains(d) && !self.sched.dir_busy(*d))
+                .filter(|d| !(busy.contains(d) || self.sched.dir_busy(*d) || recovering && *d == ROOT))
                 .collect();
             for d in ready {
                 match ns.queue_dir_attrs(d) {

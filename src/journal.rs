@@ -88,6 +88,12 @@ impl PendingState {
             PendingState::File { ino, .. } | PendingState::Dir { ino, .. } => *ino,
         }
     }
+    /// Keys the record under another inode number.
+    pub fn set_ino(&mut self, to: Ino) {
+        match self {
+            PendingState::File { ino, .. } | PendingState::Dir { ino, .. } => *ino = to,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -25,12 +25,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
 use crate::backend::{AttrSet, Backend, RelPath};
 use crate::flush::publish::{self, TempNames};
 use crate::flush::{self, Action, Failure, FlushOp, Outcome, RetryPolicy, Scheduler};
-use crate::fs::{Fs, FsConfig, RecoveryGate};
+use crate::fs::{Fs, FsConfig};
+
+pub mod gate;
 use crate::journal::{self, Header, Journal, PendingState};
+use crate::namespace::Ino;
 use crate::staging::Staging;
+use gate::RecoveryGate;
 
 /// How replay runs.
 #[derive(Clone, Debug)]
@@ -113,6 +119,10 @@ fn read_pending(cache: &Path, current: &Header) -> Result<Option<Pending>, Strin
     }))
 }
 
+/// A directory's identity (dev, ino) when its times were read, and the
+/// times to put back.
+type DirTimes = ((u64, u64), AttrSet);
+
 /// Every backend path an op names.
 fn op_paths(action: &Action) -> Vec<&RelPath> {
     match action {
@@ -138,40 +148,66 @@ fn op_paths(action: &Action) -> Vec<&RelPath> {
 /// listing: an entry created there would give them a newer mtime the old
 /// one must not undo), the root's when recovered ops change it.
 fn gate_for(ops: &[FlushOp], states: &[PendingState]) -> RecoveryGate {
-    let mut paths: Vec<&RelPath> = ops.iter().flat_map(|op| op_paths(&op.action)).collect();
-    let mut dirs = HashSet::new();
+    let mut dirs: std::collections::HashMap<RelPath, usize> = std::collections::HashMap::new();
+    let mut objs: std::collections::HashMap<RelPath, usize> = std::collections::HashMap::new();
     let mut attrs = HashSet::new();
     let mut entries = HashSet::new();
-    // The root's attributes (or xattrs) change: it has no listing to wait on.
-    if paths.iter().any(|p| p.0.is_empty()) {
-        attrs.insert(RelPath::root());
-    }
-    for s in states {
-        match s {
-            PendingState::File { paths: p, .. } => paths.extend(p),
-            PendingState::Dir { path, .. } => {
-                dirs.insert(path.clone());
-                attrs.insert(path.clone());
-                // Only the names on the way to it: its parent's listing
-                // does not change.
-                for k in 1..=path.0.len() {
-                    entries.insert(RelPath(path.0[..k].to_vec()));
-                }
-            }
-        }
-    }
-    for p in paths {
-        if let Some((parent, _)) = p.split_last() {
-            dirs.insert(parent);
-        }
+    let mut on_path = |p: &RelPath| {
         for k in 1..=p.0.len() {
             entries.insert(RelPath(p.0[..k].to_vec()));
         }
+    };
+    for op in ops {
+        let paths = op_paths(&op.action);
+        for p in &paths {
+            on_path(p);
+        }
+        if let Some(obj) = attr_op_path(&op.action) {
+            *objs.entry(obj.clone()).or_default() += 1;
+        }
+        for d in op_dirs(&op.action) {
+            *dirs.entry(d).or_default() += 1;
+        }
     }
-    // A directory whose entries change has its times changed (and put
-    // back) on the backend meanwhile.
-    attrs.extend(dirs.iter().cloned());
-    RecoveryGate::new(dirs, entries, attrs)
+    // Taken-back state holds its directories until recovery ends (one op
+    // that is never done).
+    for s in states {
+        match s {
+            PendingState::File { paths, .. } => {
+                for p in paths {
+                    on_path(p);
+                    if let Some((d, _)) = p.split_last() {
+                        *dirs.entry(d).or_default() += 1;
+                    }
+                }
+            }
+            PendingState::Dir { path, .. } => {
+                on_path(path);
+                *dirs.entry(path.clone()).or_default() += 1;
+                attrs.insert(path.clone());
+            }
+        }
+    }
+    RecoveryGate::new(dirs, objs, entries, attrs)
+}
+
+/// The object whose attributes an op changes (without changing entries).
+fn attr_op_path(action: &Action) -> Option<&RelPath> {
+    match action {
+        Action::SetAttr { path, .. } | Action::SetXattr { path, .. } => Some(path),
+        _ => None,
+    }
+}
+
+/// The directories whose entries an op changes (the parents of its paths).
+fn op_dirs(action: &Action) -> HashSet<RelPath> {
+    if attr_op_path(action).is_some() {
+        return HashSet::new();
+    }
+    op_paths(action)
+        .into_iter()
+        .filter_map(|p| p.split_last().map(|(d, _)| d))
+        .collect()
 }
 
 /// The highest overlay inode number the dead instance used (new objects of
@@ -206,7 +242,46 @@ fn replay(
     // Replayed ops (and the orphan cleanup) change directories' times on the
     // backend; the running daemon would re-apply the overlay's times after
     // them, so replay does too.
-    let dir_times = dir_times_to_restore(&ops, states, backend);
+    let dir_times: Mutex<std::collections::HashMap<RelPath, DirTimes>> = Mutex::new(
+        dir_times_to_restore(&ops, states, backend)
+            .into_iter()
+            .map(|(d, id, a)| (d, (id, a)))
+            .collect(),
+    );
+    // Puts a directory's times back (once; if it is still the one they were
+    // read from).
+    let restore_times = |dir: &RelPath| {
+        let Some(((dev, ino), attrs)) = dir_times.lock().remove(dir) else {
+            return;
+        };
+        match backend.stat(dir) {
+            Ok(st) if (st.dev, st.ino) == (dev, ino) => {
+                if let Err(e) = backend.set_attrs(dir, &attrs, false) {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot restore a directory's times after the replay");
+                }
+            }
+            _ => {} // moved or removed by the replay: its times are not ours to set
+        }
+    };
+    // The last replayed op in a directory is done: its times go back and
+    // its listing is served.
+    let gate = fs.recovery_gate();
+    let op_finished = |action: &Action| {
+        let Some(gate) = gate else { return };
+        if let Some(obj) = attr_op_path(action)
+            && gate.obj_done(obj)
+        {
+            fs.refresh_attrs(obj);
+            gate.release(obj);
+        }
+        for d in op_dirs(action) {
+            if gate.op_done(&d) {
+                restore_times(&d);
+                fs.refresh_attrs(&d);
+                gate.release(&d);
+            }
+        }
+    };
     // Temp files of publishes the dead instance had in flight, removed before
     // the replay moves anything: a publish in flight held its directory's
     // key, so nothing had moved the directory since, but a replayed rename
@@ -235,7 +310,17 @@ fn replay(
     let xattrs = fs.capabilities().xattrs;
     std::thread::scope(|scope| {
         for _ in 0..cfg.workers.max(1) {
-            scope.spawn(|| replay_worker(&sched, journal, backend, fs.staging(), fs.temp_names(), xattrs));
+            scope.spawn(|| {
+                replay_worker(
+                    &sched,
+                    journal,
+                    backend,
+                    fs.staging(),
+                    fs.temp_names(),
+                    xattrs,
+                    &op_finished,
+                )
+            });
         }
         while !sched.wait_idle(Some(Instant::now() + Duration::from_secs(5))) {
             let left = sched.queued().min(total);
@@ -250,15 +335,10 @@ fn replay(
         sched.shutdown();
     });
     let failures = sched.failures();
-    for (dir, (dev, ino), attrs) in dir_times {
-        match backend.stat(&dir) {
-            Ok(st) if (st.dev, st.ino) == (dev, ino) => {
-                if let Err(e) = backend.set_attrs(&dir, &attrs, false) {
-                    tracing::warn!(path = %dir.display(), error = %e, "cannot restore a directory's times after the replay");
-                }
-            }
-            _ => {} // moved or removed by the replay: its times are not ours to set
-        }
+    // Directories still held (they have state to take back).
+    let left: Vec<RelPath> = dir_times.lock().keys().cloned().collect();
+    for dir in left {
+        restore_times(&dir);
     }
     tracing::warn!(
         ops = total,
@@ -370,25 +450,36 @@ pub fn start_fs(
         }
         return Ok(fs);
     };
-    fs.reserve_inos(max_ino(&ops, &states));
+    // The carried states are journaled under inode numbers no object of
+    // this mount ever has (a backend-derived number could be a live object
+    // reached through a hard link, whose changes would replace the record),
+    // and new objects get numbers above them.
+    let base = max_ino(&ops, &states).max(1 << 63);
+    let mut states = states;
+    for (k, s) in states.iter_mut().enumerate() {
+        s.set_ino(base + 1 + k as u64);
+    }
+    fs.reserve_inos(base + states.len() as u64 + 1);
     // From the first reply on, a crash leaves the recovered work in the new
     // journal (the ops renumbered), with whatever this mount adds after it.
     fs.start_journal(cache, header, states.clone(), &mut ops)
         .map_err(journal_err)?;
     // The root's own pending attributes need no listing: taken back at once
-    // (it is never behind the gate).
+    // (its attribute op waits for the end of recovery, see `Fs::tick`; its
+    // listing and attributes wait where recovered ops change them).
+    let all_states = states.clone();
     let (root_state, states): (Vec<_>, Vec<_>) = states
         .into_iter()
         .partition(|s| matches!(s, PendingState::Dir { path, .. } if path.0.is_empty()));
     fs.begin_recovery(gate_for(&ops, &states));
-    let early = root_state.len();
+    let early: Vec<_> = root_state.iter().map(|s| s.ino()).collect();
     for (st, why) in fs.adopt(root_state) {
         tracing::error!(state = ?st, reason = %why, "pending change could not be taken back after the crash");
     }
     let (bg, cache, cfg) = (fs.clone(), cache.to_path_buf(), replay_cfg.clone());
     let h = std::thread::Builder::new()
         .name("efscache-recovery".into())
-        .spawn(move || recover(&bg, &cache, &old, ops, states, early, &cfg, max_staged))
+        .spawn(move || recover(&bg, &cache, &old, ops, all_states, states, early, &cfg, max_staged))
         .map_err(|e| format!("cannot start recovery: {e}"))?;
     fs.set_recovery_handle(h);
     Ok(fs)
@@ -404,20 +495,34 @@ fn recover(
     cache: &Path,
     old: &Header,
     ops: Vec<FlushOp>,
+    all_states: Vec<PendingState>,
     states: Vec<PendingState>,
-    adopted_early: usize,
+    adopted_early: Vec<Ino>,
     cfg: &ReplayConfig,
     max_staged: u64,
 ) {
     let started = Instant::now();
     let _recovering = fs.recovery_thread();
-    let (total, failures, orphans_removed) = replay(fs, old, ops, &states, cfg);
+    // Whatever happens here, the gate opens in the end (a panic included).
+    struct Opens<'a>(&'a Fs, bool);
+    impl Drop for Opens<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                tracing::error!("recovery stopped before it was done; the rest is left for the next mount");
+                self.0.end_recovery(
+                    serde_json::json!({"running": false, "failed": 1, "error": "recovery stopped early"}),
+                );
+            }
+        }
+    }
+    let mut opens = Opens(fs, false);
+    let (total, failures, orphans_removed) = replay(fs, old, ops, &all_states, cfg);
     for f in &failures {
         tracing::error!(op = %f.op, path = %f.path, error = %f.error, "a journaled change could not be applied; its data (if any) is kept in lost+found");
     }
-    fs.refresh_root_attrs();
-    let old_inos: Vec<_> = states.iter().map(|s| s.ino()).collect();
-    let adopted = states.len() + adopted_early;
+    let mut old_inos: Vec<_> = states.iter().map(|s| s.ino()).collect();
+    let adopted = states.len() + adopted_early.len();
+    old_inos.extend(adopted_early);
     let not_adopted = fs.adopt(states);
     for (st, why) in &not_adopted {
         tracing::error!(state = ?st, reason = %why, "pending change could not be taken back after the crash; its data (if any) is kept in lost+found");
@@ -436,6 +541,7 @@ fn recover(
     }
     let seconds = started.elapsed().as_secs_f64();
     tracing::warn!(ops = total, states = adopted, seconds, "recovery done");
+    opens.1 = true;
     fs.end_recovery(serde_json::json!({
         "running": false,
         "ops": total,
@@ -496,6 +602,7 @@ fn replay_worker(
     staging: &Staging,
     temps: &TempNames,
     xattrs: crate::backend::XattrCaps,
+    finished: &(dyn Fn(&Action) + Sync),
 ) {
     while let Some(lent) = sched.next() {
         let result = publish::execute(
@@ -517,7 +624,8 @@ fn replay_worker(
         {
             journal.done(seq);
         }
-        if sched.finish(lent, outcome).is_some() {
+        if let Some(op) = sched.finish(lent, outcome) {
+            finished(&op.action);
             sched.settled();
         }
     }
