@@ -69,7 +69,6 @@ running=$("$E" status --json "$W/m" | python3 -c 'import json,sys; print(json.lo
 n=$(ls -f "$W/m/d050" | wc -l)
 s=$(stat -c %s "$W/m/d050/f00000")
 t3=$(date +%s.%N)
-"$E" status --until-drained "$W/m" >/dev/null 2>&1 || true
 while [ "$("$E" status --json "$W/m" | python3 -c 'import json,sys; print(json.load(sys.stdin)["recovery"].get("running"))')" = True ]; do sleep 0.05; done
 t4=$(date +%s.%N)
 echo "mode $MODE, $FILES files:"

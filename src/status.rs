@@ -118,7 +118,7 @@ pub fn render(v: &serde_json::Value) -> String {
         ));
     } else if r.is_object() {
         out.push_str(&format!(
-            "recovered     {} journaled ops replayed, {} files/dirs taken back, {} temp files removed, {} not recoverable (at mount)\n",
+            "recovered     {} journaled ops replayed, {} files/dirs taken back, {} temp files removed, {} not recoverable (in the background after the mount)\n",
             r["ops"].as_u64().unwrap_or(0),
             r["states"].as_u64().unwrap_or(0),
             r["orphans_removed"].as_u64().unwrap_or(0),
