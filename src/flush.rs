@@ -130,8 +130,9 @@ impl Action {
             Action::Barrier(_) => "barrier",
         }
     }
-    /// The path an operator should look at when this op fails.
-    pub fn path(&self) -> Option<&RelPath> {
+    /// Every backend path the op names (a rename's and a link's source
+    /// first).
+    pub fn paths(&self) -> Vec<&RelPath> {
         match self {
             Action::Mkdir { path, .. }
             | Action::Rmdir { path }
@@ -139,11 +140,19 @@ impl Action {
             | Action::Symlink { path, .. }
             | Action::Mknod { path, .. }
             | Action::SetAttr { path, .. }
-            | Action::SetXattr { path, .. } => Some(path),
-            Action::Rename { to, .. } => Some(to),
-            Action::Link { new, .. } => Some(new),
+            | Action::SetXattr { path, .. } => vec![path],
+            Action::Rename { from, to, .. } => vec![from, to],
+            Action::Link { existing, new } => vec![existing, new],
+            Action::Publish { paths, .. } => paths.iter().collect(),
+            Action::Barrier(_) => Vec::new(),
+        }
+    }
+    /// The path an operator should look at when this op fails (a rename's
+    /// or link's new name, a publish's first).
+    pub fn path(&self) -> Option<&RelPath> {
+        match self {
             Action::Publish { paths, .. } => paths.first(),
-            Action::Barrier(_) => None,
+            _ => self.paths().last().copied(),
         }
     }
 }

@@ -610,9 +610,17 @@ impl Fs {
         }
         self.wait_path_stable(dir)?;
         let path = self.ns.lock().path_of(dir)?;
-        let listing = crate::meta::load_dir(&*self.backend, &path, self.cfg.meta_parallel).map_err(io_err)?;
+        let (listing, mut ns) = loop {
+            // Recovery may settle an entry's attributes while we list (it
+            // puts directory times back, replays attribute ops): list again.
+            let epoch = self.gate.get().filter(|g| !g.is_open()).map(|g| g.epoch());
+            let listing = crate::meta::load_dir(&*self.backend, &path, self.cfg.meta_parallel).map_err(io_err)?;
+            let ns = self.ns.lock();
+            if epoch.is_none_or(|e| self.gate.get().is_some_and(|g| g.epoch() == e)) {
+                break (listing, ns);
+            }
+        };
         let big = listing.len() >= 4096;
-        let mut ns = self.ns.lock();
         if ns.dir(dir)?.loaded.is_some() && self.sched.dir_busy(dir) {
             return Ok(()); // changed while we listed: keep the overlay
         }

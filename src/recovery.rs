@@ -123,23 +123,6 @@ fn read_pending(cache: &Path, current: &Header) -> Result<Option<Pending>, Strin
 /// times to put back.
 type DirTimes = ((u64, u64), AttrSet);
 
-/// Every backend path an op names.
-fn op_paths(action: &Action) -> Vec<&RelPath> {
-    match action {
-        Action::Mkdir { path, .. }
-        | Action::Rmdir { path }
-        | Action::Unlink { path }
-        | Action::Symlink { path, .. }
-        | Action::Mknod { path, .. }
-        | Action::SetAttr { path, .. }
-        | Action::SetXattr { path, .. } => vec![path],
-        Action::Rename { from, to, .. } => vec![from, to],
-        Action::Link { existing, new } => vec![existing, new],
-        Action::Publish { paths, .. } => paths.iter().collect(),
-        Action::Barrier(_) => Vec::new(),
-    }
-}
-
 /// What the overlay must not show or change until recovery is done: the
 /// listings of directories whose entries the recovered work changes, every
 /// name on the way to a recovered path (renaming or removing one would pull
@@ -158,7 +141,7 @@ fn gate_for(ops: &[FlushOp], states: &[PendingState]) -> RecoveryGate {
         }
     };
     for op in ops {
-        let paths = op_paths(&op.action);
+        let paths = op.action.paths();
         for p in &paths {
             on_path(p);
         }
@@ -204,7 +187,8 @@ fn op_dirs(action: &Action) -> HashSet<RelPath> {
     if attr_op_path(action).is_some() {
         return HashSet::new();
     }
-    op_paths(action)
+    action
+        .paths()
         .into_iter()
         .filter_map(|p| p.split_last().map(|(d, _)| d))
         .collect()
@@ -335,10 +319,12 @@ fn replay(
         sched.shutdown();
     });
     let failures = sched.failures();
-    // Directories still held (they have state to take back).
+    // Directories still held (they have state to take back); a listing of
+    // their parent may have shown their times while in flux.
     let left: Vec<RelPath> = dir_times.lock().keys().cloned().collect();
     for dir in left {
         restore_times(&dir);
+        fs.refresh_attrs(&dir);
     }
     tracing::warn!(
         ops = total,

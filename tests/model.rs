@@ -3588,3 +3588,49 @@ fn regression_write_clearing_setuid_survives_a_crash() {
         m.recovery()
     );
 }
+
+/// Open bug: a publish in flight at the kill has created its temp file in
+/// the directory, which changed the directory's mtime on the backend; the
+/// replay puts back the times the directory has when recovery starts (those
+/// of the temp file's creation), not the overlay's (here set by utimes and
+/// already applied), because the journal holds no pending state for a
+/// directory whose times were already on the backend.
+#[test]
+#[ignore = "open bug: a crash mid-publish leaves the directory with its temp file's mtime"]
+fn regression_crash_mid_publish_keeps_directory_times() {
+    let d = p(&["d"]);
+    let ops = vec![
+        Op::Create {
+            path: d.clone(),
+            excl: false,
+            trunc: false,
+            data: vec![],
+            keep: None,
+            perm: 0o644,
+            owner: 0,
+        },
+        Op::Utimes { path: p(&[]), t: 0 },
+        Op::Remount,
+        Op::Rewrite {
+            path: d.clone(),
+            trunc: false,
+            offset: 0,
+            data: vec![0],
+        },
+        Op::Crash(Crash {
+            queue: true,
+            run_us: None,
+            lose_done: false,
+            temps: true,
+        }),
+    ];
+    let cfg = Cfg {
+        debounce_zero: false,
+        exclusive: false,
+        workers: 1,
+        plus: false,
+        eager_forget: false,
+        free_running: false,
+    };
+    run_case(cfg, &ops);
+}

@@ -18,6 +18,7 @@
 //! Pure bookkeeping plus a condition variable: no I/O.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
@@ -49,6 +50,10 @@ struct State {
 
 #[derive(Debug)]
 pub struct RecoveryGate {
+    /// Bumped whenever recovery settles something (a directory's last op,
+    /// an object's last attribute op, a release): a listing read across a
+    /// bump may hold attributes from before it.
+    epoch: AtomicU64,
     state: Mutex<State>,
     changed: Condvar,
     entries: HashSet<RelPath>,
@@ -79,6 +84,7 @@ impl RecoveryGate {
             }
         }
         RecoveryGate {
+            epoch: AtomicU64::new(0),
             state: Mutex::new(State {
                 open: false,
                 dirs,
@@ -93,6 +99,10 @@ impl RecoveryGate {
 
     pub fn is_open(&self) -> bool {
         self.state.lock().open
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
     }
 
     fn behind(&self, st: &State, what: Gated, p: &RelPath) -> bool {
@@ -143,26 +153,34 @@ impl RecoveryGate {
     /// the last one (then put the directory's times back and `release` it).
     pub fn op_done(&self, dir: &RelPath) -> bool {
         let mut st = self.state.lock();
-        match st.dirs.get_mut(dir) {
+        let last = match st.dirs.get_mut(dir) {
             Some(n) if *n > 0 => {
                 *n -= 1;
                 *n == 0
             }
             _ => false,
+        };
+        if last {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
         }
+        last
     }
 
     /// A replayed op changing the attributes of `obj` is done; true when it
     /// was the last one (then `release` it).
     pub fn obj_done(&self, obj: &RelPath) -> bool {
         let mut st = self.state.lock();
-        match st.objs.get_mut(obj) {
+        let last = match st.objs.get_mut(obj) {
             Some(n) if *n > 0 => {
                 *n -= 1;
                 *n == 0
             }
             _ => false,
+        };
+        if last {
+            self.epoch.fetch_add(1, Ordering::SeqCst);
         }
+        last
     }
 
     /// `path` is final as far as replayed ops go (its listing if it was
@@ -181,6 +199,7 @@ impl RecoveryGate {
         if !changed {
             return;
         }
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         let still_held = st.dirs.contains_key(path) || st.objs.contains_key(path) || self.attrs.contains(path);
         if !still_held
             && let Some(d) = parent(path)
