@@ -298,7 +298,12 @@ fn publish_file(
     // Extended attributes (and ACLs) after the owner: chown drops
     // security.capability. Setting them leaves the times alone.
     let keep = xattrs;
-    let xattrs = crate::staging::file_xattrs(src)?;
+    // (No local listxattr per publish where the backend keeps none: EFS.)
+    let xattrs = if keep.any() {
+        crate::staging::file_xattrs(src)?
+    } else {
+        Vec::new()
+    };
     let acl = std::ffi::OsStr::new(crate::xattr::ACL_ACCESS);
     if keep.acls && !xattrs.iter().any(|(n, _)| n == acl) {
         // The temp file may have inherited its directory's default ACL: an

@@ -18,7 +18,7 @@
 //! Pure bookkeeping plus a condition variable: no I/O.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use parking_lot::{Condvar, Mutex};
@@ -54,6 +54,8 @@ pub struct RecoveryGate {
     /// an object's last attribute op, a release): a listing read across a
     /// bump may hold attributes from before it.
     epoch: AtomicU64,
+    /// Set once recovery is done (read without the lock on every request).
+    opened: AtomicBool,
     state: Mutex<State>,
     changed: Condvar,
     entries: HashSet<RelPath>,
@@ -85,6 +87,7 @@ impl RecoveryGate {
         }
         RecoveryGate {
             epoch: AtomicU64::new(0),
+            opened: AtomicBool::new(false),
             state: Mutex::new(State {
                 open: false,
                 dirs,
@@ -98,7 +101,7 @@ impl RecoveryGate {
     }
 
     pub fn is_open(&self) -> bool {
-        self.state.lock().open
+        self.opened.load(Ordering::Acquire)
     }
 
     pub fn epoch(&self) -> u64 {
@@ -152,25 +155,18 @@ impl RecoveryGate {
     /// A replayed op changing the entries of `dir` is done; true when it was
     /// the last one (then put the directory's times back and `release` it).
     pub fn op_done(&self, dir: &RelPath) -> bool {
-        let mut st = self.state.lock();
-        let last = match st.dirs.get_mut(dir) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                *n == 0
-            }
-            _ => false,
-        };
-        if last {
-            self.epoch.fetch_add(1, Ordering::SeqCst);
-        }
-        last
+        self.count_down(|st| &mut st.dirs, dir)
     }
 
     /// A replayed op changing the attributes of `obj` is done; true when it
     /// was the last one (then `release` it).
     pub fn obj_done(&self, obj: &RelPath) -> bool {
+        self.count_down(|st| &mut st.objs, obj)
+    }
+
+    fn count_down(&self, map: impl FnOnce(&mut State) -> &mut HashMap<RelPath, usize>, p: &RelPath) -> bool {
         let mut st = self.state.lock();
-        let last = match st.objs.get_mut(obj) {
+        let last = match map(&mut st).get_mut(p) {
             Some(n) if *n > 0 => {
                 *n -= 1;
                 *n == 0
@@ -213,6 +209,7 @@ impl RecoveryGate {
     /// Recovery is done: everything is served.
     pub fn open(&self) {
         self.state.lock().open = true;
+        self.opened.store(true, Ordering::Release);
         self.changed.notify_all();
     }
 }
