@@ -600,6 +600,12 @@ fn replay_worker(
             |id| staged_for_replay(staging, &lent.action, id),
             || true,
         );
+        // The staged copy of a file now on the backend is no longer needed
+        // (no pending state refers to it: such publishes are not replayed).
+        let published = match (&lent.action, &result) {
+            (Action::Publish { staging: id, .. }, Ok(p)) if !p.superseded => Some(*id),
+            _ => None,
+        };
         let outcome = match already_applied(&lent.action, result) {
             Ok(_) => Outcome::Done,
             Err(e) if flush::is_transient(&e) => Outcome::Retry(e),
@@ -609,6 +615,10 @@ fn replay_worker(
             && let Some(seq) = lent.journal_seq
         {
             journal.done(seq);
+            // Only once the done mark no longer refers to it.
+            if let Some(id) = published {
+                staging.remove(id);
+            }
         }
         if let Some(op) = sched.finish(lent, outcome) {
             finished(&op.action);

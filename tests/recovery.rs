@@ -86,6 +86,13 @@ fn a_mount_serves_while_it_recovers_and_what_recovery_touches_waits() {
     let rec = m.recovery();
     assert_eq!(rec["failed"], 0, "{rec}");
     assert!(rec["ops"].as_u64().unwrap() > FILES as u64, "{rec}");
+    // The staged copies of what the replay published are gone, not kept aside.
+    let kept = if cache.join("lost+found").exists() {
+        common::walk(&cache.join("lost+found"))
+    } else {
+        Vec::new()
+    };
+    assert!(kept.is_empty(), "replayed files kept in lost+found: {kept:?}");
     m.sync();
     m.umount();
     check_published(&backend.join("deep2/work"));
