@@ -1710,6 +1710,15 @@ impl Fs {
 
     pub fn getxattr(&self, ino: Ino, name: &OsStr, may_block: bool) -> FsResult<Vec<u8>> {
         self.check_xattr_name(name)?;
+        self.pass_gate(|| self.ns.lock().path_of(ino), Gated::Attrs, may_block)?;
+        {
+            // The kernel asks for `security.capability` before every write
+            // to a file (staged, then): one local getxattr, not a listing.
+            let ns = self.ns.lock();
+            if let Some(id) = ns.get(ino)?.staged_id() {
+                return self.staging.xattr(id, name).map_err(io_err)?.ok_or(FsError::NoAttr);
+            }
+        }
         self.read_xattrs(ino, may_block, |m| m.get(name).cloned())?
             .ok_or(FsError::NoAttr)
     }
