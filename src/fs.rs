@@ -1773,17 +1773,22 @@ impl Fs {
             let mut ns = self.ns.lock();
             let i = ns.get(ino)?;
             if let Some(id) = i.staged_id() {
+                let unpublished = i.is_dirty();
                 let had = self.staging.xattr(id, name).map_err(io_err)?.is_some();
                 exists_before(had)?;
                 if store.is_some() || had {
                     self.staging.set_xattr(id, name, store.as_deref()).map_err(io_err)?;
-                }
-                // Published with the content: the file has unpublished changes.
-                ns.mark_dirty(ino)?;
-                let i = ns.get_mut(ino)?;
-                i.attr.ctime = Timespec::now();
-                if i.writers == 0 {
-                    ns.file_quiet(ino, Instant::now());
+                    if unpublished {
+                        // Published with the content, from the staging file.
+                        ns.get_mut(ino)?.attr.ctime = Timespec::now();
+                        ns.touched.push(ino);
+                    } else {
+                        // Its publish is queued, running or done: the backend
+                        // file gets the change by an op of its own after it
+                        // (changing the content instead would make a running
+                        // publish start over under ops that expect it done).
+                        ns.set_xattr(ino, name, store.clone(), &mut fx)?;
+                    }
                 }
             } else if let Some(c) = i.xattrs.as_ref().filter(|c| just_loaded || self.fresh(Some(c.loaded))) {
                 let had = c.map.contains_key(name);
