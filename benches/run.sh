@@ -47,7 +47,7 @@ fail() { echo "FAIL: $*" >&2; FAILS=$((FAILS + 1)); }
 log() { echo "# $*" >&2; }
 
 # ---------------------------------------------------------------- cleanup
-W="" SIM_PID="" SIM_MP="" EC_MPS=()
+W="" SIM_PID="" SIM_MP="" EC_MPS=() FLOOR_PID=""
 is_mounted() { awk -v m="$1" '$5==m{f=1} END{exit !f}' /proc/self/mountinfo; }
 ec_umount() {
   local mp=$1
@@ -70,6 +70,8 @@ cleanup() {
   if [ -n "$SIM_MP" ] && awk -v m="$SIM_MP" '$5==m{f=1} END{exit !f}' /proc/self/mountinfo; then
     umount -l "$SIM_MP" 2>/dev/null
   fi
+  if [ -n "$FLOOR_PID" ] && kill -0 "$FLOOR_PID" 2>/dev/null; then kill -TERM "$FLOOR_PID" 2>/dev/null; sleep 0.5; fi
+  if [ -n "$W" ] && is_mounted "$W/floor-mnt"; then umount -l "$W/floor-mnt" 2>/dev/null; fi
   if [ -n "$W" ] && [ "$KEEP" = 0 ]; then rm -rf "$W"; fi
   [ -n "$W" ] && [ "$KEEP" = 1 ] && log "kept $W"
   exit "$rc"
@@ -226,6 +228,30 @@ calib_creates() { # parallel creates: 32 workers x 8 files, one dir vs 32 dirs
   echo "$one $many"
 }
 
+# The FUSE floor: the same rsync through a FUSE passthrough that adds no delay
+# (efs-sim --profile local over a local directory). Every FUSE filesystem pays
+# this on this machine; efscache's "rsync returns" time is judged against it.
+floor_rsync() { # floor_rsync VAR REP
+  local mp=$W/floor-mnt pid="" secs
+  FLOOR_PID=""
+  mkdir -p "$mp" "$W/floor-back/r$2"
+  "$EFSSIM" --profile local --daemon "$W/floor-back/r$2" "$mp" > "$W/floor.out" 2> "$W/floor.err" &
+  for _ in $(seq 200); do
+    pid=$(head -1 "$W/floor.out" 2>/dev/null | tr -dc 0-9)
+    FLOOR_PID=$pid
+    [ -n "$pid" ] && break
+    sleep 0.05
+  done
+  if [ -z "$pid" ] || ! is_mounted "$mp"; then
+    fail "efs-sim --profile local did not mount: $(cat "$W/floor.err")"; printf -v "$1" '%s' "nan"; return
+  fi
+  run_timed secs rsync -a "$W/src/" "$mp/r$2/"
+  printf -v "$1" "%s" "$secs"
+  kill -TERM "$pid" 2>/dev/null
+  for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+  is_mounted "$mp" && umount -l "$mp"
+}
+
 # ---------------------------------------------------------------- workloads
 RSYNC_TUNED=(--numeric-ids --omit-dir-times --whole-file "--temp-dir=$W/tmpdir")
 for r in $(seq 1 "$REPS"); do
@@ -234,6 +260,7 @@ for r in $(seq 1 "$REPS"); do
   run_timed t rsync -a "$W/src/" "$W/local/r$r/"; record w1_a_ret "$t"; record w1_a_dur "$t"
   run_timed t rsync -a "$W/src/" "$W/local/r$r/"; record w3_a "$t"
   rm -rf "$W/local/r$r"
+  floor_rsync t "$r"; record w1_f "$t"
 
   # (b) efs-sim direct, plain rsync -a
   sim_restart
@@ -344,6 +371,8 @@ row() { printf '%-44s %10s %12s %10s %10s\n' "$@"; }
 echo "== workload 1: rsync -a of $FILES small files (median of $REPS; seconds)"
 row "target" "returns" "durable" "x(c)dur" "x(c)ret"
 row "(a) local disk" "$A_RET" "$A_RET" "$(div "$A_RET" "$C_DUR")" "$(div "$A_RET" "$C_RET")"
+F_RET=$(med w1_f)
+row "(f) FUSE floor: no-delay FUSE passthrough" "$F_RET" "$F_RET" "$(div "$F_RET" "$C_DUR")" "$(div "$F_RET" "$C_RET")"
 row "(b) efs-sim direct, rsync -a" "$B_RET" "$B_RET" "$(div "$B_RET" "$C_DUR")" "$(div "$B_RET" "$C_RET")"
 row "(2) efs-sim direct, tuned rsync (non-atomic)" "$T_RET" "$T_RET" "$(div "$T_RET" "$C_DUR")" "$(div "$T_RET" "$C_RET")"
 row "(c) efscache over efs-sim" "$C_RET" "$C_DUR" "1.00" "1.00"
@@ -351,7 +380,7 @@ if [ -z "$FPSYNC_NOTE" ]; then F=$(med w1_fp); row "(d) fpsync -n 8" "$F" "$F" "
 else row "(d) fpsync -n 8" "$FPSYNC_NOTE" "" "" ""; fi
 row "(d) rclone mount --vfs-cache-mode writes" "$RCLONE_NOTE" "" "" ""
 echo "x(c)dur = row time / (c) time to durable; x(c)ret = row time / (c) time until rsync returns"
-echo "(c)/(a) rsync returns: $(div "$C_RET" "$A_RET")x   (c)/(a) durable vs local: $(div "$C_DUR" "$A_RET")x"
+echo "(c)/(a) rsync returns: $(div "$C_RET" "$A_RET")x   (c)/(a) durable vs local: $(div "$C_DUR" "$A_RET")x   (c)/(f) rsync returns vs the FUSE floor: $(div "$C_RET" "$F_RET")x"
 echo
 A3=$(med w3_a) B3=$(med w3_b) C3=$(med w3_c) C3D=$(med w3_c_dur)
 echo "== workload 3: no-change re-sync, rsync -a quick check (median of $REPS; seconds)"

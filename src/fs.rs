@@ -2097,8 +2097,10 @@ impl Fs {
                 }
                 self.apply(&mut ns, Effects::default());
             }
+            // Nothing has it open (`publish_done` checks), the publish
+            // above closed its copy: the emptied file can be reused.
             if let Some(id) = discard {
-                self.staging.remove(id);
+                self.staging.recycle(id);
             }
             self.sched.settled();
         }

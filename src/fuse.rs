@@ -194,6 +194,27 @@ fn file_type(k: Kind) -> FileType {
     }
 }
 
+/// The entry that tells the kernel a name does not exist (node id 0).
+fn no_entry() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
 fn file_attr(a: &AttrOut) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
@@ -359,7 +380,22 @@ impl fuser::Filesystem for EfsFuse {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
-        self.entry(reply, move |fs, b| fs.lookup(parent.0, &name, b));
+        let ttl = self.fs.kernel_ttl();
+        self.run_undoable(
+            reply,
+            move |fs, b| fs.lookup(parent.0, &name, b),
+            move |reply, r| match r {
+                Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
+                // A missing name is cached by the kernel for as long as a
+                // present one (node id 0 means "none"): rsync looks up each
+                // file's final name three times before it exists (its
+                // generator, its receiver, the rename), and names created
+                // through this mount update the kernel's cache themselves.
+                Err(e) if e.errno() == libc::ENOENT && !ttl.is_zero() => reply.entry(&ttl, &no_entry(), Generation(0)),
+                Err(e) => reply.error(errno(&e)),
+            },
+            |fs, a| fs.unlookup(a.ino),
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -540,8 +576,11 @@ impl fuser::Filesystem for EfsFuse {
         }
     }
 
+    /// Nothing to do at close: staged data is local and published later,
+    /// and locks are the kernel's. ENOSYS tells the kernel to stop sending
+    /// FLUSH, which saves every close(2) a round trip to this daemon.
     fn flush(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
