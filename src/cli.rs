@@ -125,7 +125,9 @@ The file is replaced atomically, so the collector never reads half of it."
     #[command(
         long_about = "Walk a backend tree (the EFS path itself, not an efscache mount over it) and report:\n  \
 damaged-looking files: mode 000, or zero bytes (empty files are normal; they look damaged only if\n    \
-you did not expect them). Report only.\n  \
+you did not expect them). Report only, except where efscache kept a good copy of the file (its\n    \
+publish failed, e.g. EPERM on chown): with --cache-dir the copy is shown, and --fix re-publishes it\n    \
+over the damaged file (atomically, only if the file did not change meanwhile).\n  \
 orphaned efscache temp files (.efscache.<host>.<instance>.<n>) left by a daemon that died while\n    \
 publishing. --fix removes those older than --older-than.\n  \
 stale rsync temp files (.NAME.XXXXXX: six letters/digits of mixed case or with digits, no group or\n    \
@@ -147,6 +149,13 @@ Exit status: 0 nothing to report, 2 findings reported, 1 error."
         /// Remove stale rsync temp files older than --older-than.
         #[arg(long)]
         purge_rsync_temps: bool,
+        /// The cache dir of the efscache mount of this backend: a
+        /// damaged-looking file whose publish failed and whose good copy
+        /// efscache kept there (lost+found/failed) is shown, and --fix
+        /// re-publishes the copy over it (atomically, only if the file did
+        /// not change meanwhile).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
         /// Minimum age (mtime) of a temp file to count as stale: 30m, 12h, 1d, ...
         #[arg(long, value_name = "DUR", default_value = "1d")]
         older_than: String,

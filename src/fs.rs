@@ -2119,7 +2119,14 @@ impl Fs {
         let path = action.path().map(|p| p.display()).unwrap_or_default();
         match self.staging.link_aside(staging, "failed", &path) {
             Ok(kept) => {
-                tracing::warn!(path = %path, kept = %kept.display(), "a copy of the file that could not be published is kept")
+                tracing::warn!(path = %path, kept = %kept.display(), "a copy of the file that could not be published is kept");
+                // What `efscache scrub --fix --cache-dir` needs to publish it
+                // once the cause is fixed.
+                if let Some(j) = self.journal.get()
+                    && let Err(e) = crate::repair::record(&kept, j.header(), action)
+                {
+                    tracing::warn!(kept = %kept.display(), error = %e, "cannot record how to re-publish a kept copy");
+                }
             }
             Err(e) => {
                 tracing::error!(path = %path, error = %e, "cannot keep a copy of a file that could not be published")

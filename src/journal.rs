@@ -498,6 +498,11 @@ impl Journal {
         &self.stats
     }
 
+    /// The backend this journal belongs to.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
     /// False once an append failed (changes since are not crash-safe).
     pub fn healthy(&self) -> bool {
         !self.broken.load(Ordering::Relaxed)

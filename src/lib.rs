@@ -17,6 +17,7 @@ pub mod meta;
 pub mod metrics;
 pub mod namespace;
 pub mod recovery;
+pub mod repair;
 pub mod run;
 pub mod scrub;
 pub mod staging;
@@ -140,6 +141,7 @@ pub fn main_with(cli: Cli) -> Result<i32, String> {
             json,
             fix,
             purge_rsync_temps,
+            cache_dir,
             older_than,
             min_idle,
             threads,
@@ -151,6 +153,7 @@ pub fn main_with(cli: Cli) -> Result<i32, String> {
                 min_idle: cli::parse_cli_duration("--min-idle", &min_idle)?,
                 fix,
                 purge_rsync_temps,
+                cache_dir,
                 threads: threads.clamp(1, 256),
                 now: std::time::SystemTime::now(),
             };

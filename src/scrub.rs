@@ -100,6 +100,9 @@ pub struct Options {
     pub fix: bool,
     /// Remove stale rsync temp files.
     pub purge_rsync_temps: bool,
+    /// An efscache cache dir whose kept copies (`lost+found/failed`) `fix`
+    /// re-publishes over damaged-looking backend files of the same name.
+    pub cache_dir: Option<PathBuf>,
     /// Directories read in parallel.
     pub threads: usize,
     /// The time ages are measured against.
@@ -113,6 +116,7 @@ impl Default for Options {
             min_idle: Duration::from_secs(600),
             fix: false,
             purge_rsync_temps: false,
+            cache_dir: None,
             threads: 16,
             now: SystemTime::now(),
         }
@@ -148,7 +152,9 @@ pub struct Finding {
     pub reasons: Vec<&'static str>,
     /// `reported`, `removed`, `recent` (newer than --older-than), `busy`
     /// (changed within --min-idle), `changed` (changed while the scrub ran),
-    /// `remove_failed`.
+    /// `remove_failed`; for damaged-looking files with a copy kept by
+    /// efscache (`--cache-dir`): `copy_kept` (re-published by `--fix`),
+    /// `republished`, `copy_incomplete`, `republish_failed`.
     pub action: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -195,9 +201,13 @@ impl Report {
     /// 1: something could not be examined or removed; 2: findings to look
     /// at (damaged-looking files, stale temp files left); 0: nothing.
     pub fn exit_code(&self) -> i32 {
-        if !self.errors.is_empty() || self.all().any(|f| f.action == "remove_failed") {
+        if !self.errors.is_empty()
+            || self
+                .all()
+                .any(|f| matches!(f.action, "remove_failed" | "republish_failed"))
+        {
             1
-        } else if !self.damaged.is_empty() || self.stale_left() > 0 {
+        } else if self.damaged.iter().any(|f| f.action != "republished") || self.stale_left() > 0 {
             2
         } else {
             0
@@ -362,6 +372,15 @@ pub fn scrub(root: &Path, opts: &Options, counters: &Counters) -> Result<Report,
         .map_err(|e| format!("{}: {e}", root.display()))?
         .st_dev;
     raise_fd_limit();
+    let copies = match &opts.cache_dir {
+        Some(c) => crate::repair::KeptCopies::load(c).map_err(|e| {
+            format!(
+                "cannot read the kept copies in {}: {e}",
+                c.join("lost+found/failed").display()
+            )
+        })?,
+        None => Default::default(),
+    };
     let walk = Walk {
         stack: Mutex::new((
             vec![Job {
@@ -374,6 +393,8 @@ pub fn scrub(root: &Path, opts: &Options, counters: &Counters) -> Result<Report,
         )),
         cv: Condvar::new(),
         root_dev,
+        root: root.clone(),
+        copies,
         opts,
         counters,
         out: Mutex::new(Report {
@@ -417,6 +438,9 @@ struct Walk<'a> {
     stack: Mutex<(Vec<Job>, usize)>,
     cv: Condvar,
     root_dev: u64,
+    /// The root's absolute path (kept copies are found by absolute path).
+    root: PathBuf,
+    copies: crate::repair::KeptCopies,
     opts: &'a Options,
     counters: &'a Counters,
     out: Mutex<Report>,
@@ -561,6 +585,7 @@ impl Walk<'_> {
             }
             if !finding.reasons.is_empty() {
                 self.counters.found.fetch_add(1, Ordering::Relaxed);
+                self.repair(&mut finding, st);
                 self.out.lock().expect("report").damaged.push(finding);
             }
             return;
@@ -596,6 +621,29 @@ impl Walk<'_> {
             NameKind::EfscacheTemp => out.efscache_temps.push(finding),
             _ => out.rsync_temps.push(finding),
         }
+    }
+
+    /// A damaged-looking file with a good copy kept by efscache: noted, and
+    /// re-published with `--fix`.
+    fn repair(&self, finding: &mut Finding, st: &libc::stat) {
+        let abs = self.root.join(&finding.rel);
+        if !self.copies.has(&abs) {
+            return;
+        }
+        if !self.opts.fix {
+            finding.action = "copy_kept";
+            return;
+        }
+        use crate::repair::Outcome;
+        finding.action = match self.copies.republish(&abs, st.st_ino) {
+            Some(Outcome::Republished) => "republished",
+            Some(Outcome::Changed) => "changed",
+            Some(Outcome::CopyIncomplete) | None => "copy_incomplete",
+            Some(Outcome::Failed(e)) => {
+                finding.error = Some(e.to_string());
+                "republish_failed"
+            }
+        };
     }
 
     /// Unlinks `name` if it is still the file that was examined (same inode,
@@ -666,12 +714,21 @@ pub fn render(r: &Report, now: SystemTime, limit: usize) -> String {
         r.others
     ));
     out.push_str(&format!(
-        "\ndamaged-looking files: {} (mode 000 or zero bytes; an empty file is normal and looks damaged only if you did not expect it; report only)\n",
+        "\ndamaged-looking files: {} (mode 000 or zero bytes; an empty file is normal and looks damaged only if you did not expect it; \
+         report only, unless efscache kept a good copy: see --cache-dir)\n",
         r.damaged.len()
     ));
     for f in r.damaged.iter().take(limit) {
+        let repair = match f.action {
+            "copy_kept" => "  [a good copy is kept: --fix re-publishes it]".to_string(),
+            "republished" => "  [re-published from the kept copy]".to_string(),
+            "copy_incomplete" => "  [the kept copy is incomplete: not used]".to_string(),
+            "changed" => "  [changed while scrubbing: not re-published]".to_string(),
+            "republish_failed" => format!("  [RE-PUBLISH FAILED: {}]", f.error.as_deref().unwrap_or("?")),
+            _ => String::new(),
+        };
         out.push_str(&format!(
-            "  {:<16} {}  (mode {}, {} bytes, uid {} gid {}, modified {} ago)\n",
+            "  {:<16} {}  (mode {}, {} bytes, uid {} gid {}, modified {} ago){repair}\n",
             f.reasons.join(", "),
             show(&f.path),
             f.mode,
@@ -712,6 +769,12 @@ pub fn render(r: &Report, now: SystemTime, limit: usize) -> String {
     }
     if r.removed > 0 {
         out.push_str(&format!("\nremoved {} temp files\n", r.removed));
+    }
+    let republished = r.damaged.iter().filter(|f| f.action == "republished").count();
+    if republished > 0 {
+        out.push_str(&format!(
+            "\nre-published {republished} damaged files from copies kept by efscache\n"
+        ));
     }
     if !r.skipped_mounts.is_empty() {
         out.push_str(&format!(

@@ -205,7 +205,15 @@ fn permanent_failures_are_reported_and_block_nothing_else() {
     );
     let kept: Vec<String> = std::fs::read_dir(cache.join("lost+found/failed"))
         .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.to_string_lossy().ends_with(".publish.json"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
         .collect();
     assert_eq!(kept, ["uid 1000's file"]);
+    // With what `scrub --fix --cache-dir` needs to publish it later.
+    assert_eq!(
+        std::fs::read_dir(cache.join("lost+found/failed")).unwrap().count(),
+        2,
+        "the kept copy has no .publish.json record"
+    );
 }

@@ -302,3 +302,88 @@ fn refuses_to_scrub_through_an_efscache_mount() {
     assert!(!s.path("backend/d/.efscache.h.1.1").exists());
     m.umount();
 }
+
+/// A file damaged on the backend (mode 000, empty: the field report's
+/// symptom) that efscache could not replace (EPERM on chown): its good copy
+/// is kept, scrub shows it, and `--fix --cache-dir` re-publishes it with its
+/// owner, mode and times, once; a copy whose file changed meanwhile is not
+/// used.
+#[test]
+fn fix_republishes_a_damaged_file_from_the_copy_efscache_kept() {
+    use std::io::Write;
+    use std::os::unix::fs::MetadataExt;
+    let s = Scratch::new();
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    file(&backend.join("d/report.csv"), b"", 0o000, 3);
+    file(&backend.join("d/other.csv"), b"", 0o000, 3);
+    let m = Mount::start(
+        &backend,
+        &mnt,
+        &cache,
+        "debounce=0ms,fault_rate=1.0,fault_ops=chown,fault_errno=EPERM",
+    );
+    let mtime = 1_700_000_000;
+    for (name, data) in [("report.csv", &b"a,b\n1,2\n"[..]), ("other.csv", b"x\n")] {
+        let p = mnt.join("d").join(name);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
+        f.write_all(data).unwrap();
+        std::os::unix::fs::fchown(&f, Some(1000), Some(1000)).unwrap();
+        f.set_modified(UNIX_EPOCH + Duration::from_secs(mtime)).unwrap();
+    }
+    let out = Command::new(BIN).arg("sync").arg(&mnt).output().unwrap();
+    assert!(!out.status.success(), "the publishes were expected to fail (EPERM)");
+    let _ = Command::new(BIN).arg("umount").arg(&mnt).output().unwrap();
+    drop(m);
+    assert_eq!(std::fs::metadata(backend.join("d/report.csv")).unwrap().len(), 0);
+    let cache_arg = cache.to_str().unwrap();
+
+    // Without --cache-dir: report only. With it: the copy is shown.
+    let (code, v) = scrub(&backend, &[]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        listed(&v, "damaged"),
+        [
+            ("d/other.csv".into(), "reported".into()),
+            ("d/report.csv".into(), "reported".into())
+        ]
+    );
+    let (code, v) = scrub(&backend, &["--cache-dir", cache_arg]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        listed(&v, "damaged"),
+        [
+            ("d/other.csv".into(), "copy_kept".into()),
+            ("d/report.csv".into(), "copy_kept".into())
+        ]
+    );
+    assert_eq!(
+        std::fs::metadata(backend.join("d/report.csv")).unwrap().len(),
+        0,
+        "changed without --fix"
+    );
+
+    // other.csv is replaced by another client: its copy must not be used.
+    std::fs::write(backend.join("d/other.csv.new"), "theirs\n").unwrap();
+    std::fs::rename(backend.join("d/other.csv.new"), backend.join("d/other.csv")).unwrap();
+    let (code, v) = scrub(&backend, &["--fix", "--cache-dir", cache_arg]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(listed(&v, "damaged"), [("d/report.csv".into(), "republished".into())]);
+    let p = backend.join("d/report.csv");
+    let md = std::fs::metadata(&p).unwrap();
+    assert_eq!(std::fs::read(&p).unwrap(), b"a,b\n1,2\n");
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid(), md.mtime()),
+        (0o640, 1000, 1000, mtime as i64)
+    );
+    assert_eq!(std::fs::read(backend.join("d/other.csv")).unwrap(), b"theirs\n");
+    let names: Vec<String> = std::fs::read_dir(backend.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().all(|n| !n.starts_with(".efscache.")), "{names:?}");
+    // The copy is used once.
+    assert!(cache.join("lost+found/republished").read_dir().unwrap().count() == 2);
+    let (code, v) = scrub(&backend, &["--fix", "--cache-dir", cache_arg]);
+    assert_eq!((code, listed(&v, "damaged")), (0, vec![]));
+}

@@ -343,6 +343,9 @@ impl EfsSim {
         let core = self.core.clone();
         self.pool.submit(move || {
             let permit = core.admit(&plan);
+            if plan.class != Class::Free {
+                core.stats.round_trip(plan.kind);
+            }
             let result = match core.faults.inject(plan.kind, arrived.kind_seq) {
                 Some(e) => Err((Errno::from_i32(e), Outcome::Injected)),
                 None => work(&core).map_err(|e| (Errno::from(e), Outcome::Failed)),

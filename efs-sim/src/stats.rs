@@ -100,6 +100,9 @@ fn bucket_upper_us(idx: usize) -> f64 {
 
 struct PerOp {
     count: AtomicU64,
+    /// Requests that cost a round trip (the others are answered from what
+    /// an NFS client already holds, or cost only bandwidth).
+    round_trips: AtomicU64,
     errors: AtomicU64,
     injected: AtomicU64,
     bytes: AtomicU64,
@@ -112,6 +115,7 @@ impl PerOp {
     fn new() -> PerOp {
         PerOp {
             count: AtomicU64::new(0),
+            round_trips: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -126,6 +130,7 @@ impl PerOp {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Summary {
     pub count: u64,
+    pub round_trips: u64,
     pub errors: u64,
     pub injected: u64,
     pub bytes: u64,
@@ -190,6 +195,11 @@ impl Stats {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
+    /// Counts one request of `kind` as a round trip (it paid a latency).
+    pub fn round_trip(&self, kind: OpKind) {
+        self.ops[kind.index()].round_trips.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A number that changes whenever anything was recorded.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
@@ -219,6 +229,7 @@ impl Stats {
         let max_ms = op.max_ns.load(Ordering::Relaxed) as f64 / 1e6;
         Summary {
             count,
+            round_trips: op.round_trips.load(Ordering::Relaxed),
             errors: op.errors.load(Ordering::Relaxed),
             injected: op.injected.load(Ordering::Relaxed),
             bytes: op.bytes.load(Ordering::Relaxed),
@@ -240,6 +251,11 @@ impl Stats {
             .filter(|k| k.is_backend_request())
             .map(|k| self.ops[k.index()].count.load(Ordering::Relaxed))
             .sum()
+    }
+
+    /// Requests so far that cost a round trip.
+    pub fn round_trips(&self) -> u64 {
+        self.ops.iter().map(|o| o.round_trips.load(Ordering::Relaxed)).sum()
     }
 
     /// The text table printed to stderr (kinds never seen are left out).
@@ -286,11 +302,12 @@ impl Stats {
         let total_injected: u64 = OpKind::ALL.iter().map(|&k| self.summary(k).injected).sum();
         let _ = write!(
             out,
-            "{{\n  \"profile\": \"{}\",\n  \"config\": {},\n  \"elapsed_secs\": {:.3},\n  \"requests\": {},\n  \"errors\": {},\n  \"injected_faults\": {},\n  \"ops\": {{",
+            "{{\n  \"profile\": \"{}\",\n  \"config\": {},\n  \"elapsed_secs\": {:.3},\n  \"requests\": {},\n  \"round_trips\": {},\n  \"errors\": {},\n  \"injected_faults\": {},\n  \"ops\": {{",
             self.profile,
             self.config_json,
             self.started.elapsed().as_secs_f64(),
             self.requests(),
+            self.round_trips(),
             total_errors,
             total_injected
         );
@@ -298,10 +315,11 @@ impl Stats {
             let s = self.summary(kind);
             let _ = write!(
                 out,
-                "{}\n    \"{}\": {{\"count\": {}, \"errors\": {}, \"injected\": {}, \"bytes\": {}, \"mean_ms\": {:.4}, \"p50_ms\": {:.4}, \"p99_ms\": {:.4}, \"max_ms\": {:.4}}}",
+                "{}\n    \"{}\": {{\"count\": {}, \"round_trips\": {}, \"errors\": {}, \"injected\": {}, \"bytes\": {}, \"mean_ms\": {:.4}, \"p50_ms\": {:.4}, \"p99_ms\": {:.4}, \"max_ms\": {:.4}}}",
                 if i == 0 { "" } else { "," },
                 kind.name(),
                 s.count,
+                s.round_trips,
                 s.errors,
                 s.injected,
                 s.bytes,
@@ -360,6 +378,6 @@ mod tests {
         for &k in OpKind::ALL {
             assert!(j.contains(&format!("\"{}\": {{", k.name())), "{j}");
         }
-        assert!(j.contains("\"create\": {\"count\": 1, \"errors\": 1, \"injected\": 1"));
+        assert!(j.contains("\"create\": {\"count\": 1, \"round_trips\": 0, \"errors\": 1, \"injected\": 1"));
     }
 }

@@ -282,10 +282,13 @@ fn publish_file(
         backend,
         path: Some(temp.clone()),
     };
-    let bytes = copy_data(src, &dst, backend)?;
     // One fstat: the owner the new file got (a set-gid directory gives its
     // group) decides whether a chown is needed, and its inode number is kept.
+    // Before the data: a network file system's client still holds the
+    // attributes the create returned, so this costs no round trip (after a
+    // write it has to ask).
     let st = backend.stat_file(&dst)?;
+    let bytes = copy_data(src, &dst, backend)?;
     let owner_differs = attrs.uid.is_some_and(|u| u != st.uid) || attrs.gid.is_some_and(|g| g != st.gid);
     let post = AttrSet {
         perm: (perm & 0o6000 != 0).then_some(perm),
