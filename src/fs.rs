@@ -2097,10 +2097,8 @@ impl Fs {
                 }
                 self.apply(&mut ns, Effects::default());
             }
-            // Nothing has it open (`publish_done` checks), the publish
-            // above closed its copy: the emptied file can be reused.
             if let Some(id) = discard {
-                self.staging.recycle(id);
+                self.staging.remove(id);
             }
             self.sched.settled();
         }
@@ -2123,7 +2121,7 @@ impl Fs {
                 // What `efscache scrub --fix --cache-dir` needs to publish it
                 // once the cause is fixed.
                 if let Some(j) = self.journal.get()
-                    && let Err(e) = crate::repair::record(&kept, j.header(), action)
+                    && let Err(e) = crate::repair::record(&kept, j.header(), action, &*self.backend)
                 {
                     tracing::warn!(kept = %kept.display(), error = %e, "cannot record how to re-publish a kept copy");
                 }

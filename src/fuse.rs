@@ -194,6 +194,10 @@ fn file_type(k: Kind) -> FileType {
     }
 }
 
+/// How long the kernel may cache that a name does not exist (at most the
+/// attribute TTL).
+const NEGATIVE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The entry that tells the kernel a name does not exist (node id 0).
 fn no_entry() -> FileAttr {
     FileAttr {
@@ -381,17 +385,20 @@ impl fuser::Filesystem for EfsFuse {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
         let ttl = self.fs.kernel_ttl();
+        let negative_ttl = ttl.min(NEGATIVE_TTL);
         self.run_undoable(
             reply,
             move |fs, b| fs.lookup(parent.0, &name, b),
             move |reply, r| match r {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
-                // A missing name is cached by the kernel for as long as a
-                // present one (node id 0 means "none"): rsync looks up each
-                // file's final name three times before it exists (its
-                // generator, its receiver, the rename), and names created
-                // through this mount update the kernel's cache themselves.
-                Err(e) if e.errno() == libc::ENOENT && !ttl.is_zero() => reply.entry(&ttl, &no_entry(), Generation(0)),
+                // A missing name is cached by the kernel (node id 0 means
+                // "none"), briefly: rsync looks up each file's final name
+                // three times before it exists (its generator, its receiver,
+                // the rename), within milliseconds. Briefly, because a create
+                // the watchdog answered EIO may still succeed later.
+                Err(e) if e.errno() == libc::ENOENT && !negative_ttl.is_zero() => {
+                    reply.entry(&negative_ttl, &no_entry(), Generation(0))
+                }
                 Err(e) => reply.error(errno(&e)),
             },
             |fs, a| fs.unlookup(a.ino),

@@ -7,7 +7,10 @@
 //! --cache-dir DIR` re-publishes such a copy over a damaged-looking backend
 //! file (mode 000 or empty) of the same name, through the same atomic
 //! publish as the daemon's (temp name, data, owner/mode/times, rename), and
-//! only if the backend file is still the one the scrub examined.
+//! only if that file is still exactly what the failed publish left there
+//! (same inode, unchanged since: a later publish or another client's change
+//! makes the copy outdated) and the copy is no longer a staged file of a
+//! running mount.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -18,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::posix::PosixBackend;
-use crate::backend::{Backend, RelPath, XattrCaps};
+use crate::backend::{Backend, RelPath, Timespec, XattrCaps};
 use crate::flush::Action;
 use crate::flush::publish::{self, TempNames};
 use crate::journal::Header;
@@ -29,6 +32,17 @@ pub struct KeptPublish {
     pub backend: PathBuf,
     pub backend_root_ino: u64,
     pub action: Action,
+    /// What the backend had under the name when the publish failed (None:
+    /// nothing).
+    pub left: Option<Seen>,
+}
+
+/// A backend file as a failed publish left it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    pub ino: u64,
+    pub size: u64,
+    pub ctime: Timespec,
 }
 
 /// The sidecar of the copy at `copy`.
@@ -38,15 +52,27 @@ fn sidecar(copy: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Records what re-publishing the copy kept at `copy` needs (a publish only).
-pub fn record(copy: &Path, header: &Header, action: &Action) -> io::Result<()> {
-    if !matches!(action, Action::Publish { .. }) {
+/// Records what re-publishing the copy kept at `copy` needs (a publish
+/// only), with what `backend` has under its name now.
+pub fn record(copy: &Path, header: &Header, action: &Action, backend: &dyn Backend) -> io::Result<()> {
+    let Action::Publish { paths, .. } = action else {
         return Ok(());
-    }
+    };
+    let left = match paths.first().map(|p| backend.stat(p)) {
+        Some(Ok(st)) => Some(Seen {
+            ino: st.ino,
+            size: st.size,
+            ctime: st.ctime,
+        }),
+        Some(Err(e)) if e.raw_os_error() == Some(libc::ENOENT) => None,
+        Some(Err(e)) => return Err(e),
+        None => None,
+    };
     let meta = KeptPublish {
         backend: header.backend.clone(),
         backend_root_ino: header.backend_root_ino,
         action: action.clone(),
+        left,
     };
     let json = serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?;
     let mut f = std::fs::OpenOptions::new()
@@ -68,6 +94,8 @@ struct Kept {
 #[derive(Debug, Default)]
 pub struct KeptCopies {
     cache: PathBuf,
+    /// A daemon runs with this cache dir (it holds `<cache>/lock`).
+    live: bool,
     by_path: HashMap<PathBuf, Kept>,
 }
 
@@ -80,6 +108,12 @@ pub enum Outcome {
     Changed,
     /// The copy is not complete (or empty): not used.
     CopyIncomplete,
+    /// The file changed on the backend after the publish failed (published
+    /// again, rewritten by another client): the copy is older, not used.
+    CopyOutdated,
+    /// The copy is still a staged file of a running mount (which retries or
+    /// replaces it): not used.
+    CopyInUse,
     Failed(io::Error),
 }
 
@@ -89,6 +123,7 @@ impl KeptCopies {
     pub fn load(cache: &Path) -> io::Result<KeptCopies> {
         let mut out = KeptCopies {
             cache: cache.to_path_buf(),
+            live: daemon_running(cache),
             ..Default::default()
         };
         let dir = cache.join("lost+found/failed");
@@ -107,13 +142,13 @@ impl KeptCopies {
             else {
                 continue;
             };
-            let meta: KeptPublish = match std::fs::read(&p).map(|b| serde_json::from_slice(&b)) {
-                Ok(Ok(m)) => m,
-                Ok(Err(e)) => {
-                    tracing::warn!(path = %p.display(), error = %e, "unreadable record of a kept copy");
+            let read = std::fs::read(&p).map_err(|e| e.to_string());
+            let meta: KeptPublish = match read.and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(path = %p.display(), error = %e, "unreadable record of a kept copy: skipped");
                     continue;
                 }
-                Err(e) => return Err(e),
             };
             // Only a file with one name: a hard-link group's other names are
             // not known to be damaged.
@@ -124,7 +159,9 @@ impl KeptCopies {
                 continue;
             }
             let at = meta.backend.join(paths[0].0.iter().collect::<PathBuf>());
-            let when = std::fs::metadata(&copy).and_then(|m| m.modified()).ok();
+            // The record is written when the publish failed (the copy keeps
+            // the file's own times).
+            let when = std::fs::metadata(&p).and_then(|m| m.modified()).ok();
             found.push((at, when, Kept { copy, meta }));
         }
         found.sort_by_key(|(_, when, _)| *when);
@@ -140,19 +177,29 @@ impl KeptCopies {
     }
 
     /// Re-publishes the copy kept for `abs` over it, if `abs` is still the
-    /// backend inode `seen_ino`. On success the copy and its record move to
-    /// `lost+found/republished/`.
-    pub fn republish(&self, abs: &Path, seen_ino: u64) -> Option<Outcome> {
+    /// file the failed publish left there, as the scrub found it (`found`).
+    /// On success the copy and its record move to `lost+found/republished/`.
+    pub fn republish(&self, abs: &Path, found: Seen) -> Option<Outcome> {
         let k = self.by_path.get(abs)?;
-        Some(self.publish(k, seen_ino).unwrap_or_else(Outcome::Failed))
+        Some(self.publish(k, found).unwrap_or_else(Outcome::Failed))
     }
 
-    fn publish(&self, k: &Kept, seen_ino: u64) -> io::Result<Outcome> {
-        let Action::Publish { size, .. } = &k.meta.action else {
+    fn publish(&self, k: &Kept, found: Seen) -> io::Result<Outcome> {
+        use std::os::unix::fs::MetadataExt;
+        let Action::Publish { size, paths, .. } = &k.meta.action else {
             return Ok(Outcome::CopyIncomplete);
         };
+        if k.meta.left != Some(found) {
+            return Ok(Outcome::CopyOutdated);
+        }
         let data = File::open(&k.copy)?;
-        if *size == 0 || data.metadata()?.len() != *size {
+        let md = data.metadata()?;
+        // A second link while a daemon runs: its staging file, which it may
+        // still write or publish itself.
+        if md.nlink() > 1 && self.live {
+            return Ok(Outcome::CopyInUse);
+        }
+        if *size == 0 || md.len() != *size {
             return Ok(Outcome::CopyIncomplete);
         }
         let backend = PosixBackend::open(&k.meta.backend)?;
@@ -162,12 +209,20 @@ impl KeptCopies {
                 k.meta.backend.display()
             )));
         }
+        // Still as found (the publish checks the inode again just before
+        // its rename).
+        match backend.stat(&paths[0]) {
+            Ok(st) if st.ino == found.ino && st.size == found.size && st.ctime == found.ctime => {}
+            Ok(_) => return Ok(Outcome::Changed),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(Outcome::Changed),
+            Err(e) => return Err(e),
+        }
         let temps = TempNames::new(&crate::run::hostname(), &format!("{:x}", std::process::id()));
         let r = publish::execute(
             &backend,
             &temps,
             &k.meta.action,
-            Some(seen_ino),
+            Some(found.ino),
             XattrCaps::default(),
             |_| Ok(Some(data)),
             || true,
@@ -187,4 +242,15 @@ impl KeptCopies {
         }
         Ok(Outcome::Republished)
     }
+}
+
+/// Whether a daemon holds the cache dir's lock (taken for its whole life).
+fn daemon_running(cache: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = File::open(cache.join("lock")) else {
+        return false;
+    };
+    // SAFETY: flock on an fd we own; the shared lock is dropped with it.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
+    r != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
 }

@@ -154,7 +154,8 @@ pub struct Finding {
     /// (changed within --min-idle), `changed` (changed while the scrub ran),
     /// `remove_failed`; for damaged-looking files with a copy kept by
     /// efscache (`--cache-dir`): `copy_kept` (re-published by `--fix`),
-    /// `republished`, `copy_incomplete`, `republish_failed`.
+    /// `republished`, `copy_incomplete`, `copy_outdated`, `copy_in_use`,
+    /// `busy`, `hard_linked`, `republish_failed`.
     pub action: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -634,10 +635,34 @@ impl Walk<'_> {
             finding.action = "copy_kept";
             return;
         }
+        let age = |sec: i64, nsec: i64| {
+            let t = UNIX_EPOCH + Duration::new(sec.max(0) as u64, nsec.clamp(0, 999_999_999) as u32);
+            self.opts.now.duration_since(t).unwrap_or_default()
+        };
+        // Being written by someone (a damaged-looking file may be one that
+        // is just being created), or one of several names of a file.
+        if age(st.st_ctime, st.st_ctime_nsec) < self.opts.min_idle {
+            finding.action = "busy";
+            return;
+        }
+        if st.st_nlink > 1 {
+            finding.action = "hard_linked";
+            return;
+        }
         use crate::repair::Outcome;
-        finding.action = match self.copies.republish(&abs, st.st_ino) {
+        let found = crate::repair::Seen {
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            ctime: crate::backend::Timespec {
+                sec: st.st_ctime,
+                nsec: st.st_ctime_nsec as u32,
+            },
+        };
+        finding.action = match self.copies.republish(&abs, found) {
             Some(Outcome::Republished) => "republished",
             Some(Outcome::Changed) => "changed",
+            Some(Outcome::CopyOutdated) => "copy_outdated",
+            Some(Outcome::CopyInUse) => "copy_in_use",
             Some(Outcome::CopyIncomplete) | None => "copy_incomplete",
             Some(Outcome::Failed(e)) => {
                 finding.error = Some(e.to_string());
@@ -723,6 +748,10 @@ pub fn render(r: &Report, now: SystemTime, limit: usize) -> String {
             "copy_kept" => "  [a good copy is kept: --fix re-publishes it]".to_string(),
             "republished" => "  [re-published from the kept copy]".to_string(),
             "copy_incomplete" => "  [the kept copy is incomplete: not used]".to_string(),
+            "copy_outdated" => "  [changed on the backend after the copy was kept: not re-published]".to_string(),
+            "copy_in_use" => "  [the copy is still staged by a running efscache: not re-published]".to_string(),
+            "busy" => "  [changed within --min-idle: not re-published]".to_string(),
+            "hard_linked" => "  [has other names: not re-published]".to_string(),
             "changed" => "  [changed while scrubbing: not re-published]".to_string(),
             "republish_failed" => format!("  [RE-PUBLISH FAILED: {}]", f.error.as_deref().unwrap_or("?")),
             _ => String::new(),

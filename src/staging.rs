@@ -18,25 +18,7 @@ use std::collections::HashMap;
 pub struct Staging {
     dir: PathBuf,
     space: Space,
-    spares: Spares,
 }
-
-/// Emptied staging files kept for reuse, in `<cache_dir>/spares/`.
-///
-/// Creating a file allocates an inode; on ext4 without a journal the
-/// allocator skips (and reads from the inode table, one by one) every inode
-/// freed in the last minute, and staging frees one per published file:
-/// creates slowed from ~15 to ~200 us each while a copy ran. Renaming an
-/// emptied file back costs neither.
-#[derive(Debug, Default)]
-struct Spares {
-    dir: PathBuf,
-    names: Mutex<Vec<u64>>,
-    next: AtomicU64,
-}
-
-/// How many emptied files are kept (an inode and a directory entry each).
-const MAX_SPARES: usize = 4096;
 
 /// What staging holds, as far as the daemon has seen: bytes per staging file
 /// (data written through passthrough counts from the writer's close), and a
@@ -62,28 +44,9 @@ impl Staging {
     pub fn open(cache_dir: &Path) -> io::Result<Staging> {
         let dir = cache_dir.join("staging");
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
-        let spares = Spares {
-            dir: cache_dir.join("spares"),
-            ..Default::default()
-        };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&spares.dir)?;
-        {
-            let mut names = spares.names.lock();
-            for e in std::fs::read_dir(&spares.dir)? {
-                if let Some(n) = e?.file_name().to_str().and_then(|n| n.parse::<u64>().ok()) {
-                    names.push(n);
-                }
-            }
-            let next = names.iter().max().map_or(0, |m| m + 1);
-            spares.next.store(next, Ordering::Relaxed);
-        }
         Ok(Staging {
             dir,
             space: Space::default(),
-            spares,
         })
     }
 
@@ -171,15 +134,8 @@ impl Staging {
         self.dir.join(format!("{id:016x}"))
     }
 
-    /// Creates an empty staging file (replacing any leftover with the same
-    /// id), from a spare when there is one.
+    /// Creates an empty staging file (replacing any leftover with the same id).
     pub fn create(&self, id: u64) -> io::Result<File> {
-        let spare = self.spares.names.lock().pop();
-        if let Some(n) = spare
-            && let Err(e) = std::fs::rename(self.spares.path(n), self.path(id))
-        {
-            tracing::debug!(spare = n, error = %e, "cannot reuse a spare staging file");
-        }
         let f = OpenOptions::new()
             .read(true)
             .write(true)
@@ -257,11 +213,14 @@ impl Staging {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        let label: String = label
-            .chars()
-            .map(|c| if c == '/' { '%' } else { c })
-            .take(150)
-            .collect();
+        // At most 150 bytes (a name has 255; a `.publish.json` record is
+        // written next to it).
+        let mut label: String = label.chars().map(|c| if c == '/' { '%' } else { c }).collect();
+        let mut end = label.len().min(150);
+        while !label.is_char_boundary(end) {
+            end -= 1;
+        }
+        label.truncate(end);
         Ok(dest.join(format!("{secs}-{id:x}-{label}")))
     }
 
@@ -318,62 +277,17 @@ impl Staging {
         caps
     }
 
-    /// Removes staging file `id`, keeping the emptied file for reuse when
-    /// that is safe. The caller guarantees that no open file refers to it:
-    /// not a process through the mount (passthrough or served), not a
-    /// publish reading it. A file with another link (kept aside in
-    /// lost+found) or extended attributes of its own is removed instead.
-    pub fn recycle(&self, id: u64) {
-        if self.spares.names.lock().len() >= MAX_SPARES || !self.emptied_for_reuse(id) {
-            return self.remove(id);
-        }
-        let n = self.spares.next.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = std::fs::rename(self.path(id), self.spares.path(n)) {
-            tracing::debug!(id, error = %e, "cannot keep a staging file for reuse");
-            return self.remove(id);
-        }
-        self.spares.names.lock().push(n);
-        self.forget(id);
-    }
-
-    /// Empties staging file `id` if it can be reused: one link, no
-    /// extended attributes but the cache disk's own labels.
-    fn emptied_for_reuse(&self, id: u64) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let Ok(f) = OpenOptions::new().write(true).open(self.path(id)) else {
-            return false;
-        };
-        let single = f.metadata().is_ok_and(|m| m.nlink() == 1);
-        let plain = || {
-            use xattr::FileExt;
-            f.list_xattr()
-                .is_ok_and(|mut names| names.all(|n| crate::xattr::is_host_label(&n)))
-        };
-        single && plain() && f.set_len(0).is_ok()
-    }
-
     pub fn remove(&self, id: u64) {
         if let Err(e) = std::fs::remove_file(self.path(id))
             && e.kind() != io::ErrorKind::NotFound
         {
             tracing::warn!(id, error = %e, "cannot remove staging file");
         }
-        self.forget(id);
-    }
-
-    /// Stops counting staging file `id` and wakes writers waiting for space.
-    fn forget(&self, id: u64) {
         if let Some(old) = self.space.sizes.lock().remove(&id) {
             self.space.used.fetch_sub(old, Ordering::Relaxed);
         }
         let _g = self.space.freed_lock.lock();
         self.space.freed.notify_all();
-    }
-}
-
-impl Spares {
-    fn path(&self, n: u64) -> PathBuf {
-        self.dir.join(n.to_string())
     }
 }
 
@@ -414,59 +328,5 @@ pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()
         Ok(())
     } else {
         Err(io::Error::last_os_error())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-    use std::os::unix::fs::MetadataExt;
-
-    fn spares(cache: &Path) -> usize {
-        std::fs::read_dir(cache.join("spares")).unwrap().count()
-    }
-
-    #[test]
-    fn a_recycled_file_is_emptied_and_reused_by_the_next_create() {
-        let cache = tempfile::tempdir().unwrap();
-        let s = Staging::open(cache.path()).unwrap();
-        s.create(1).unwrap().write_all(b"published data").unwrap();
-        let ino = std::fs::metadata(s.path(1)).unwrap().ino();
-        s.recycle(1);
-        assert!(!s.path(1).exists());
-        assert_eq!(spares(cache.path()), 1);
-        assert_eq!(s.used(), 0);
-
-        // A new mount finds the spare, and the next create takes it, empty.
-        drop(s);
-        let s = Staging::open(cache.path()).unwrap();
-        let f = s.create(2).unwrap();
-        assert_eq!(f.metadata().unwrap().ino(), ino);
-        assert_eq!(f.metadata().unwrap().len(), 0);
-        assert_eq!(f.metadata().unwrap().mode() & 0o7777, 0o600);
-        assert_eq!(spares(cache.path()), 0);
-    }
-
-    #[test]
-    fn a_file_kept_aside_or_with_xattrs_is_removed_not_reused() {
-        let cache = tempfile::tempdir().unwrap();
-        let s = Staging::open(cache.path()).unwrap();
-        s.create(1).unwrap().write_all(b"kept").unwrap();
-        let aside = s.link_aside(1, "failed", "d/f").unwrap();
-        s.recycle(1);
-        assert_eq!(
-            std::fs::read(&aside).unwrap(),
-            b"kept",
-            "the copy aside must keep its data"
-        );
-        assert_eq!(spares(cache.path()), 0);
-
-        s.create(2).unwrap().write_all(b"x").unwrap();
-        if s.set_xattr(2, std::ffi::OsStr::new("user.k"), Some(b"v")).is_ok() {
-            s.recycle(2);
-            assert!(!s.path(2).exists());
-            assert_eq!(spares(cache.path()), 0, "a spare must not carry a file's xattrs");
-        }
     }
 }

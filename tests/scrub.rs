@@ -306,8 +306,8 @@ fn refuses_to_scrub_through_an_efscache_mount() {
 /// A file damaged on the backend (mode 000, empty: the field report's
 /// symptom) that efscache could not replace (EPERM on chown): its good copy
 /// is kept, scrub shows it, and `--fix --cache-dir` re-publishes it with its
-/// owner, mode and times, once; a copy whose file changed meanwhile is not
-/// used.
+/// owner, mode and times, once; a copy whose file changed after the failure
+/// (replaced, or changed in place and still damaged-looking) is not used.
 #[test]
 fn fix_republishes_a_damaged_file_from_the_copy_efscache_kept() {
     use std::io::Write;
@@ -316,6 +316,7 @@ fn fix_republishes_a_damaged_file_from_the_copy_efscache_kept() {
     let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
     file(&backend.join("d/report.csv"), b"", 0o000, 3);
     file(&backend.join("d/other.csv"), b"", 0o000, 3);
+    file(&backend.join("d/third.csv"), b"", 0o000, 3);
     let m = Mount::start(
         &backend,
         &mnt,
@@ -323,7 +324,11 @@ fn fix_republishes_a_damaged_file_from_the_copy_efscache_kept() {
         "debounce=0ms,fault_rate=1.0,fault_ops=chown,fault_errno=EPERM",
     );
     let mtime = 1_700_000_000;
-    for (name, data) in [("report.csv", &b"a,b\n1,2\n"[..]), ("other.csv", b"x\n")] {
+    for (name, data) in [
+        ("report.csv", &b"a,b\n1,2\n"[..]),
+        ("other.csv", b"x\n"),
+        ("third.csv", b"3\n"),
+    ] {
         let p = mnt.join("d").join(name);
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(&p).unwrap();
@@ -333,42 +338,53 @@ fn fix_republishes_a_damaged_file_from_the_copy_efscache_kept() {
     }
     let out = Command::new(BIN).arg("sync").arg(&mnt).output().unwrap();
     assert!(!out.status.success(), "the publishes were expected to fail (EPERM)");
+    // While the mount runs, its staged copies are its own.
+    let cache_arg = cache.to_str().unwrap();
+    let (_, v) = scrub(&backend, &["--fix", "--cache-dir", cache_arg, "--min-idle", "0s"]);
+    assert!(listed(&v, "damaged").iter().all(|(_, a)| a == "copy_in_use"), "{v}");
     let _ = Command::new(BIN).arg("umount").arg(&mnt).output().unwrap();
     drop(m);
     assert_eq!(std::fs::metadata(backend.join("d/report.csv")).unwrap().len(), 0);
-    let cache_arg = cache.to_str().unwrap();
 
     // Without --cache-dir: report only. With it: the copy is shown.
+    let all = |action: &str| -> Vec<(String, String)> {
+        ["d/other.csv", "d/report.csv", "d/third.csv"]
+            .iter()
+            .map(|p| (p.to_string(), action.to_string()))
+            .collect()
+    };
     let (code, v) = scrub(&backend, &[]);
     assert_eq!(code, 2);
-    assert_eq!(
-        listed(&v, "damaged"),
-        [
-            ("d/other.csv".into(), "reported".into()),
-            ("d/report.csv".into(), "reported".into())
-        ]
-    );
+    assert_eq!(listed(&v, "damaged"), all("reported"));
     let (code, v) = scrub(&backend, &["--cache-dir", cache_arg]);
     assert_eq!(code, 2);
-    assert_eq!(
-        listed(&v, "damaged"),
-        [
-            ("d/other.csv".into(), "copy_kept".into()),
-            ("d/report.csv".into(), "copy_kept".into())
-        ]
-    );
+    assert_eq!(listed(&v, "damaged"), all("copy_kept"));
     assert_eq!(
         std::fs::metadata(backend.join("d/report.csv")).unwrap().len(),
         0,
         "changed without --fix"
     );
 
-    // other.csv is replaced by another client: its copy must not be used.
+    // other.csv is replaced by another client, third.csv changed in place
+    // (still damaged-looking): their copies must not be used.
     std::fs::write(backend.join("d/other.csv.new"), "theirs\n").unwrap();
     std::fs::rename(backend.join("d/other.csv.new"), backend.join("d/other.csv")).unwrap();
+    std::fs::set_permissions(backend.join("d/third.csv"), std::fs::Permissions::from_mode(0o000)).unwrap();
+    // Changed within --min-idle: someone may be writing it; kept.
     let (code, v) = scrub(&backend, &["--fix", "--cache-dir", cache_arg]);
-    assert_eq!(code, 0, "{v}");
-    assert_eq!(listed(&v, "damaged"), [("d/report.csv".into(), "republished".into())]);
+    assert_eq!(code, 2, "{v}");
+    assert!(listed(&v, "damaged").iter().all(|(_, a)| a == "busy"), "{v}");
+    let idle0 = ["--fix", "--cache-dir", cache_arg, "--min-idle", "0s"];
+    let (code, v) = scrub(&backend, &idle0);
+    assert_eq!(code, 2, "{v}");
+    assert_eq!(
+        listed(&v, "damaged"),
+        [
+            ("d/report.csv".into(), "republished".into()),
+            ("d/third.csv".into(), "copy_outdated".into())
+        ]
+    );
+    assert_eq!(std::fs::metadata(backend.join("d/third.csv")).unwrap().len(), 0);
     let p = backend.join("d/report.csv");
     let md = std::fs::metadata(&p).unwrap();
     assert_eq!(std::fs::read(&p).unwrap(), b"a,b\n1,2\n");
@@ -384,6 +400,9 @@ fn fix_republishes_a_damaged_file_from_the_copy_efscache_kept() {
     assert!(names.iter().all(|n| !n.starts_with(".efscache.")), "{names:?}");
     // The copy is used once.
     assert!(cache.join("lost+found/republished").read_dir().unwrap().count() == 2);
-    let (code, v) = scrub(&backend, &["--fix", "--cache-dir", cache_arg]);
-    assert_eq!((code, listed(&v, "damaged")), (0, vec![]));
+    let (code, v) = scrub(&backend, &idle0);
+    assert_eq!(
+        (code, listed(&v, "damaged")),
+        (2, vec![("d/third.csv".into(), "copy_outdated".into())])
+    );
 }
