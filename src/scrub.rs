@@ -596,13 +596,9 @@ impl Walk<'_> {
             NameKind::EfscacheTemp => self.opts.fix,
             _ => self.opts.purge_rsync_temps,
         };
-        let age = |sec: i64, nsec: i64| {
-            let t = UNIX_EPOCH + Duration::new(sec.max(0) as u64, nsec.clamp(0, 999_999_999) as u32);
-            self.opts.now.duration_since(t).unwrap_or_default()
-        };
-        if age(st.st_mtime, st.st_mtime_nsec) < self.opts.older_than {
+        if self.age(st.st_mtime, st.st_mtime_nsec) < self.opts.older_than {
             finding.action = "recent";
-        } else if age(st.st_ctime, st.st_ctime_nsec) < self.opts.min_idle {
+        } else if self.age(st.st_ctime, st.st_ctime_nsec) < self.opts.min_idle {
             finding.action = "busy";
         } else if remove {
             match self.remove(dir, name, st) {
@@ -624,6 +620,12 @@ impl Walk<'_> {
         }
     }
 
+    /// How long ago (from `opts.now`) a file time was.
+    fn age(&self, sec: i64, nsec: i64) -> Duration {
+        let t = UNIX_EPOCH + Duration::new(sec.max(0) as u64, nsec.clamp(0, 999_999_999) as u32);
+        self.opts.now.duration_since(t).unwrap_or_default()
+    }
+
     /// A damaged-looking file with a good copy kept by efscache: noted, and
     /// re-published with `--fix`.
     fn repair(&self, finding: &mut Finding, st: &libc::stat) {
@@ -635,13 +637,9 @@ impl Walk<'_> {
             finding.action = "copy_kept";
             return;
         }
-        let age = |sec: i64, nsec: i64| {
-            let t = UNIX_EPOCH + Duration::new(sec.max(0) as u64, nsec.clamp(0, 999_999_999) as u32);
-            self.opts.now.duration_since(t).unwrap_or_default()
-        };
         // Being written by someone (a damaged-looking file may be one that
         // is just being created), or one of several names of a file.
-        if age(st.st_ctime, st.st_ctime_nsec) < self.opts.min_idle {
+        if self.age(st.st_ctime, st.st_ctime_nsec) < self.opts.min_idle {
             finding.action = "busy";
             return;
         }
