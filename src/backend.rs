@@ -148,6 +148,15 @@ pub struct AttrSet {
 }
 
 impl AttrSet {
+    /// Takes the fields `newer` has.
+    pub fn merge(&mut self, newer: &AttrSet) {
+        self.perm = newer.perm.or(self.perm);
+        self.uid = newer.uid.or(self.uid);
+        self.gid = newer.gid.or(self.gid);
+        self.atime = newer.atime.or(self.atime);
+        self.mtime = newer.mtime.or(self.mtime);
+    }
+
     pub fn is_empty(&self) -> bool {
         *self == AttrSet::default()
     }

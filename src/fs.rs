@@ -27,7 +27,6 @@ use crate::flush::publish::{self, Published, TempNames};
 use crate::flush::{self, Action, Failure, FlushOp, Outcome, Scheduler};
 use crate::journal::{Header, Journal, PendingState};
 use crate::namespace::{Attr, ConflictOutcome, Content, Effects, Ino, Namespace, ROOT, SetAttr, XattrCache};
-use crate::recovery::gate::{Gated, RecoveryGate};
 use crate::staging::Staging;
 use crate::xattr::{self, Acl, Xattrs};
 
@@ -146,26 +145,8 @@ pub struct Fs {
     writers_throttled: AtomicU64,
     /// What the backend accepts (probed at mount; absent: everything).
     capabilities: OnceLock<crate::backend::Capabilities>,
-    /// Up while work of a dead instance is recovered in the background.
-    gate: OnceLock<Arc<RecoveryGate>>,
-    /// What recovery did or is doing (null: nothing to recover), for `status`.
+    /// What recovery did (null: nothing to recover), for `status`.
     recovery: Mutex<serde_json::Value>,
-    /// The background recovery thread, while there is one.
-    recovery_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-}
-
-thread_local! {
-    /// Set on the recovery thread: it works behind the gate.
-    static RECOVERING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Marks the current thread as the recovery thread while it lives.
-pub struct RecoveryThread;
-
-impl Drop for RecoveryThread {
-    fn drop(&mut self) {
-        RECOVERING.with(|r| r.set(false));
-    }
 }
 
 /// The debounce while writers wait for cache space: long enough for a
@@ -211,9 +192,7 @@ impl Fs {
             writers_waiting_for_space: AtomicU64::new(0),
             writers_throttled: AtomicU64::new(0),
             capabilities: OnceLock::new(),
-            gate: OnceLock::new(),
             recovery: Mutex::new(serde_json::Value::Null),
-            recovery_thread: Mutex::new(None),
         })
     }
 
@@ -323,130 +302,22 @@ impl Fs {
         Ok(j)
     }
 
-    // ---- background recovery ---------------------------------------------
+    // ---- recovery -------------------------------------------------------------
 
-    /// Puts the recovery gate up (before serving).
-    pub fn begin_recovery(&self, gate: RecoveryGate) {
-        *self.recovery.lock() = serde_json::json!({"running": true});
-        let _ = self.gate.set(Arc::new(gate));
+    /// The overlay, for rebuilding it from a dead instance's journal before
+    /// serving (`recovery`).
+    pub(crate) fn namespace(&self) -> parking_lot::MutexGuard<'_, Namespace> {
+        self.ns.lock()
     }
 
-    /// The recovery gate, while recovery runs or after.
-    pub fn recovery_gate(&self) -> Option<&RecoveryGate> {
-        self.gate.get().map(|g| &**g)
-    }
-
-    /// Keeps the background recovery thread (see `join_recovery`).
-    pub fn set_recovery_handle(&self, h: std::thread::JoinHandle<()>) {
-        *self.recovery_thread.lock() = Some(h);
-    }
-
-    /// Waits for the background recovery thread to end.
-    pub fn join_recovery(&self) {
-        let h = self.recovery_thread.lock().take();
-        if let Some(h) = h
-            && h.join().is_err()
-        {
-            tracing::error!("the recovery thread panicked");
-        }
-    }
-
-    /// Marks the calling thread as the recovery thread (it passes the gate).
-    pub fn recovery_thread(&self) -> RecoveryThread {
-        RECOVERING.with(|r| r.set(true));
-        RecoveryThread
-    }
-
-    pub fn recovery_progress(&self, done: usize, total: usize) {
-        *self.recovery.lock() = serde_json::json!({"running": true, "ops": total, "ops_done": done});
-    }
-
-    /// Recovery is done: the gate opens.
-    pub fn end_recovery(&self, report: serde_json::Value) {
+    /// What recovering the journal of an earlier run did, for `status`.
+    pub fn set_recovery_report(&self, report: serde_json::Value) {
         *self.recovery.lock() = report;
-        if let Some(g) = self.gate.get() {
-            g.open();
-        }
     }
 
-    /// What recovery did or is doing (null: there was nothing to recover).
+    /// What recovery did (null: there was nothing to recover).
     pub fn recovery_status(&self) -> serde_json::Value {
         self.recovery.lock().clone()
-    }
-
-    /// Waits until recovery is done (or `deadline`); true if it is.
-    pub fn wait_recovered(&self, deadline: Option<Instant>) -> bool {
-        self.gate.get().is_none_or(|g| g.wait_open(deadline))
-    }
-
-    /// Waits for recovery if `path` is behind the gate for `what`.
-    fn pass_gate(&self, path: impl FnOnce() -> FsResult<RelPath>, what: Gated, may_block: bool) -> FsResult<()> {
-        let Some(g) = self.gate.get() else { return Ok(()) };
-        if g.is_open() || RECOVERING.with(|r| r.get()) {
-            return Ok(());
-        }
-        // An object without a path (unlinked) is behind nothing.
-        let Ok(p) = path() else { return Ok(()) };
-        if !g.blocks(what, &p) {
-            return Ok(());
-        }
-        if !may_block {
-            return Err(FsError::WouldBlock);
-        }
-        if g.wait(what, &p, Instant::now() + self.cfg.request_timeout) {
-            Ok(())
-        } else {
-            Err(FsError::TimedOut)
-        }
-    }
-
-    /// Waits for recovery if changing `name` in `dir` could move a path
-    /// recovered work still uses.
-    fn pass_gate_entry(&self, dir: Ino, name: &OsStr, may_block: bool) -> FsResult<()> {
-        self.pass_gate(|| Ok(self.ns.lock().path_of(dir)?.join(name)), Gated::Entry, may_block)
-    }
-
-    /// New objects get inode numbers above `ino` (a dead instance's, whose
-    /// journal records this mount carries).
-    pub fn reserve_inos(&self, ino: Ino) {
-        self.ns.lock().reserve_inos(ino);
-    }
-
-    /// Journals that the dead instance's objects `inos` have no pending state
-    /// of their own any more (what was taken back is recorded under this
-    /// mount's inodes).
-    pub fn forget_states(&self, inos: &[Ino]) {
-        let mut ns = self.ns.lock();
-        ns.touched.extend_from_slice(inos);
-        self.apply(&mut ns, Effects::default());
-    }
-
-    /// Reads an object's attributes again after recovery changed them, if
-    /// the overlay already shows it (a listing loaded meanwhile read them
-    /// while they were in flux) and has no changes of its own to them.
-    pub fn refresh_attrs(&self, path: &RelPath) {
-        let known = {
-            let ns = self.ns.lock();
-            let mut cur = Some(ROOT);
-            for name in &path.0 {
-                cur = cur.and_then(|d| ns.lookup(d, name).ok().flatten());
-            }
-            cur
-        };
-        let Some(ino) = known else { return };
-        let Ok(st) = self.backend.stat(path) else { return };
-        let mut ns = self.ns.lock();
-        let own_changes = ns.dirty_dir_attrs.contains(&ino) || ns.dirty_files.contains(&ino);
-        if !own_changes
-            && let Ok(i) = ns.get_mut(ino)
-            && i.kind == st.kind
-            && i.content == Content::Remote
-            && i.backend_ino == Some(st.ino)
-        {
-            i.attr = Attr::from_stat(&st);
-            i.backend_attr = i.attr.to_set(st.kind);
-            i.fetched = Some(Instant::now());
-        }
     }
 
     pub fn temp_names(&self) -> &TempNames {
@@ -469,104 +340,6 @@ impl Fs {
     /// Staging ids the overlay refers to (everything else in staging is left over).
     pub fn staging_in_use(&self) -> std::collections::HashSet<u64> {
         self.ns.lock().inodes().filter_map(|i| i.staged_id()).collect()
-    }
-
-    /// After a crash: takes back the pending state a journal replay left
-    /// (files with unpublished staged content, directory attributes),
-    /// loading the directories they live in. Returns what could not be
-    /// taken back, with the reason.
-    pub fn adopt(&self, states: Vec<PendingState>) -> Vec<(PendingState, String)> {
-        let mut failed = Vec::new();
-        for st in states {
-            if let Err(e) = self.adopt_one(&st) {
-                failed.push((st, e));
-            }
-        }
-        let mut ns = self.ns.lock();
-        self.apply(&mut ns, Effects::default());
-        failed
-    }
-
-    fn adopt_one(&self, st: &PendingState) -> Result<(), String> {
-        match st {
-            PendingState::File {
-                paths,
-                perm,
-                uid,
-                gid,
-                staging,
-                size,
-                ..
-            } => {
-                let mut names = Vec::new();
-                for p in paths {
-                    let (dir, name) = p.split_last().ok_or("the backend root is not a file")?;
-                    let d = self.resolve_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-                    names.push((d, name.to_owned()));
-                }
-                let f = self
-                    .staging
-                    .open_read(*staging)
-                    .map_err(|e| format!("staged data: {e}"))?;
-                use std::os::unix::fs::MetadataExt;
-                let md = f.metadata().map_err(|e| format!("staged data: {e}"))?;
-                if size.is_some_and(|s| s != md.len()) {
-                    return Err(format!(
-                        "staged data has {} bytes, not the {} it had when closed (lost in a machine crash before fsync?)",
-                        md.len(),
-                        size.unwrap_or(0)
-                    ));
-                }
-                let foreign = size.is_none() && self.staging.open_for_write_elsewhere(*staging);
-                let now = Timespec::now();
-                let attr = Attr {
-                    perm: *perm,
-                    uid: *uid,
-                    gid: *gid,
-                    size: md.len(),
-                    blocks: md.blocks(),
-                    rdev: 0,
-                    atime: Timespec {
-                        sec: md.atime(),
-                        nsec: md.atime_nsec() as u32,
-                    },
-                    mtime: Timespec {
-                        sec: md.mtime(),
-                        nsec: md.mtime_nsec() as u32,
-                    },
-                    ctime: now,
-                };
-                let mut ns = self.ns.lock();
-                ns.adopt_file(&names, *staging, attr, foreign, Instant::now())
-                    .map_err(|e| e.to_string())?;
-                Ok(())
-            }
-            PendingState::Dir { path, attrs, .. } => {
-                // The root needs no listing (its state is taken back before serving).
-                let d = if path.0.is_empty() {
-                    ROOT
-                } else {
-                    self.resolve_dir(path).map_err(|e| e.to_string())?
-                };
-                self.ns.lock().adopt_dir_attrs(d, attrs).map_err(|e| e.to_string())
-            }
-        }
-    }
-
-    /// The directory at `path`, loading every directory on the way.
-    fn resolve_dir(&self, path: &RelPath) -> FsResult<Ino> {
-        let mut cur = ROOT;
-        for name in &path.0 {
-            self.ensure_loaded(cur, true)?;
-            let ns = self.ns.lock();
-            let next = ns.lookup(cur, name)?.ok_or(FsError::NotFound)?;
-            if ns.get(next)?.kind != Kind::Dir {
-                return Err(FsError::NotDir);
-            }
-            cur = next;
-        }
-        self.ensure_loaded(cur, true)?;
-        Ok(cur)
     }
 
     // ---- metadata cache -------------------------------------------------
@@ -592,7 +365,6 @@ impl Fs {
 
     /// Makes sure `dir`'s listing is loaded and fresh.
     pub fn ensure_loaded(&self, dir: Ino, may_block: bool) -> FsResult<()> {
-        self.pass_gate(|| self.ns.lock().path_of(dir), Gated::Listing, may_block)?;
         {
             let mut ns = self.ns.lock();
             let d = ns.dir(dir)?;
@@ -610,16 +382,8 @@ impl Fs {
         }
         self.wait_path_stable(dir)?;
         let path = self.ns.lock().path_of(dir)?;
-        let (listing, mut ns) = loop {
-            // Recovery may settle an entry's attributes while we list (it
-            // puts directory times back, replays attribute ops): list again.
-            let epoch = self.gate.get().filter(|g| !g.is_open()).map(|g| g.epoch());
-            let listing = crate::meta::load_dir(&*self.backend, &path, self.cfg.meta_parallel).map_err(io_err)?;
-            let ns = self.ns.lock();
-            if epoch.is_none_or(|e| self.gate.get().is_some_and(|g| g.epoch() == e)) {
-                break (listing, ns);
-            }
-        };
+        let listing = crate::meta::load_dir(&*self.backend, &path, self.cfg.meta_parallel).map_err(io_err)?;
+        let mut ns = self.ns.lock();
         let big = listing.len() >= 4096;
         if ns.dir(dir)?.loaded.is_some() && self.sched.dir_busy(dir) {
             return Ok(()); // changed while we listed: keep the overlay
@@ -641,11 +405,6 @@ impl Fs {
         if name.len() > 255 {
             return Err(FsError::NameTooLong);
         }
-        self.pass_gate(
-            || Ok(self.ns.lock().path_of(parent)?.join(name)),
-            Gated::Attrs,
-            may_block,
-        )?;
         self.ensure_loaded(parent, may_block)?;
         let mut ns = self.ns.lock();
         let ino = ns.lookup(parent, name)?.ok_or(FsError::NotFound)?;
@@ -661,7 +420,6 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: Ino, may_block: bool) -> FsResult<AttrOut> {
-        self.pass_gate(|| self.ns.lock().path_of(ino), Gated::Attrs, may_block)?;
         if self.ns.lock().get(ino)?.writers > 0 {
             self.refresh_from_staging(ino);
         }
@@ -698,7 +456,6 @@ impl Fs {
 
     pub fn setattr(&self, ino: Ino, ch: SetAttr, may_block: bool) -> FsResult<AttrOut> {
         // Journaled attributes still to be taken back must not overwrite this change.
-        self.pass_gate(|| self.ns.lock().path_of(ino), Gated::Attrs, may_block)?;
         if let Some(size) = ch.size {
             self.truncate(ino, size, may_block)?;
         }
@@ -998,7 +755,6 @@ impl Fs {
     }
 
     pub fn unlink(&self, parent: Ino, name: &OsStr, may_block: bool) -> FsResult<()> {
-        self.pass_gate_entry(parent, name, may_block)?;
         self.change(parent, may_block, |ns, fx| ns.unlink(parent, name, fx))
     }
 
@@ -1012,7 +768,6 @@ impl Fs {
     }
 
     pub fn rmdir(&self, parent: Ino, name: &OsStr, may_block: bool) -> FsResult<()> {
-        self.pass_gate_entry(parent, name, may_block)?;
         self.ensure_loaded(parent, may_block)?;
         if let Some(child) = self.child_dir(parent, name)? {
             self.ensure_loaded(child, may_block)?;
@@ -1032,8 +787,6 @@ impl Fs {
         if flags & !(libc::RENAME_NOREPLACE) != 0 {
             return Err(FsError::Invalid); // RENAME_EXCHANGE / WHITEOUT: not supported
         }
-        self.pass_gate_entry(parent, name, may_block)?;
-        self.pass_gate_entry(newparent, newname, may_block)?;
         self.ensure_loaded(newparent, may_block)?;
         if let Some(t) = self.child_dir(newparent, newname)? {
             self.ensure_loaded(t, may_block)?;
@@ -1686,7 +1439,6 @@ impl Fs {
     /// staging file, any other object's from the overlay (loaded first if
     /// needed).
     fn read_xattrs<T>(&self, ino: Ino, may_block: bool, f: impl Fn(&Xattrs) -> T) -> FsResult<T> {
-        self.pass_gate(|| self.ns.lock().path_of(ino), Gated::Attrs, may_block)?;
         {
             let ns = self.ns.lock();
             let i = ns.get(ino)?;
@@ -1710,7 +1462,6 @@ impl Fs {
 
     pub fn getxattr(&self, ino: Ino, name: &OsStr, may_block: bool) -> FsResult<Vec<u8>> {
         self.check_xattr_name(name)?;
-        self.pass_gate(|| self.ns.lock().path_of(ino), Gated::Attrs, may_block)?;
         {
             // The kernel asks for `security.capability` before every write
             // to a file (staged, then): one local getxattr, not a listing.
@@ -1739,7 +1490,6 @@ impl Fs {
         self.check_xattr_name(name)?;
         self.check_journal()?;
         tracing::debug!(ino, ?name, set = value.is_some(), flags, "setxattr");
-        self.pass_gate(|| self.ns.lock().path_of(ino), Gated::Attrs, may_block)?;
         let is_access_acl = name == xattr::ACL_ACCESS;
         let acl = match (value, xattr::classify(name)) {
             (Some(v), xattr::Class::Acl) => Some(Acl::parse(v).map_err(|_| FsError::Invalid)?),
@@ -1852,9 +1602,6 @@ impl Fs {
 
     pub fn readdir(&self, dir: Ino, offset: u64, plus: bool, may_block: bool) -> FsResult<Vec<DirEntryOut>> {
         self.ensure_loaded(dir, may_block)?;
-        if plus {
-            self.pass_gate(|| self.ns.lock().path_of(dir), Gated::ChildAttrs, may_block)?;
-        }
         let mut ns = self.ns.lock();
         let d = ns.dir(dir)?;
         let parent = if dir == ROOT {
@@ -1928,14 +1675,11 @@ impl Fs {
         }
         if !ns.dirty_dir_attrs.is_empty() {
             let busy = ns.dirs_with_unqueued_files();
-            // The root's taken-back attributes wait for the replay of the
-            // dead instance's ops on it (another scheduler) to end.
-            let recovering = self.gate.get().is_some_and(|g| !g.is_open());
             let ready: Vec<Ino> = ns
                 .dirty_dir_attrs
                 .iter()
                 .copied()
-                .filter(|d| !(busy.contains(d) || self.sched.dir_busy(*d) || recovering && *d == ROOT))
+                .filter(|d| !(busy.contains(d) || self.sched.dir_busy(*d)))
                 .collect();
             for d in ready {
                 match ns.queue_dir_attrs(d) {
@@ -2172,20 +1916,6 @@ impl Fs {
     /// The `sync` barrier: publishes everything accepted so far and waits for
     /// it (files still open for writing are reported, not waited for).
     pub fn sync(&self, deadline: Option<Instant>) -> SyncReport {
-        // Work recovered from a crash was accepted before this barrier too.
-        if !self.wait_recovered(deadline) {
-            let ns = self.ns.lock();
-            return SyncReport {
-                complete: false,
-                failures: self.sched.failures(),
-                open_files: ns
-                    .dirty_files
-                    .iter()
-                    .filter(|i| ns.get(**i).is_ok_and(|i| i.writers > 0))
-                    .map(|i| ns.path_of(*i).map(|p| p.display()).unwrap_or_default())
-                    .collect(),
-            };
-        }
         if let Err(e) = self.sync_journal() {
             tracing::warn!(error = %e, "cannot sync the journal");
         }

@@ -96,6 +96,25 @@ impl Attr {
         d
     }
 
+    /// Takes the fields `set` has.
+    fn apply(&mut self, set: &AttrSet) {
+        if let Some(p) = set.perm {
+            self.perm = p;
+        }
+        if let Some(u) = set.uid {
+            self.uid = u;
+        }
+        if let Some(g) = set.gid {
+            self.gid = g;
+        }
+        if let Some(t) = set.atime {
+            self.atime = t;
+        }
+        if let Some(t) = set.mtime {
+            self.mtime = t;
+        }
+    }
+
     /// Everything a publish or attribute flush sets on the backend.
     pub fn to_set(&self, kind: Kind) -> AttrSet {
         AttrSet {
@@ -578,19 +597,32 @@ impl Namespace {
         if self.lookup(parent, name)?.is_some() {
             return Err(FsError::Exists);
         }
+        inode.lookups = 1;
+        let ino = self.attach(parent, name, inode)?;
+        self.touch_dir(parent);
+        Ok(ino)
+    }
+
+    /// Adds a new inode under `name` in `parent` (which has no such entry).
+    fn attach(&mut self, parent: Ino, name: &OsStr, mut inode: Inode) -> FsResult<Ino> {
         let ino = inode.ino;
         self.touched.push(ino);
         inode.links.push((parent, name.to_owned()));
-        inode.lookups = 1;
-        let is_dir = inode.kind == Kind::Dir;
         self.inodes.insert(ino, Box::new(inode));
+        self.link_entry(parent, name, ino)?;
+        Ok(ino)
+    }
+
+    /// Adds the entry `name` in `parent` for the existing inode `ino`, whose
+    /// links already name it.
+    fn link_entry(&mut self, parent: Ino, name: &OsStr, ino: Ino) -> FsResult<()> {
+        let is_dir = self.get(ino)?.kind == Kind::Dir;
         let d = self.dir_mut(parent)?;
         d.insert(name.to_owned(), ino, false, None);
         if is_dir {
             d.subdirs += 1;
         }
-        self.touch_dir(parent);
-        Ok(ino)
+        Ok(())
     }
 
     pub fn mkdir(
@@ -974,10 +1006,8 @@ impl Namespace {
             let diff = attr.diff(kind, &self.get(ino)?.backend_attr);
             if !diff.is_empty() {
                 let path = self.path_of(ino)?;
-                let names: Vec<(Ino, OsString)> = self.get(ino)?.links.clone();
-                let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
-                fx.ops
-                    .push(self.op(&names_ref, &[ino], Action::SetAttr { path, attrs: diff })?);
+                let keys = self.attr_keys(ino)?;
+                fx.ops.push(FlushOp::new(keys, Action::SetAttr { path, attrs: diff }));
                 self.get_mut(ino)?.backend_attr = attr.to_set(kind);
             }
         }
@@ -1003,13 +1033,7 @@ impl Namespace {
         if !i.on_backend || (i.links.is_empty() && ino != ROOT) {
             return Ok(()); // nothing on the backend (any more) to change
         }
-        let keys = if ino == ROOT {
-            vec![(Key::Ino(ROOT), Access::Exclusive)]
-        } else {
-            let names: Vec<(Ino, OsString)> = i.links.clone();
-            let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
-            self.keys(&names_ref, &[ino])?
-        };
+        let keys = self.attr_keys(ino)?;
         let path = self.path_of(ino)?;
         fx.ops.push(FlushOp::new(
             keys,
@@ -1080,6 +1104,14 @@ impl Namespace {
                 attrs,
             },
         )?;
+        // The publish changes its directories' entries (and times) on the
+        // backend; the overlay's times go back after it. Journaled now, so
+        // a crash while it runs cannot leave the backend's.
+        for (p, _) in &names {
+            if self.dirty_dir_attrs.insert(*p) {
+                self.touched.push(*p);
+            }
+        }
         let mut replaces = None;
         for (k, (p, n)) in names.iter().enumerate() {
             if let Some(d) = self.dir_mut(*p)?.entries.get_mut(n) {
@@ -1338,5 +1370,334 @@ impl Namespace {
             i.lookups = i.lookups.saturating_sub(n);
             self.maybe_free(ino, fx);
         }
+    }
+}
+
+/// What became of an op a crashed instance journaled but did not finish,
+/// once replayed into the overlay (see `Namespace::replay`).
+#[derive(Debug)]
+pub enum Replayed {
+    /// Still to run on the backend: the op, with the keys it holds in this
+    /// overlay (a publish names this overlay's inode).
+    Queue(FlushOp),
+    /// The backend already shows it: the crash came between the op and its
+    /// done mark.
+    Applied,
+}
+
+/// The staged copy a replayed publish brings: its blocks as the staging
+/// file has them (its size is checked against the op by the caller).
+#[derive(Clone, Copy, Debug)]
+pub struct StagedCopy {
+    pub blocks: u64,
+}
+
+// ---- recovery: the overlay rebuilt from a dead instance's journal -------------
+//
+// The overlay starts as the backend's tree; the ops the dead instance
+// journaled and did not finish are applied to it in journal order, so it
+// shows what that instance had acknowledged before it serves anything. An op
+// whose effect the backend already shows (a rename whose source is gone, a
+// mkdir whose directory exists) ran before the crash: the scheduler finished
+// every op that conflicts with an unfinished one only after it, so nothing
+// else can have changed those names.
+impl Namespace {
+    /// The object at `path`, through loaded directories (None: a name on
+    /// the way is missing; `WouldBlock`: a directory on the way is not
+    /// loaded yet).
+    pub fn resolve(&self, path: &RelPath) -> FsResult<Option<Ino>> {
+        let mut cur = ROOT;
+        for name in &path.0 {
+            let d = self.dir(cur)?;
+            if d.loaded.is_none() {
+                return Err(FsError::WouldBlock);
+            }
+            match d.entries.get(name.as_os_str()) {
+                Some(e) => cur = e.ino,
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(cur))
+    }
+
+    /// The loaded directory holding `path`, and its last name.
+    fn parent_of(&self, path: &RelPath) -> FsResult<(Ino, OsString)> {
+        let (dir, name) = path.split_last().ok_or(FsError::Invalid)?;
+        let d = self.resolve(&dir)?.ok_or(FsError::NotFound)?;
+        if self.dir(d)?.loaded.is_none() {
+            return Err(FsError::WouldBlock);
+        }
+        Ok((d, name.to_owned()))
+    }
+
+    /// A replayed op changed `dir`'s entries: its times (as loaded, or as
+    /// journaled) go back once its entries settle on the backend.
+    fn entries_replayed(&mut self, dir: Ino) {
+        self.dirty_dir_attrs.insert(dir);
+    }
+
+    /// Applies a journaled op of a dead instance to the overlay (every
+    /// directory its paths go through loaded). `staged`: for a publish, its
+    /// staged copy. Staging ids that nothing refers to any more are added
+    /// to `discard`.
+    pub fn replay(&mut self, action: Action, staged: Option<StagedCopy>, discard: &mut Vec<u64>) -> FsResult<Replayed> {
+        let mut fx = Effects::default();
+        let r = self.replay_one(action, staged, &mut fx);
+        discard.append(&mut fx.discard);
+        r
+    }
+
+    fn replay_one(&mut self, action: Action, staged: Option<StagedCopy>, fx: &mut Effects) -> FsResult<Replayed> {
+        let now = Instant::now();
+        match action {
+            Action::Mkdir { path, perm, uid, gid } => {
+                let (parent, name) = self.parent_of(&path)?;
+                if let Some(e) = self.lookup(parent, &name)? {
+                    return match self.get(e)?.kind {
+                        Kind::Dir => Ok(Replayed::Applied),
+                        _ => Err(FsError::Exists),
+                    };
+                }
+                let ino = self.new_ino();
+                let mut i = Inode::new(ino, Kind::Dir, Attr::new(perm, uid, gid));
+                i.on_backend = true;
+                i.xattrs = Some(XattrCache::new(Xattrs::new()));
+                i.backend_attr = AttrSet {
+                    perm: Some(perm),
+                    uid: Some(uid),
+                    gid: Some(gid),
+                    atime: None,
+                    mtime: None,
+                };
+                i.dir.as_mut().expect("dir").loaded = Some(now);
+                self.attach(parent, &name, i)?;
+                self.dirty_dir_attrs.insert(ino);
+                self.entries_replayed(parent);
+                let op = self.op(&[(parent, &name)], &[ino], Action::Mkdir { path, perm, uid, gid })?;
+                Ok(Replayed::Queue(op))
+            }
+            Action::Rmdir { path } => {
+                let (parent, name) = self.parent_of(&path)?;
+                let Some(dir) = self.lookup(parent, &name)? else {
+                    return Ok(Replayed::Applied);
+                };
+                if self.get(dir)?.kind != Kind::Dir {
+                    return Err(FsError::NotDir);
+                }
+                let op = self.op(&[(parent, &name)], &[dir], Action::Rmdir { path })?;
+                self.detach(parent, &name)?;
+                self.maybe_free(dir, fx);
+                self.entries_replayed(parent);
+                Ok(Replayed::Queue(op))
+            }
+            Action::Unlink { path } => {
+                let (parent, name) = self.parent_of(&path)?;
+                let Some(ino) = self.lookup(parent, &name)? else {
+                    return Ok(Replayed::Applied);
+                };
+                let i = self.get(ino)?;
+                if i.kind == Kind::Dir {
+                    return Err(FsError::IsDir);
+                }
+                // Removes the object loaded from the backend only if it is
+                // still there (another client may replace it meanwhile).
+                let expect = i.backend_ino.filter(|_| i.content == Content::Remote);
+                let mut op = self.op(&[(parent, &name)], &[ino], Action::Unlink { path })?;
+                op.expect_ino = expect;
+                self.detach(parent, &name)?;
+                self.maybe_free(ino, fx);
+                self.entries_replayed(parent);
+                Ok(Replayed::Queue(op))
+            }
+            Action::Rename { from, to, noreplace } => {
+                let (sp, sn) = self.parent_of(&from)?;
+                let (dp, dn) = self.parent_of(&to)?;
+                let Some(src) = self.lookup(sp, &sn)? else {
+                    return Ok(Replayed::Applied);
+                };
+                let dst = self.lookup(dp, &dn)?;
+                if dst == Some(src) {
+                    return Ok(Replayed::Applied);
+                }
+                let mut objects = vec![src];
+                objects.extend(dst);
+                let keys = self.keys(&[(sp, &sn), (dp, &dn)], &objects)?;
+                if let Some(t) = dst {
+                    self.detach(dp, &dn)?;
+                    self.maybe_free(t, fx);
+                }
+                self.detach(sp, &sn)?;
+                self.get_mut(src)?.links.push((dp, dn.clone()));
+                self.link_entry(dp, &dn, src)?;
+                self.touched.push(src);
+                self.entries_replayed(sp);
+                self.entries_replayed(dp);
+                Ok(Replayed::Queue(FlushOp::new(
+                    keys,
+                    Action::Rename { from, to, noreplace },
+                )))
+            }
+            Action::Symlink { path, target, attrs } => {
+                let (parent, name) = self.parent_of(&path)?;
+                if self.lookup(parent, &name)?.is_some() {
+                    return Ok(Replayed::Applied);
+                }
+                let ino = self.new_ino();
+                let mut i = Inode::new(ino, Kind::Symlink, Attr::new(0o777, 0, 0));
+                i.attr.apply(&attrs);
+                i.attr.size = target.len() as u64;
+                i.symlink_target = Some(target.clone());
+                i.on_backend = true;
+                i.xattrs = Some(XattrCache::new(Xattrs::new()));
+                i.backend_attr = attrs.clone();
+                self.attach(parent, &name, i)?;
+                self.entries_replayed(parent);
+                let op = self.op(&[(parent, &name)], &[ino], Action::Symlink { path, target, attrs })?;
+                Ok(Replayed::Queue(op))
+            }
+            Action::Mknod {
+                path,
+                kind,
+                perm,
+                rdev,
+                attrs,
+            } => {
+                let (parent, name) = self.parent_of(&path)?;
+                if self.lookup(parent, &name)?.is_some() {
+                    return Ok(Replayed::Applied);
+                }
+                let ino = self.new_ino();
+                let mut i = Inode::new(ino, kind, Attr::new(perm, 0, 0));
+                i.attr.apply(&attrs);
+                i.attr.rdev = rdev;
+                i.on_backend = true;
+                i.xattrs = Some(XattrCache::new(Xattrs::new()));
+                i.backend_attr = i.attr.to_set(kind);
+                self.attach(parent, &name, i)?;
+                self.entries_replayed(parent);
+                let action = Action::Mknod {
+                    path,
+                    kind,
+                    perm,
+                    rdev,
+                    attrs,
+                };
+                Ok(Replayed::Queue(self.op(&[(parent, &name)], &[ino], action)?))
+            }
+            Action::Link { existing, new } => {
+                let (np, nn) = self.parent_of(&new)?;
+                if self.lookup(np, &nn)?.is_some() {
+                    return Ok(Replayed::Applied);
+                }
+                let (sp, sn) = self.parent_of(&existing)?;
+                let src = self.lookup(sp, &sn)?.ok_or(FsError::NotFound)?;
+                if self.get(src)?.kind == Kind::Dir {
+                    return Err(FsError::NotPermitted);
+                }
+                let keys = self.keys(&[(np, &nn), (sp, &sn)], &[src])?;
+                self.get_mut(src)?.links.push((np, nn.clone()));
+                self.link_entry(np, &nn, src)?;
+                self.touched.push(src);
+                self.entries_replayed(np);
+                Ok(Replayed::Queue(FlushOp::new(keys, Action::Link { existing, new })))
+            }
+            Action::SetAttr { path, attrs } => {
+                let Some(ino) = self.resolve(&path)? else {
+                    return Ok(Replayed::Applied); // gone from the backend since
+                };
+                let i = self.get_mut(ino)?;
+                i.attr.apply(&attrs);
+                i.backend_attr.merge(&attrs);
+                let keys = self.attr_keys(ino)?;
+                Ok(Replayed::Queue(FlushOp::new(keys, Action::SetAttr { path, attrs })))
+            }
+            Action::SetXattr { path, name, value } => {
+                let Some(ino) = self.resolve(&path)? else {
+                    return Ok(Replayed::Applied);
+                };
+                if let Some(cache) = self.get_mut(ino)?.xattrs.as_mut() {
+                    match &value {
+                        Some(v) => cache.map.insert(name.clone(), v.clone()),
+                        None => cache.map.remove(&name),
+                    };
+                }
+                let keys = self.attr_keys(ino)?;
+                Ok(Replayed::Queue(FlushOp::new(
+                    keys,
+                    Action::SetXattr { path, name, value },
+                )))
+            }
+            Action::Publish {
+                ino: _,
+                staging,
+                size,
+                paths,
+                attrs,
+            } => {
+                let staged = staged.ok_or(FsError::NotFound)?;
+                let mut names = Vec::new();
+                for p in &paths {
+                    let (d, n) = self.parent_of(p)?;
+                    if let Some(old) = self.lookup(d, &n)?
+                        && self.get(old)?.kind == Kind::Dir
+                    {
+                        return Err(FsError::IsDir);
+                    }
+                    names.push((d, n));
+                }
+                let ino = self.new_ino();
+                let mut attr = Attr::new(0o600, 0, 0);
+                attr.apply(&attrs);
+                attr.size = size;
+                attr.blocks = staged.blocks;
+                let mut i = Inode::new(ino, Kind::File, attr);
+                i.content = Content::Staged {
+                    id: staging,
+                    dirty: false,
+                };
+                i.on_backend = true;
+                i.publish_queued = 1;
+                i.backend_attr = i.attr.to_set(Kind::File);
+                self.inodes.insert(ino, Box::new(i));
+                for (k, (d, n)) in names.iter().enumerate() {
+                    if let Some(old) = self.lookup(*d, n)? {
+                        // The publish replaces what the first name has on
+                        // the backend now: checked before it does.
+                        let o = self.get(old)?;
+                        if k == 0 && o.content == Content::Remote {
+                            let replaces = o.backend_ino;
+                            self.get_mut(ino)?.replaces = replaces;
+                        }
+                        self.detach(*d, n)?;
+                        self.maybe_free(old, fx);
+                    }
+                    self.get_mut(ino)?.links.push((*d, n.clone()));
+                    self.link_entry(*d, n, ino)?;
+                    self.entries_replayed(*d);
+                }
+                self.touched.push(ino);
+                self.next_staging = self.next_staging.max(staging + 1);
+                let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
+                let action = Action::Publish {
+                    ino,
+                    staging,
+                    size,
+                    paths,
+                    attrs,
+                };
+                Ok(Replayed::Queue(self.op(&names_ref, &[ino], action)?))
+            }
+            Action::Barrier(_) => Ok(Replayed::Applied),
+        }
+    }
+
+    /// Keys of an op that changes an object's attributes.
+    fn attr_keys(&self, ino: Ino) -> FsResult<Vec<(Key, Access)>> {
+        if ino == ROOT {
+            return Ok(vec![(Key::Ino(ROOT), Access::Exclusive)]);
+        }
+        let names: Vec<(Ino, OsString)> = self.get(ino)?.links.clone();
+        let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
+        self.keys(&names_ref, &[ino])
     }
 }

@@ -18,7 +18,7 @@ use crate::flush::{RetryPolicy, Scheduler};
 use crate::fs::{Fs, FsConfig};
 use crate::fuse::session::{self, SUBTYPE};
 use crate::journal::Header;
-use crate::recovery::{self, ReplayConfig};
+use crate::recovery;
 use crate::staging::Staging;
 
 /// Environment variable carrying the readiness pipe fd to a background daemon.
@@ -320,24 +320,7 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
         cache_size: cfg.cache_size,
         xattrs: cfg.xattrs,
     };
-    let replay_cfg = ReplayConfig {
-        workers: cfg.flushers,
-        dir_concurrency: cfg.dir_concurrency,
-        retry: RetryPolicy {
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(30),
-        },
-    };
-    let fs = recovery::start_fs(
-        &cache,
-        backend,
-        staging,
-        sched.clone(),
-        temps,
-        header,
-        fs_cfg,
-        &replay_cfg,
-    )?;
+    let fs = recovery::start_fs(&cache, backend, staging, sched.clone(), temps, header, fs_cfg)?;
     if !cfg.journal_sync.is_zero() {
         fs.journal()
             .expect("journaling started")

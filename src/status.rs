@@ -110,16 +110,12 @@ pub fn render(v: &serde_json::Value) -> String {
         ));
     }
     let r = &v["recovery"];
-    if r["running"].as_bool() == Some(true) {
+    if r.is_object() {
         out.push_str(&format!(
-            "recovering    {} of {} journaled ops of the last run replayed; directories they touch wait until it is done\n",
-            r["ops_done"].as_u64().unwrap_or(0),
-            r["ops"].as_u64().map_or("?".into(), |n| n.to_string()),
-        ));
-    } else if r.is_object() {
-        out.push_str(&format!(
-            "recovered     {} journaled ops replayed, {} files/dirs taken back, {} temp files removed, {} not recoverable (in the background after the mount)\n",
-            r["ops"].as_u64().unwrap_or(0),
+            "recovered     the last run's journal in {:.2} s before serving: {} ops queued again ({} already on the backend), {} files/dirs taken back, {} temp files removed, {} not recoverable (see the log)\n",
+            r["seconds"].as_f64().unwrap_or(0.0),
+            r["ops_queued"].as_u64().unwrap_or(0),
+            r["ops_already_applied"].as_u64().unwrap_or(0),
             r["states"].as_u64().unwrap_or(0),
             r["orphans_removed"].as_u64().unwrap_or(0),
             r["failed"].as_u64().unwrap_or(0)
