@@ -165,7 +165,8 @@ pub struct FlushOp {
     pub journal_seq: Option<u64>,
     /// For an unlink: the backend inode number the name must still have (the
     /// one this mount knew), else another client replaced the file and it is
-    /// left alone. Not journaled: ops replayed after a crash are not checked.
+    /// left alone. Not journaled: after a crash, recovery sets it again from
+    /// the backend object the rebuilt overlay loaded.
     pub expect_ino: Option<u64>,
 }
 

@@ -235,8 +235,8 @@ impl Fs {
                 tx.op(op);
             }
             if moved_dir {
-                // Objects of this overlay only: records carried over from a
-                // crashed instance stay until recovery took them back.
+                // Everything tracked below the moved directory has new paths
+                // (objects freed since were cleared when they were freed).
                 touched.extend(tx.tracked().into_iter().filter(|i| ns.get(*i).is_ok()));
             }
             touched.sort_unstable();
@@ -263,14 +263,13 @@ impl Fs {
     }
 
     /// Starts journaling (once, before serving): a new journal holding the
-    /// pending state the overlay has now, and the work `carried` over from an
-    /// earlier run's journal (its ops get new sequence numbers), replaces
-    /// `<cache>/journal`.
+    /// pending state the overlay has now, and the ops `carried_ops` rebuilt
+    /// from an earlier run's journal (they get new sequence numbers),
+    /// replaces `<cache>/journal`.
     pub fn start_journal(
         &self,
         cache: &std::path::Path,
         header: Header,
-        carried_states: Vec<PendingState>,
         carried_ops: &mut [FlushOp],
     ) -> std::io::Result<Arc<Journal>> {
         let mut ns = self.ns.lock();
@@ -282,8 +281,7 @@ impl Fs {
             .collect();
         inos.sort_unstable();
         inos.dedup();
-        let mut states: Vec<PendingState> = inos.into_iter().filter_map(|i| ns.pending_state(i)).collect();
-        states.extend(carried_states);
+        let states: Vec<PendingState> = inos.into_iter().filter_map(|i| ns.pending_state(i)).collect();
         let j = Arc::new(Journal::create(cache, header, states)?);
         if !carried_ops.is_empty() {
             let mut tx = j.begin();
@@ -455,7 +453,6 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: Ino, ch: SetAttr, may_block: bool) -> FsResult<AttrOut> {
-        // Journaled attributes still to be taken back must not overwrite this change.
         if let Some(size) = ch.size {
             self.truncate(ino, size, may_block)?;
         }
@@ -1674,7 +1671,9 @@ impl Fs {
             }
         }
         if !ns.dirty_dir_attrs.is_empty() {
-            let busy = ns.dirs_with_unqueued_files();
+            let mut busy = ns.dirs_with_unqueued_files();
+            // The publishes just queued are not in the scheduler yet.
+            busy.extend(fx.ops.iter().flat_map(|op| op.changed_dirs()));
             let ready: Vec<Ino> = ns
                 .dirty_dir_attrs
                 .iter()
@@ -1925,18 +1924,24 @@ impl Fs {
             // once nothing is queued nothing can until someone changes the tree.
             // Publishes of files open for writing wait for the close; those
             // files are reported, not waited for.
-            let idle = self.sched.queued() == 0
-                || self.sched.only_waiting_for_writers().is_some_and(|inos| {
-                    let ns = self.ns.lock();
-                    inos.iter().all(|i| ns.get(*i).is_ok_and(|i| i.writers > 0))
-                });
+            let waiting = if self.sched.queued() == 0 {
+                Some(Vec::new())
+            } else {
+                self.sched.only_waiting_for_writers()
+            };
+            let idle = waiting.as_ref().is_some_and(|inos| {
+                let ns = self.ns.lock();
+                inos.iter().all(|i| ns.get(*i).is_ok_and(|i| i.writers > 0))
+            });
             let pending = {
                 let ns = self.ns.lock();
-                // Directories waiting only for files still open for writing do
+                // Directories waiting only for files still open for writing
+                // (unqueued, or whose queued publish waits for the close) do
                 // not hold up the barrier (those files are reported instead).
                 let held_open: std::collections::HashSet<Ino> = ns
                     .dirty_files
                     .iter()
+                    .chain(waiting.iter().flatten())
                     .filter_map(|i| ns.get(*i).ok())
                     .filter(|i| i.writers > 0)
                     .flat_map(|i| i.links.iter().map(|(p, _)| *p))

@@ -14,8 +14,9 @@
 //!   and a directory whose attributes are still to be applied. Each record
 //!   replaces the previous one for the same object; `Clear` ends it.
 //!
-//! Recovery (see `recovery`) runs the pending ops, then re-adopts the pending
-//! state into the new overlay, whose names are valid once every op has run.
+//! Recovery (see `recovery`) applies the pending ops to a new overlay, then
+//! takes the pending state back into it (its names are valid once every op
+//! has been applied), before the new mount's first reply.
 //!
 //! Records are written with write(2) (they survive `kill -9`), batched per
 //! filesystem op, and made durable against power loss by a group commit every
@@ -86,12 +87,6 @@ impl PendingState {
     pub fn ino(&self) -> Ino {
         match self {
             PendingState::File { ino, .. } | PendingState::Dir { ino, .. } => *ino,
-        }
-    }
-    /// Keys the record under another inode number.
-    pub fn set_ino(&mut self, to: Ino) {
-        match self {
-            PendingState::File { ino, .. } | PendingState::Dir { ino, .. } => *ino = to,
         }
     }
 }

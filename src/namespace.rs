@@ -1277,7 +1277,8 @@ impl Namespace {
 
     /// After a crash: takes back a file whose staged content was never
     /// published, under `names` (parents loaded). What the backend has under
-    /// those names is shadowed: the publish replaces it.
+    /// those names is shadowed: the publish replaces it. Staging ids that
+    /// nothing refers to any more are added to `discard`.
     pub fn adopt_file(
         &mut self,
         names: &[(Ino, OsString)],
@@ -1285,6 +1286,7 @@ impl Namespace {
         attr: Attr,
         foreign_writer: bool,
         now: Instant,
+        discard: &mut Vec<u64>,
     ) -> FsResult<Ino> {
         for (p, n) in names {
             check_name(n)?;
@@ -1307,7 +1309,9 @@ impl Namespace {
                 Some(old) => {
                     let old_ino = self.get(old)?.backend_ino;
                     self.detach(*p, n)?;
-                    self.maybe_free(old, &mut Effects::default());
+                    let mut fx = Effects::default();
+                    self.maybe_free(old, &mut fx);
+                    discard.append(&mut fx.discard);
                     (true, old_ino)
                 }
                 None => (false, None),
@@ -1337,13 +1341,6 @@ impl Namespace {
         // For a directory this only marks its attributes as due (no op).
         self.set_attrs(dir, &ch, &mut Effects::default())?;
         Ok(())
-    }
-
-    /// New objects get inode numbers above `ino`.
-    pub fn reserve_inos(&mut self, ino: Ino) {
-        if ino >= SYNTHETIC_BASE {
-            self.next_synthetic = self.next_synthetic.max(ino);
-        }
     }
 
     /// New staging ids start above `id` (ids of files kept from a crash).
@@ -1452,11 +1449,19 @@ impl Namespace {
         match action {
             Action::Mkdir { path, perm, uid, gid } => {
                 let (parent, name) = self.parent_of(&path)?;
-                if let Some(e) = self.lookup(parent, &name)? {
-                    return match self.get(e)?.kind {
-                        Kind::Dir => Ok(Replayed::Applied),
-                        _ => Err(FsError::Exists),
-                    };
+                let set = AttrSet {
+                    perm: Some(perm),
+                    uid: Some(uid),
+                    gid: Some(gid),
+                    ..Default::default()
+                };
+                if let Some(op) = self.replay_existing(parent, &name, Kind::Dir, &set, || Action::Mkdir {
+                    path: path.clone(),
+                    perm,
+                    uid,
+                    gid,
+                })? {
+                    return Ok(op);
                 }
                 let ino = self.new_ino();
                 let mut i = Inode::new(ino, Kind::Dir, Attr::new(perm, uid, gid));
@@ -1517,7 +1522,14 @@ impl Namespace {
                 };
                 let dst = self.lookup(dp, &dn)?;
                 if dst == Some(src) {
-                    return Ok(Replayed::Applied);
+                    // Two names of one backend file: rename(2) would do
+                    // nothing; the old name goes, as in the live mount.
+                    let expect = self.get(src)?.backend_ino;
+                    let mut op = self.op(&[(sp, &sn)], &[src], Action::Unlink { path: from })?;
+                    op.expect_ino = expect;
+                    self.detach(sp, &sn)?;
+                    self.entries_replayed(sp);
+                    return Ok(Replayed::Queue(op));
                 }
                 let mut objects = vec![src];
                 objects.extend(dst);
@@ -1539,8 +1551,12 @@ impl Namespace {
             }
             Action::Symlink { path, target, attrs } => {
                 let (parent, name) = self.parent_of(&path)?;
-                if self.lookup(parent, &name)?.is_some() {
-                    return Ok(Replayed::Applied);
+                if let Some(op) = self.replay_existing(parent, &name, Kind::Symlink, &attrs, || Action::Symlink {
+                    path: path.clone(),
+                    target: target.clone(),
+                    attrs: attrs.clone(),
+                })? {
+                    return Ok(op);
                 }
                 let ino = self.new_ino();
                 let mut i = Inode::new(ino, Kind::Symlink, Attr::new(0o777, 0, 0));
@@ -1563,8 +1579,16 @@ impl Namespace {
                 attrs,
             } => {
                 let (parent, name) = self.parent_of(&path)?;
-                if self.lookup(parent, &name)?.is_some() {
-                    return Ok(Replayed::Applied);
+                let mut set = attrs.clone();
+                set.perm = Some(perm);
+                if let Some(op) = self.replay_existing(parent, &name, kind, &set, || Action::Mknod {
+                    path: path.clone(),
+                    kind,
+                    perm,
+                    rdev,
+                    attrs: attrs.clone(),
+                })? {
+                    return Ok(op);
                 }
                 let ino = self.new_ino();
                 let mut i = Inode::new(ino, kind, Attr::new(perm, 0, 0));
@@ -1590,7 +1614,11 @@ impl Namespace {
                     return Ok(Replayed::Applied);
                 }
                 let (sp, sn) = self.parent_of(&existing)?;
-                let src = self.lookup(sp, &sn)?.ok_or(FsError::NotFound)?;
+                let Some(src) = self.lookup(sp, &sn)? else {
+                    // Superseded: the file was rewritten since and is taken
+                    // back (and published) under all its names.
+                    return Ok(Replayed::Applied);
+                };
                 if self.get(src)?.kind == Kind::Dir {
                     return Err(FsError::NotPermitted);
                 }
@@ -1689,6 +1717,31 @@ impl Namespace {
             }
             Action::Barrier(_) => Ok(Replayed::Applied),
         }
+    }
+
+    /// A replayed create whose name exists: with the right kind, the create
+    /// ran before the crash, but maybe not the owner, mode and times that
+    /// follow it. The overlay takes them from the op, which runs again
+    /// (creates are idempotent).
+    fn replay_existing(
+        &mut self,
+        parent: Ino,
+        name: &OsStr,
+        kind: Kind,
+        attrs: &AttrSet,
+        action: impl FnOnce() -> Action,
+    ) -> FsResult<Option<Replayed>> {
+        // (`action` is built only when the op is queued again.)
+        let Some(ino) = self.lookup(parent, name)? else {
+            return Ok(None);
+        };
+        let i = self.get_mut(ino)?;
+        if i.kind != kind {
+            return Err(FsError::Exists);
+        }
+        i.attr.apply(attrs);
+        i.backend_attr.merge(attrs);
+        Ok(Some(Replayed::Queue(self.op(&[(parent, name)], &[ino], action())?)))
     }
 
     /// Keys of an op that changes an object's attributes.

@@ -134,8 +134,7 @@ pub fn start_fs(
         states,
     }) = pending
     else {
-        fs.start_journal(cache, header, Vec::new(), &mut [])
-            .map_err(journal_err)?;
+        fs.start_journal(cache, header, &mut []).map_err(journal_err)?;
         keep_leftovers(cache, fs.staging(), &fs.staging_in_use());
         if let Err(e) = fs.staging().rescan() {
             tracing::warn!(error = %e, "cannot measure the staging area");
@@ -153,7 +152,8 @@ pub fn start_fs(
         );
         match rb.replay(op.action) {
             Ok(Some(op)) => queued.push(op),
-            Ok(None) => rb.applied += 1,
+            Ok(None) => {}
+            Err(_) if rb.fatal.is_some() => break,
             Err(e) => {
                 tracing::error!(op = what.0, path = %what.1, error = %e, "a journaled change cannot be replayed; its data (if any) is kept in lost+found");
                 rb.failures
@@ -163,11 +163,22 @@ pub fn start_fs(
     }
     let adopted = states.len();
     for st in states {
+        if rb.fatal.is_some() {
+            break;
+        }
         if let Err(e) = rb.adopt(&st) {
             tracing::error!(state = ?st, reason = %e, "pending change could not be taken back after the crash; its data (if any) is kept in lost+found");
             rb.failures
                 .push(serde_json::json!({"state": format!("{st:?}"), "error": e}));
         }
+    }
+    if let Some(e) = rb.fatal {
+        // Nothing was changed yet: the old journal and staging files stay.
+        return Err(format!(
+            "cannot recover the changes of the last run: {e}; nothing is lost (the journal in {} is unchanged): \
+             mount again once the backend answers",
+            cache.display()
+        ));
     }
     // The dead instance's temp files go before anything can move their
     // directories (a replayed rename would take them along).
@@ -180,8 +191,7 @@ pub fn start_fs(
     }
     // From the first reply on, a crash leaves the recovered work in the new
     // journal, with whatever this mount adds after it.
-    fs.start_journal(cache, header, Vec::new(), &mut queued)
-        .map_err(journal_err)?;
+    fs.start_journal(cache, header, &mut queued).map_err(journal_err)?;
     if let Some(j) = fs.journal()
         && let Err(e) = j.sync()
     {
@@ -199,6 +209,7 @@ pub fn start_fs(
         ops = total,
         queued = queued.len(),
         already_applied = rb.applied,
+        superseded = rb.superseded,
         states = adopted,
         orphans_removed,
         failed = rb.failures.len(),
@@ -209,6 +220,7 @@ pub fn start_fs(
         "ops": total,
         "ops_queued": queued.len(),
         "ops_already_applied": rb.applied,
+        "ops_superseded": rb.superseded,
         "states": adopted,
         "orphans_removed": orphans_removed,
         "failed": rb.failures.len(),
@@ -234,6 +246,11 @@ struct Rebuild<'a> {
     orphans: Vec<RelPath>,
     /// Ops the backend already showed done.
     applied: usize,
+    /// Publishes of content that was replaced or removed since.
+    superseded: usize,
+    /// Why the rebuild cannot go on (the backend or the cache disk does not
+    /// answer): the mount fails and the old journal stays as it is.
+    fatal: Option<String>,
     failures: Vec<serde_json::Value>,
     /// Staging ids no replayed file refers to any more (removed once the
     /// new journal no longer names them).
@@ -248,6 +265,8 @@ impl<'a> Rebuild<'a> {
             old_prefix,
             orphans: Vec::new(),
             applied: 0,
+            superseded: 0,
+            fatal: None,
             failures: Vec::new(),
             discard: Vec::new(),
         }
@@ -263,8 +282,7 @@ impl<'a> Rebuild<'a> {
             .get(&dir)
             .cloned()
             .ok_or("a directory on the way is not on the backend")?;
-        let listing = crate::meta::load_dir(&*self.fs.backend, &path, self.fs.config().meta_parallel)
-            .map_err(|e| format!("cannot list {}: {e}", path.display()))?;
+        let listing = self.list(&path)?;
         let mut subdirs = Vec::new();
         for (name, st) in &listing {
             if name.as_encoded_bytes().starts_with(self.old_prefix.as_bytes()) {
@@ -282,6 +300,30 @@ impl<'a> Rebuild<'a> {
             }
         }
         Ok(())
+    }
+
+    /// The backend listing of `path`, retried a few times; an error that is
+    /// not about that directory (it is gone or no directory) is fatal.
+    fn list(&mut self, path: &RelPath) -> Result<Vec<(std::ffi::OsString, crate::backend::Stat)>, String> {
+        let mut wait = std::time::Duration::from_millis(200);
+        loop {
+            match crate::meta::load_dir(&*self.fs.backend, path, self.fs.config().meta_parallel) {
+                Ok(l) => return Ok(l),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+                    return Err(format!("cannot list {}: {e}", path.display()));
+                }
+                Err(e) if wait > std::time::Duration::from_secs(2) => {
+                    let why = format!("cannot list {} on the backend: {e}", path.display());
+                    self.fatal = Some(why.clone());
+                    return Err(why);
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot list a directory to recover the journal; retrying");
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+            }
+        }
     }
 
     /// Loads every directory on the way to `path`'s parent that exists.
@@ -313,13 +355,19 @@ impl<'a> Rebuild<'a> {
                 Some(c) => Some(c),
                 // Superseded (rewritten and published again, or removed):
                 // what the backend has under the name stays.
-                None => return Ok(None),
+                None => {
+                    self.superseded += 1;
+                    return Ok(None);
+                }
             },
             _ => None,
         };
         match self.fs.namespace().replay(action, staged, &mut self.discard) {
             Ok(Replayed::Queue(op)) => Ok(Some(op)),
-            Ok(Replayed::Applied) => Ok(None),
+            Ok(Replayed::Applied) => {
+                self.applied += 1;
+                Ok(None)
+            }
             Err(e) => Err(e.to_string()),
         }
     }
@@ -327,12 +375,12 @@ impl<'a> Rebuild<'a> {
     /// The staged copy of a replayed publish, unless it lost its tail (a
     /// machine crash before the data reached the disk): that is never
     /// published, the file is kept in lost+found. None: it is gone.
-    fn staged_copy(&self, id: u64, size: u64) -> Result<Option<StagedCopy>, String> {
+    fn staged_copy(&mut self, id: u64, size: u64) -> Result<Option<StagedCopy>, String> {
         use std::os::unix::fs::MetadataExt;
         let md = match std::fs::metadata(self.fs.staging().path(id)) {
             Ok(md) => md,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("staged data: {e}")),
+            Err(e) => return Err(self.cache_failed(e)),
         };
         if md.len() != size {
             return Err(format!(
@@ -341,6 +389,13 @@ impl<'a> Rebuild<'a> {
             ));
         }
         Ok(Some(StagedCopy { blocks: md.blocks() }))
+    }
+
+    /// The cache dir's disk failed: fatal.
+    fn cache_failed(&mut self, e: io::Error) -> String {
+        let why = format!("cannot read the staging area: {e}");
+        self.fatal = Some(why.clone());
+        why
     }
 
     /// The loaded directory at `path`.
@@ -380,7 +435,11 @@ impl<'a> Rebuild<'a> {
                 }
                 use std::os::unix::fs::MetadataExt;
                 let staged = self.fs.staging();
-                let md = std::fs::metadata(staged.path(*staging)).map_err(|e| format!("staged data: {e}"))?;
+                let md = match std::fs::metadata(staged.path(*staging)) {
+                    Ok(md) => md,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(format!("staged data: {e}")),
+                    Err(e) => return Err(self.cache_failed(e)),
+                };
                 if size.is_some_and(|s| s != md.len()) {
                     return Err(format!(
                         "staged data has {} bytes, not the {} it had when closed (lost in a machine crash before fsync?)",
@@ -408,7 +467,7 @@ impl<'a> Rebuild<'a> {
                 };
                 self.fs
                     .namespace()
-                    .adopt_file(&names, *staging, attr, foreign, Instant::now())
+                    .adopt_file(&names, *staging, attr, foreign, Instant::now(), &mut self.discard)
                     .map_err(|e| e.to_string())?;
                 Ok(())
             }

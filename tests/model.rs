@@ -3583,6 +3583,54 @@ fn regression_write_clearing_setuid_survives_a_crash() {
     );
 }
 
+/// The same in a subdirectory (its times were journaled only once the
+/// publish was in the scheduler, and the tick that queued the publish
+/// cleared them again as having nothing to apply).
+#[test]
+fn regression_crash_mid_publish_keeps_subdirectory_times() {
+    let s = p(&["s"]);
+    let d = p(&["s", "d"]);
+    let ops = vec![
+        Op::Mkdir {
+            path: s.clone(),
+            perm: 0o755,
+            owner: 0,
+        },
+        Op::Create {
+            path: d.clone(),
+            excl: false,
+            trunc: false,
+            data: vec![],
+            keep: None,
+            perm: 0o644,
+            owner: 0,
+        },
+        Op::Utimes { path: s.clone(), t: 0 },
+        Op::Remount,
+        Op::Rewrite {
+            path: d.clone(),
+            trunc: false,
+            offset: 0,
+            data: vec![0],
+        },
+        Op::Crash(Crash {
+            queue: true,
+            run_us: None,
+            lose_done: false,
+            temps: true,
+        }),
+    ];
+    let cfg = Cfg {
+        debounce_zero: false,
+        exclusive: false,
+        workers: 1,
+        plus: false,
+        eager_forget: false,
+        free_running: false,
+    };
+    run_case(cfg, &ops);
+}
+
 /// (Fixed.) A publish in flight at the kill has created its temp file in
 /// the directory, which changed the directory's mtime on the backend;
 /// recovery put back the times the directory had when it started (those of
