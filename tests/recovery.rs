@@ -142,3 +142,39 @@ fn a_kill_during_recovery_loses_nothing() {
         .collect();
     assert!(strays.is_empty(), "publish temp files left: {strays:?}");
 }
+
+#[test]
+fn a_backend_that_cannot_be_listed_fails_the_mount_and_loses_nothing() {
+    let s = Scratch::new();
+    journal_with_pending_ops(&s);
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    let journal = std::fs::read(cache.join("journal")).unwrap();
+    // Every directory listing fails: the rebuild cannot see the backend.
+    let out = std::process::Command::new(common::BIN)
+        .args(["mount", "-o"])
+        .arg(format!(
+            "cache_dir={},fault_rate=1,fault_ops=readdir,fault_errno=EIO",
+            cache.display()
+        ))
+        .arg(&backend)
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the mount succeeded without the backend's listings");
+    assert!(
+        err.contains("cannot recover the changes of the last run") && err.contains("nothing is lost"),
+        "unclear error: {err}"
+    );
+    assert!(!common::is_efscache_mounted(&mnt), "something was mounted");
+    assert!(
+        std::fs::read(cache.join("journal")).unwrap() == journal,
+        "the failed mount changed the journal"
+    );
+    // Once the backend answers, everything is recovered.
+    let m = Mount::start(&backend, &mnt, &cache, "");
+    assert_eq!(m.recovery()["failed"], 0, "{}", m.recovery());
+    m.sync();
+    m.umount();
+    check_published(&backend.join("deep/work"));
+}
