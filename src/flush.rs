@@ -165,8 +165,9 @@ pub struct FlushOp {
     pub journal_seq: Option<u64>,
     /// For an unlink: the backend inode number the name must still have (the
     /// one this mount knew), else another client replaced the file and it is
-    /// left alone. Not journaled: after a crash, recovery sets it again from
-    /// the backend object the rebuilt overlay loaded.
+    /// left alone. For a publish: what its first name held when it was
+    /// queued (the worker checks the overlay's current knowledge instead).
+    /// Journaled, so recovery checks against it too.
     pub expect_ino: Option<u64>,
 }
 

@@ -45,7 +45,8 @@ use crate::flush::{Access, Action, FlushOp, Key};
 use crate::namespace::Ino;
 
 /// 2: ops may be `Action::SetXattr` (version 1 journals read unchanged).
-pub const FORMAT_VERSION: u32 = 2;
+/// 3: an op may be followed by `Expect` (versions 1 and 2 read unchanged).
+pub const FORMAT_VERSION: u32 = 3;
 const MAGIC: &[u8; 8] = b"EFSCJRNL";
 /// A journal larger than this and four times its live records is rewritten.
 const COMPACT_MIN_BYTES: u64 = 64 << 20;
@@ -105,6 +106,13 @@ enum Record {
     State(PendingState),
     Clear {
         ino: Ino,
+    },
+    /// Follows the `Op` with this `seq`: the backend inode number its name
+    /// had when the op was queued (`FlushOp::expect_ino`), so a replay still
+    /// notices another client's change made before it.
+    Expect {
+        seq: u64,
+        backend_ino: u64,
     },
 }
 
@@ -197,6 +205,11 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
             }
             Record::Done { seq } => {
                 ops.remove(&seq);
+            }
+            Record::Expect { seq, backend_ino } => {
+                if let Some(op) = ops.get_mut(&seq) {
+                    op.expect_ino = Some(backend_ino);
+                }
             }
             Record::State(s) => {
                 states.insert(s.ino(), s);
@@ -309,6 +322,9 @@ impl Batch<'_> {
         };
         let start = self.buf.len();
         frame(&rec, &mut self.buf);
+        if let Some(backend_ino) = op.expect_ino {
+            frame(&Record::Expect { seq, backend_ino }, &mut self.buf);
+        }
         self.ops.push((seq, start, self.buf.len()));
     }
 
@@ -681,6 +697,22 @@ mod tests {
         assert_eq!(r.ops[0].journal_seq, b.journal_seq);
         assert_eq!(r.states, vec![file_state(10, "a/z")]);
         assert!(r.torn.is_none());
+    }
+
+    #[test]
+    fn an_ops_expected_backend_inode_is_read_back() {
+        let d = tempfile::tempdir().unwrap();
+        let j = fresh(d.path());
+        let (mut a, mut b) = (mkdir_op("a"), mkdir_op("b"));
+        a.expect_ino = Some(42);
+        let mut tx = j.begin();
+        tx.op(&mut a);
+        tx.op(&mut b);
+        tx.commit();
+        drop(j);
+        let r = read(d.path()).unwrap().unwrap();
+        let got: Vec<_> = r.ops.iter().map(|o| o.expect_ino).collect();
+        assert_eq!(got, vec![Some(42), None]);
     }
 
     #[test]

@@ -1126,6 +1126,16 @@ impl Namespace {
         if i.backend_ino.is_none() {
             i.replaces = replaces;
         }
+        // What the publish will expect the name to hold (see `run_worker`),
+        // journaled with the op; unknown while an earlier publish of the
+        // file is in flight (it brings a new object).
+        let expect = if i.publish_queued == 0 {
+            i.backend_ino.or(i.replaces)
+        } else {
+            None
+        };
+        let mut op = op;
+        op.expect_ino = expect;
         i.on_backend = true;
         i.content = Content::Staged { id, dirty: false };
         i.publish_queued += 1;
@@ -1434,17 +1444,30 @@ impl Namespace {
     }
 
     /// Applies a journaled op of a dead instance to the overlay (every
-    /// directory its paths go through loaded). `staged`: for a publish, its
-    /// staged copy. Staging ids that nothing refers to any more are added
-    /// to `discard`.
-    pub fn replay(&mut self, action: Action, staged: Option<StagedCopy>, discard: &mut Vec<u64>) -> FsResult<Replayed> {
+    /// directory its paths go through loaded). `expect`: the backend inode
+    /// number its name had when it was queued (journaled for unlinks and
+    /// publishes). `staged`: for a publish, its staged copy. Staging ids
+    /// that nothing refers to any more are added to `discard`.
+    pub fn replay(
+        &mut self,
+        action: Action,
+        expect: Option<u64>,
+        staged: Option<StagedCopy>,
+        discard: &mut Vec<u64>,
+    ) -> FsResult<Replayed> {
         let mut fx = Effects::default();
-        let r = self.replay_one(action, staged, &mut fx);
+        let r = self.replay_one(action, expect, staged, &mut fx);
         discard.append(&mut fx.discard);
         r
     }
 
-    fn replay_one(&mut self, action: Action, staged: Option<StagedCopy>, fx: &mut Effects) -> FsResult<Replayed> {
+    fn replay_one(
+        &mut self,
+        action: Action,
+        expect: Option<u64>,
+        staged: Option<StagedCopy>,
+        fx: &mut Effects,
+    ) -> FsResult<Replayed> {
         let now = Instant::now();
         match action {
             Action::Mkdir { path, perm, uid, gid } => {
@@ -1504,11 +1527,12 @@ impl Namespace {
                 if i.kind == Kind::Dir {
                     return Err(FsError::IsDir);
                 }
-                // Removes the object loaded from the backend only if it is
-                // still there (another client may replace it meanwhile).
-                let expect = i.backend_ino.filter(|_| i.content == Content::Remote);
+                // Removes the object the dead mount knew, or else the one
+                // loaded now, only if it is still there (another client may
+                // have replaced it).
+                let loaded = i.backend_ino.filter(|_| i.content == Content::Remote);
                 let mut op = self.op(&[(parent, &name)], &[ino], Action::Unlink { path })?;
-                op.expect_ino = expect;
+                op.expect_ino = expect.or(loaded);
                 self.detach(parent, &name)?;
                 self.maybe_free(ino, fx);
                 self.entries_replayed(parent);
@@ -1689,15 +1713,14 @@ impl Namespace {
                 self.inodes.insert(ino, Box::new(i));
                 for (k, (d, n)) in names.iter().enumerate() {
                     if let Some(old) = self.lookup(*d, n)? {
-                        // The publish replaces what the first name has on
-                        // the backend now: checked before it does.
-                        let o = self.get(old)?;
-                        if k == 0 && o.content == Content::Remote {
-                            let replaces = o.backend_ino;
+                        if k == 0 {
+                            let replaces = self.replaced_by_publish(old, expect, size, &attrs)?;
                             self.get_mut(ino)?.replaces = replaces;
                         }
                         self.detach(*d, n)?;
                         self.maybe_free(old, fx);
+                    } else if k == 0 {
+                        self.get_mut(ino)?.replaces = expect;
                     }
                     self.get_mut(ino)?.links.push((*d, n.clone()));
                     self.link_entry(*d, n, ino)?;
@@ -1742,6 +1765,23 @@ impl Namespace {
         i.attr.apply(attrs);
         i.backend_attr.merge(attrs);
         Ok(Some(Replayed::Queue(self.op(&[(parent, name)], &[ino], action())?)))
+    }
+
+    /// What a replayed publish checks its first name still holds before it
+    /// replaces `old` (loaded from the backend there now): what the dead
+    /// mount expected (`expect`) if that is `old`, or if `old` is not this
+    /// very publish already done (same size and mtime: the crash came
+    /// before its done mark); another client's file then wins the check.
+    fn replaced_by_publish(&self, old: Ino, expect: Option<u64>, size: u64, attrs: &AttrSet) -> FsResult<Option<u64>> {
+        let o = self.get(old)?;
+        let loaded = o.backend_ino.filter(|_| o.content == Content::Remote);
+        let Some(expected) = expect else { return Ok(loaded) };
+        let ours_done = o.attr.size == size && Some(o.attr.mtime) == attrs.mtime;
+        Ok(if loaded == Some(expected) || ours_done {
+            loaded
+        } else {
+            Some(expected)
+        })
     }
 
     /// Keys of an op that changes an object's attributes.

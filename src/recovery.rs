@@ -150,7 +150,7 @@ pub fn start_fs(
             op.action.name(),
             op.action.path().map(|p| p.display()).unwrap_or_default(),
         );
-        match rb.replay(op.action) {
+        match rb.replay(op.action, op.expect_ino) {
             Ok(Some(op)) => queued.push(op),
             Ok(None) => {}
             Err(_) if rb.fatal.is_some() => break,
@@ -346,7 +346,7 @@ impl<'a> Rebuild<'a> {
 
     /// Applies one journaled op to the overlay: the op to queue, or None
     /// when there is nothing left to do.
-    fn replay(&mut self, action: Action) -> Result<Option<FlushOp>, String> {
+    fn replay(&mut self, action: Action, expect: Option<u64>) -> Result<Option<FlushOp>, String> {
         for p in action.paths() {
             self.load_to(p)?;
         }
@@ -362,7 +362,7 @@ impl<'a> Rebuild<'a> {
             },
             _ => None,
         };
-        match self.fs.namespace().replay(action, staged, &mut self.discard) {
+        match self.fs.namespace().replay(action, expect, staged, &mut self.discard) {
             Ok(Replayed::Queue(op)) => Ok(Some(op)),
             Ok(Replayed::Applied) => {
                 self.applied += 1;

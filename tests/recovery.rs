@@ -161,7 +161,10 @@ fn a_backend_that_cannot_be_listed_fails_the_mount_and_loses_nothing() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "the mount succeeded without the backend's listings");
+    assert!(
+        !out.status.success(),
+        "the mount succeeded without the backend's listings"
+    );
     assert!(
         err.contains("cannot recover the changes of the last run") && err.contains("nothing is lost"),
         "unclear error: {err}"
