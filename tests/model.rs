@@ -3730,3 +3730,51 @@ fn regression_crash_mid_publish_keeps_directory_times() {
     };
     run_case(cfg, &ops);
 }
+
+/// (Fixed.) `b` (published) gets a hard link `c`; rsync replaces `b` with a
+/// new file, whose publish is queued; then `mv c b`. The new file is freed
+/// at once (no kernel reference left), so its publish finds no data and
+/// does nothing, and the queued backend rename runs between two links of
+/// one file, which rename(2) leaves alone: `c` stayed on the backend. A
+/// backend rename now drops the old name when both names are one file.
+/// (Found by the crash property; no crash is needed.)
+#[test]
+fn regression_rename_between_links_after_a_superseded_publish() {
+    let ops = vec![
+        Op::Create {
+            path: p(&["b"]),
+            excl: false,
+            trunc: true,
+            data: vec![249, 71, 76, 67, 70],
+            keep: Some(0),
+            perm: 1517,
+            owner: 1000,
+        },
+        Op::Remount,
+        Op::Link {
+            from: p(&["b"]),
+            to: p(&["c"]),
+        },
+        Op::RsyncPut {
+            path: p(&["b"]),
+            data: vec![],
+            perm: 2541,
+            t: 4,
+        },
+        Op::TickForce,
+        Op::Rename {
+            from: p(&["c"]),
+            to: p(&["b"]),
+            noreplace: false,
+        },
+    ];
+    let cfg = Cfg {
+        debounce_zero: false,
+        exclusive: false,
+        workers: 1,
+        plus: false,
+        eager_forget: true,
+        free_running: true,
+    };
+    run_case(cfg, &ops);
+}

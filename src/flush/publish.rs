@@ -146,7 +146,20 @@ pub fn execute(
             check_unchanged(backend, path, expect_ino)?;
             ignore_enoent(backend.unlink(path))
         }
-        Action::Rename { from, to, noreplace } => backend.rename(from, to, *noreplace).map(|_| Published::default()),
+        Action::Rename { from, to, noreplace } => {
+            backend.rename(from, to, *noreplace)?;
+            // The overlay renamed one object over another; on the backend
+            // both names can be links of one file (the other object's
+            // publish was superseded), and rename(2) then does nothing: the
+            // old name must still go.
+            if let Ok(a) = backend.stat(from)
+                && let Ok(b) = backend.stat(to)
+                && (a.dev, a.ino) == (b.dev, b.ino)
+            {
+                ignore_enoent(backend.unlink(from))?;
+            }
+            Ok(Published::default())
+        }
         Action::Symlink { path, target, attrs } => {
             match backend.symlink(target, path) {
                 Ok(()) => {}
