@@ -1575,9 +1575,10 @@ impl Namespace {
             }
             Action::Symlink { path, target, attrs } => {
                 let (parent, name) = self.parent_of(&path)?;
-                if let Some(op) = self.replay_existing(parent, &name, Kind::Symlink, &attrs, || Action::Symlink {
+                // (Not the symlink again: its create replaces an existing
+                // link, a new backend object the overlay would not know.)
+                if let Some(op) = self.replay_existing(parent, &name, Kind::Symlink, &attrs, || Action::SetAttr {
                     path: path.clone(),
-                    target: target.clone(),
                     attrs: attrs.clone(),
                 })? {
                     return Ok(op);
@@ -1744,8 +1745,8 @@ impl Namespace {
 
     /// A replayed create whose name exists: with the right kind, the create
     /// ran before the crash, but maybe not the owner, mode and times that
-    /// follow it. The overlay takes them from the op, which runs again
-    /// (creates are idempotent).
+    /// follow it. The overlay takes them from the op, and `action` (the
+    /// create again, idempotent, or just its attributes) is queued.
     fn replay_existing(
         &mut self,
         parent: Ino,

@@ -3778,3 +3778,35 @@ fn regression_rename_between_links_after_a_superseded_publish() {
     };
     run_case(cfg, &ops);
 }
+
+/// (Fixed.) A symlink is created and its op runs, but the kill comes before
+/// its done mark reaches the journal. Recovery found the link already there
+/// and queued its create again, which replaces an existing link with a new
+/// one (a new backend inode the overlay did not know); the next unlink of
+/// the link then saw "another client's" file and left it. Recovery now
+/// queues only the link's attributes.
+#[test]
+fn regression_recovered_symlink_keeps_its_inode() {
+    let ops = vec![
+        Op::Symlink {
+            path: p(&["a"]),
+            target: "/abs/target",
+        },
+        Op::Crash(Crash {
+            queue: false,
+            run_us: Some(396),
+            lose_done: true,
+            temps: false,
+        }),
+        Op::Unlink { path: p(&["a"]) },
+    ];
+    let cfg = Cfg {
+        debounce_zero: false,
+        exclusive: false,
+        workers: 1,
+        plus: false,
+        eager_forget: true,
+        free_running: true,
+    };
+    run_case(cfg, &ops);
+}
