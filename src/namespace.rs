@@ -267,6 +267,23 @@ impl Inode {
             xattrs: None,
         }
     }
+    /// A directory created through the mount: empty (so loaded), created
+    /// on the backend by a queued mkdir with this mode and owner.
+    fn new_dir(ino: Ino, perm: u32, uid: u32, gid: u32) -> Inode {
+        let mut i = Inode::new(ino, Kind::Dir, Attr::new(perm, uid, gid));
+        i.on_backend = true;
+        i.xattrs = Some(XattrCache::new(Xattrs::new()));
+        i.backend_attr = AttrSet {
+            perm: Some(perm),
+            uid: Some(uid),
+            gid: Some(gid),
+            atime: None,
+            mtime: None,
+        };
+        i.dir.as_mut().expect("dir").loaded = Some(Instant::now());
+        i
+    }
+
     pub fn nlink(&self) -> u32 {
         match &self.dir {
             Some(d) => 2 + d.subdirs,
@@ -635,17 +652,7 @@ impl Namespace {
         fx: &mut Effects,
     ) -> FsResult<Ino> {
         let ino = self.new_ino();
-        let mut i = Inode::new(ino, Kind::Dir, Attr::new(perm, uid, gid));
-        i.on_backend = true;
-        i.xattrs = Some(XattrCache::new(Xattrs::new()));
-        i.backend_attr = AttrSet {
-            perm: Some(perm),
-            uid: Some(uid),
-            gid: Some(gid),
-            atime: None,
-            mtime: None,
-        };
-        i.dir.as_mut().expect("dir").loaded = Some(Instant::now());
+        let i = Inode::new_dir(ino, perm, uid, gid);
         self.insert_new(parent, name, i)?;
         self.dirty_dir_attrs.insert(ino);
         let path = self.path_of(ino)?;
@@ -1468,7 +1475,6 @@ impl Namespace {
         staged: Option<StagedCopy>,
         fx: &mut Effects,
     ) -> FsResult<Replayed> {
-        let now = Instant::now();
         match action {
             Action::Mkdir { path, perm, uid, gid } => {
                 let (parent, name) = self.parent_of(&path)?;
@@ -1487,17 +1493,7 @@ impl Namespace {
                     return Ok(op);
                 }
                 let ino = self.new_ino();
-                let mut i = Inode::new(ino, Kind::Dir, Attr::new(perm, uid, gid));
-                i.on_backend = true;
-                i.xattrs = Some(XattrCache::new(Xattrs::new()));
-                i.backend_attr = AttrSet {
-                    perm: Some(perm),
-                    uid: Some(uid),
-                    gid: Some(gid),
-                    atime: None,
-                    mtime: None,
-                };
-                i.dir.as_mut().expect("dir").loaded = Some(now);
+                let i = Inode::new_dir(ino, perm, uid, gid);
                 self.attach(parent, &name, i)?;
                 self.dirty_dir_attrs.insert(ino);
                 self.entries_replayed(parent);

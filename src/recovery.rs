@@ -326,29 +326,33 @@ impl<'a> Rebuild<'a> {
         }
     }
 
-    /// Loads every directory on the way to `path`'s parent that exists.
-    fn load_to(&mut self, path: &RelPath) -> Result<(), String> {
+    /// Loads every directory on the way to `dir` and `dir` itself: its
+    /// inode, or None where a name on the way is missing or no directory
+    /// (replaying the op then says what is wrong).
+    fn load_dirs(&mut self, dir: &RelPath) -> Result<Option<Ino>, String> {
         let mut cur = ROOT;
         self.load(cur)?;
-        for name in path.0.iter().take(path.0.len().saturating_sub(1)) {
+        for name in &dir.0 {
             let next = {
                 let ns = self.fs.namespace();
                 match ns.lookup(cur, name) {
                     Ok(Some(n)) if ns.get(n).is_ok_and(|i| i.kind == Kind::Dir) => n,
-                    _ => return Ok(()), // replaying the op says what is wrong
+                    _ => return Ok(None),
                 }
             };
             self.load(next)?;
             cur = next;
         }
-        Ok(())
+        Ok(Some(cur))
     }
 
     /// Applies one journaled op to the overlay: the op to queue, or None
     /// when there is nothing left to do.
     fn replay(&mut self, action: Action, expect: Option<u64>) -> Result<Option<FlushOp>, String> {
         for p in action.paths() {
-            self.load_to(p)?;
+            if let Some((dir, _)) = p.split_last() {
+                self.load_dirs(&dir)?;
+            }
         }
         let staged = match &action {
             Action::Publish { staging, size, .. } => match self.staged_copy(*staging, *size)? {
@@ -400,19 +404,8 @@ impl<'a> Rebuild<'a> {
 
     /// The loaded directory at `path`.
     fn dir(&mut self, path: &RelPath) -> Result<Ino, String> {
-        let p = path.join(std::ffi::OsStr::new("x"));
-        self.load_to(&p)?;
-        let ns = self.fs.namespace();
-        let d = ns
-            .resolve(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .ok_or_else(|| format!("{}: no such directory", path.display()))?;
-        if ns.get(d).map_err(|e| e.to_string())?.kind != Kind::Dir {
-            return Err(format!("{}: not a directory", path.display()));
-        }
-        drop(ns);
-        self.load(d)?;
-        Ok(d)
+        self.load_dirs(path)?
+            .ok_or_else(|| format!("{}: no such directory", path.display()))
     }
 
     /// Takes back pending state: a file with unpublished staged content

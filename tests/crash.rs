@@ -441,13 +441,7 @@ fn a_cache_dir_with_work_for_another_backend_is_refused() {
     std::fs::write(mnt.join("pending"), b"not yet published").unwrap();
     m.kill9();
     drop(m);
-    let out = std::process::Command::new(common::BIN)
-        .args(["mount", "-o"])
-        .arg(format!("cache_dir={}", cache.display()))
-        .arg(&other)
-        .arg(&mnt)
-        .output()
-        .unwrap();
+    let out = common::try_mount(&other, &mnt, &cache, "");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),

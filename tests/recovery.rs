@@ -150,16 +150,7 @@ fn a_backend_that_cannot_be_listed_fails_the_mount_and_loses_nothing() {
     let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
     let journal = std::fs::read(cache.join("journal")).unwrap();
     // Every directory listing fails: the rebuild cannot see the backend.
-    let out = std::process::Command::new(common::BIN)
-        .args(["mount", "-o"])
-        .arg(format!(
-            "cache_dir={},fault_rate=1,fault_ops=readdir,fault_errno=EIO",
-            cache.display()
-        ))
-        .arg(&backend)
-        .arg(&mnt)
-        .output()
-        .unwrap();
+    let out = common::try_mount(&backend, &mnt, &cache, "fault_rate=1,fault_ops=readdir,fault_errno=EIO");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),

@@ -43,6 +43,22 @@ pub struct Mount {
     pub cache: PathBuf,
 }
 
+/// `efscache mount -o cache_dir=CACHE[,OPTS] BACKEND MOUNTPOINT`, for a
+/// mount that is expected to fail: its output.
+#[allow(dead_code)]
+pub fn try_mount(backend: &Path, mountpoint: &Path, cache: &Path, opts: &str) -> std::process::Output {
+    let mut o = format!("cache_dir={}", cache.display());
+    if !opts.is_empty() {
+        o = format!("{o},{opts}");
+    }
+    Command::new(BIN)
+        .args(["mount", "-o", &o])
+        .arg(backend)
+        .arg(mountpoint)
+        .output()
+        .expect("run efscache mount")
+}
+
 pub fn is_efscache_mounted(mp: &Path) -> bool {
     fusemount::top_mount_at(mp)
         .ok()
