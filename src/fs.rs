@@ -26,7 +26,7 @@ use crate::error::{FsError, FsResult};
 use crate::flush::publish::{self, Published, TempNames};
 use crate::flush::{self, Action, Failure, FlushOp, Outcome, Scheduler};
 use crate::journal::{Header, Journal, PendingState};
-use crate::namespace::{Attr, ConflictOutcome, Content, Effects, Ino, Namespace, ROOT, SetAttr, XattrCache};
+use crate::namespace::{Attr, ConflictOutcome, Content, Effects, Ino, Namespace, ROOT, SetAttr, Stamp, XattrCache};
 use crate::staging::Staging;
 use crate::xattr::{self, Acl, Xattrs};
 
@@ -447,7 +447,7 @@ impl Fs {
             if i.content == Content::Remote && i.backend_ino == Some(st.ino) {
                 i.attr = Attr::from_stat(&st);
             }
-            i.fetched = Some(Instant::now());
+            i.fetched = Some(Stamp::now());
         }
         Self::attr_out(&ns, ino)
     }
@@ -615,8 +615,8 @@ impl Fs {
             if i.kind != Kind::Symlink {
                 return Err(FsError::Invalid);
             }
-            if let Some(t) = &i.symlink_target {
-                return Ok(t.clone());
+            if let Some(t) = ns.symlink_target(ino) {
+                return Ok(t.to_os_string());
             }
             ns.path_of(ino)?
         };
@@ -625,7 +625,7 @@ impl Fs {
         }
         self.wait_path_stable(ino)?;
         let t = self.backend.read_link(&path).map_err(io_err)?;
-        self.ns.lock().get_mut(ino)?.symlink_target = Some(t.clone());
+        self.ns.lock().set_symlink_target(ino, &t);
         Ok(t)
     }
 
@@ -1613,8 +1613,8 @@ impl Fs {
         if offset < 2 {
             out.push((parent, 2, OsString::from("..")));
         }
-        for (cookie, name) in d.by_cookie.range(offset.max(2) + 1..).take(1024) {
-            out.push((d.entries[name].ino, *cookie, name.clone()));
+        for (cookie, ino, name) in d.listing_after(offset.max(2)).take(1024) {
+            out.push((ino, cookie, name.to_os_string()));
         }
         let mut entries = Vec::with_capacity(out.len());
         for (ino, off, name) in out {
@@ -1701,13 +1701,13 @@ impl Fs {
             let mut expect_ino = lent.expect_ino;
             let writer_busy = match &lent.action {
                 Action::Publish { ino, staging, .. } => {
-                    let (busy, foreign) = match self.ns.lock().get(*ino) {
-                        Ok(i) => {
+                    let (busy, foreign) = match self.ns.lock().get_with_replaces(*ino) {
+                        Ok((i, replaces)) => {
                             published_generation = i.generation;
                             // What the first name holds on the backend now:
                             // this file as last published or loaded, or the
                             // older file it was renamed over.
-                            expect_ino = i.backend_ino.or(i.replaces);
+                            expect_ino = i.backend_ino.or(replaces);
                             // A retry may follow a rename that did happen (an
                             // error after it): the name then holds this mount's
                             // own new file. Only a first attempt is checked.

@@ -15,6 +15,7 @@ pub mod helpers;
 pub mod journal;
 pub mod meta;
 pub mod metrics;
+pub mod name;
 pub mod namespace;
 pub mod recovery;
 pub mod repair;

@@ -12,12 +12,17 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::time::Instant;
+use std::num::NonZeroU64;
+use std::sync::OnceLock;
+
+use smallvec::SmallVec;
+use std::time::{Duration, Instant};
 
 use crate::backend::{AttrSet, Kind, RelPath, Stat, Timespec};
 use crate::error::{FsError, FsResult};
 use crate::flush::{Access, Action, FlushOp, Key};
 use crate::journal::PendingState;
+pub use crate::name::Name;
 use crate::xattr::Xattrs;
 
 pub type Ino = u64;
@@ -25,6 +30,32 @@ pub const ROOT: Ino = 1;
 /// Inode numbers for objects not (yet) on the backend have the top bit set, so
 /// they never collide with numbers derived from backend inode numbers.
 const SYNTHETIC_BASE: u64 = 1 << 63;
+
+/// A moment, in 8 bytes where `Option<Instant>` takes 16 (one per cached
+/// inode): nanoseconds since the first stamp of the process, plus one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp(NonZeroU64);
+
+impl Stamp {
+    fn epoch() -> Instant {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        *EPOCH.get_or_init(Instant::now)
+    }
+
+    pub fn at(t: Instant) -> Stamp {
+        let ns = t.saturating_duration_since(Stamp::epoch()).as_nanos();
+        Stamp(NonZeroU64::new(u64::try_from(ns).unwrap_or(u64::MAX - 1) + 1).expect("non-zero"))
+    }
+
+    pub fn now() -> Stamp {
+        Stamp::at(Instant::now())
+    }
+
+    pub fn elapsed(self) -> Duration {
+        let t = Stamp::epoch() + Duration::from_nanos(self.0.get() - 1);
+        t.elapsed()
+    }
+}
 
 /// Attributes as the overlay reports them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,6 +158,66 @@ impl Attr {
     }
 }
 
+/// An `AttrSet` in 40 bytes instead of 72 (one per cached inode): flags for
+/// the fields that are known, and the times without `Timespec`'s padding.
+#[derive(Clone, Copy, Debug, Default)]
+struct PackedAttrSet {
+    atime_sec: i64,
+    mtime_sec: i64,
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    atime_nsec: u32,
+    mtime_nsec: u32,
+    /// Which fields are known: bits PERM, UID, GID, ATIME, MTIME.
+    known: u8,
+}
+
+impl PackedAttrSet {
+    const PERM: u8 = 1;
+    const UID: u8 = 2;
+    const GID: u8 = 4;
+    const ATIME: u8 = 8;
+    const MTIME: u8 = 16;
+
+    fn pack(a: &AttrSet) -> PackedAttrSet {
+        let bit = |known: bool, b: u8| if known { b } else { 0 };
+        let atime = a.atime.unwrap_or_default();
+        let mtime = a.mtime.unwrap_or_default();
+        PackedAttrSet {
+            atime_sec: atime.sec,
+            mtime_sec: mtime.sec,
+            perm: a.perm.unwrap_or(0),
+            uid: a.uid.unwrap_or(0),
+            gid: a.gid.unwrap_or(0),
+            atime_nsec: atime.nsec,
+            mtime_nsec: mtime.nsec,
+            known: bit(a.perm.is_some(), Self::PERM)
+                | bit(a.uid.is_some(), Self::UID)
+                | bit(a.gid.is_some(), Self::GID)
+                | bit(a.atime.is_some(), Self::ATIME)
+                | bit(a.mtime.is_some(), Self::MTIME),
+        }
+    }
+
+    fn unpack(&self) -> AttrSet {
+        let has = |b: u8| self.known & b != 0;
+        AttrSet {
+            perm: has(Self::PERM).then_some(self.perm),
+            uid: has(Self::UID).then_some(self.uid),
+            gid: has(Self::GID).then_some(self.gid),
+            atime: has(Self::ATIME).then_some(Timespec {
+                sec: self.atime_sec,
+                nsec: self.atime_nsec,
+            }),
+            mtime: has(Self::MTIME).then_some(Timespec {
+                sec: self.mtime_sec,
+                nsec: self.mtime_nsec,
+            }),
+        }
+    }
+}
+
 /// Where a regular file's data lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Content {
@@ -136,7 +227,11 @@ pub enum Content {
     Staged { id: u64, dirty: bool },
 }
 
-#[derive(Clone, Debug)]
+/// An inode's names: (parent, name).
+pub type Links = SmallVec<[(Ino, Name); 1]>;
+
+/// A directory entry as callers see it.
+#[derive(Clone, Copy, Debug)]
 pub struct Dentry {
     pub ino: Ino,
     /// Readdir cookie: entries are listed in cookie order, so offsets stay valid
@@ -152,10 +247,22 @@ pub struct Dentry {
     pub shadow_ino: Option<u64>,
 }
 
+/// What the name index stores per entry (kept small: a cached directory of
+/// millions of entries is mostly this).
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    ino: Ino,
+    cookie: u64,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Dir {
-    pub entries: BTreeMap<OsString, Dentry>,
-    pub by_cookie: BTreeMap<u64, OsString>,
+    entries: BTreeMap<Name, Slot>,
+    by_cookie: BTreeMap<u64, Name>,
+    /// The entries that shadow an older backend object (see
+    /// `Dentry::shadows`), with its backend inode number when known. Rare, so
+    /// kept apart from `entries`.
+    shadows: HashMap<Name, Option<u64>>,
     next_cookie: u64,
     /// When the listing was last loaded from (or known equal to) the backend.
     pub loaded: Option<Instant>,
@@ -163,24 +270,70 @@ pub struct Dir {
 }
 
 impl Dir {
-    fn insert(&mut self, name: OsString, ino: Ino, shadows: bool, shadow_ino: Option<u64>) {
+    fn insert(&mut self, name: Name, ino: Ino, shadows: bool, shadow_ino: Option<u64>) {
         self.next_cookie += 1;
         let cookie = self.next_cookie + 2; // 1 and 2 are "." and ".."
-        let dentry = Dentry {
-            ino,
-            cookie,
-            shadows,
-            shadow_ino: shadow_ino.filter(|_| shadows),
-        };
-        if let Some(old) = self.entries.insert(name.clone(), dentry) {
+        if let Some(old) = self.entries.insert(name.clone(), Slot { ino, cookie }) {
             self.by_cookie.remove(&old.cookie);
+        }
+        if shadows {
+            self.shadows.insert(name.clone(), shadow_ino);
+        } else {
+            self.shadows.remove(&name);
         }
         self.by_cookie.insert(cookie, name);
     }
+
     fn remove(&mut self, name: &OsStr) -> Option<Dentry> {
-        let d = self.entries.remove(name)?;
+        let d = self.get(name)?;
+        self.entries.remove(name);
+        self.shadows.remove(name);
         self.by_cookie.remove(&d.cookie);
         Some(d)
+    }
+
+    /// The entry `name`.
+    pub fn get(&self, name: &OsStr) -> Option<Dentry> {
+        let slot = self.entries.get(name)?;
+        let shadow = self.shadows.get(name);
+        Some(Dentry {
+            ino: slot.ino,
+            cookie: slot.cookie,
+            shadows: shadow.is_some(),
+            shadow_ino: shadow.copied().flatten(),
+        })
+    }
+
+    /// The inode the entry `name` names.
+    pub fn ino(&self, name: &OsStr) -> Option<Ino> {
+        self.entries.get(name).map(|s| s.ino)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Every entry: name and inode, in name order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Name, Ino)> {
+        self.entries.iter().map(|(n, s)| (n, s.ino))
+    }
+
+    /// Entries with a cookie above `after`, in cookie order.
+    pub fn listing_after(&self, after: u64) -> impl Iterator<Item = (u64, Ino, &Name)> {
+        self.by_cookie
+            .range(after + 1..)
+            .map(|(c, n)| (*c, self.entries[n].ino, n))
+    }
+
+    /// Forgets that `name` shadows an older backend object (its publish now
+    /// replaces it); returns that object's inode number if it did and it
+    /// was known.
+    fn clear_shadow(&mut self, name: &OsStr) -> Option<u64> {
+        self.shadows.remove(name).flatten()
     }
 }
 
@@ -189,14 +342,14 @@ pub struct Inode {
     pub ino: Ino,
     pub kind: Kind,
     pub attr: Attr,
-    /// Names of this inode: (parent, name). One for directories; files may have several.
-    pub links: Vec<(Ino, OsString)>,
+    /// Names of this inode: (parent, name). One for directories; files may
+    /// have several (stored inline while there is one).
+    pub links: Links,
     /// True once the backend has this object or a queued op will create it.
     pub on_backend: bool,
     /// The backend's inode number, once known.
     pub backend_ino: Option<u64>,
     pub content: Content,
-    pub symlink_target: Option<OsString>,
     pub dir: Option<Box<Dir>>,
     /// The kernel's lookup count (FUSE forget protocol).
     pub lookups: u64,
@@ -206,16 +359,13 @@ pub struct Inode {
     /// so a publish can tell whether it copied the latest content.
     pub generation: u64,
     /// When attributes were last read from the backend.
-    pub fetched: Option<Instant>,
+    pub fetched: Option<Stamp>,
     /// Publishes of the staged content queued or running (the staged copy is
     /// kept until the last of them is done).
     pub publish_queued: u32,
     /// The attributes the backend will have once the queued ops ran (None:
     /// unknown), so attribute flushes send only what differs.
-    pub backend_attr: AttrSet,
-    /// For a file not on the backend yet: the backend inode number of the
-    /// older object its first publish replaces (checked before replacing).
-    pub replaces: Option<u64>,
+    backend_attr: PackedAttrSet,
     /// Adopted after a crash while a process of the dead mount may still
     /// write to its staging file through passthrough: publish only once that
     /// file is no longer open for writing.
@@ -249,11 +399,10 @@ impl Inode {
             ino,
             kind,
             attr,
-            links: Vec::new(),
+            links: Links::new(),
             on_backend: false,
             backend_ino: None,
             content: Content::Remote,
-            symlink_target: None,
             dir: (kind == Kind::Dir).then(Box::default),
             lookups: 0,
             opens: 0,
@@ -261,9 +410,8 @@ impl Inode {
             generation: 0,
             fetched: None,
             publish_queued: 0,
-            backend_attr: AttrSet::default(),
+            backend_attr: PackedAttrSet::default(),
             foreign_writer: false,
-            replaces: None,
             xattrs: None,
         }
     }
@@ -273,15 +421,30 @@ impl Inode {
         let mut i = Inode::new(ino, Kind::Dir, Attr::new(perm, uid, gid));
         i.on_backend = true;
         i.xattrs = Some(XattrCache::new(Xattrs::new()));
-        i.backend_attr = AttrSet {
+        i.set_backend_attr(&AttrSet {
             perm: Some(perm),
             uid: Some(uid),
             gid: Some(gid),
             atime: None,
             mtime: None,
-        };
+        });
         i.dir.as_mut().expect("dir").loaded = Some(Instant::now());
         i
+    }
+
+    /// What the backend will have once the queued ops ran (see the field).
+    pub fn backend_attr(&self) -> AttrSet {
+        self.backend_attr.unpack()
+    }
+
+    pub fn set_backend_attr(&mut self, attrs: &AttrSet) {
+        self.backend_attr = PackedAttrSet::pack(attrs);
+    }
+
+    fn merge_backend_attr(&mut self, newer: &AttrSet) {
+        let mut b = self.backend_attr();
+        b.merge(newer);
+        self.set_backend_attr(&b);
     }
 
     pub fn nlink(&self) -> u32 {
@@ -337,7 +500,17 @@ pub struct Namespace {
     inodes: HashMap<Ino, Box<Inode>>,
     /// Backend inode number -> overlay inode, so hard links share one inode and a
     /// published file keeps the number it had before its publish.
+    /// Only where the two differ: most backend objects keep their own
+    /// number (see `ino_for_backend`), and a table of 10 million identities
+    /// would cost 10 million slots.
     by_backend: HashMap<u64, Ino>,
+    /// Symlink targets, once known (read from the backend or given at
+    /// creation). Apart from the inodes: most are not symlinks.
+    symlinks: HashMap<Ino, Box<OsStr>>,
+    /// For a file not on the backend yet: the backend inode number of the
+    /// older object its first publish replaces (checked before replacing).
+    /// Apart from the inodes: few files have one at a time.
+    replaces: HashMap<Ino, u64>,
     next_synthetic: u64,
     next_staging: u64,
     /// Closed files whose new content waits for its publish, with the time they went quiet.
@@ -384,6 +557,8 @@ impl Namespace {
         Namespace {
             inodes,
             by_backend,
+            symlinks: HashMap::new(),
+            replaces: HashMap::new(),
             next_synthetic: SYNTHETIC_BASE,
             next_staging: 1,
             debounce: HashMap::new(),
@@ -428,23 +603,60 @@ impl Namespace {
         if let Some(i) = self.by_backend.get(&backend_ino) {
             return *i;
         }
-        let ino = if backend_ino == self.root_backend_ino {
-            ROOT
-        } else if backend_ino < SYNTHETIC_BASE && backend_ino > ROOT {
-            backend_ino
-        } else {
-            self.new_ino()
-        };
+        if let Some(ino) = self.own_number(backend_ino) {
+            return ino;
+        }
+        let ino = self.new_ino();
         self.by_backend.insert(backend_ino, ino);
         ino
     }
 
+    /// The overlay number a backend object gets unless `by_backend` says
+    /// otherwise: its backend number, when that cannot collide with the
+    /// root's or with synthetic numbers.
+    fn own_number(&self, backend_ino: u64) -> Option<Ino> {
+        (backend_ino < SYNTHETIC_BASE && backend_ino > ROOT && backend_ino != self.root_backend_ino)
+            .then_some(backend_ino)
+    }
+
     /// Records that a published file now has `backend_ino` on the backend.
     pub fn set_backend_ino(&mut self, ino: Ino, backend_ino: u64) {
-        self.by_backend.insert(backend_ino, ino);
+        if self.own_number(backend_ino) == Some(ino) {
+            self.by_backend.remove(&backend_ino);
+        } else {
+            self.by_backend.insert(backend_ino, ino);
+        }
         if let Some(i) = self.inodes.get_mut(&ino) {
             i.backend_ino = Some(backend_ino);
         }
+    }
+
+    /// The target of the symlink `ino`, once known.
+    pub fn symlink_target(&self, ino: Ino) -> Option<&OsStr> {
+        self.symlinks.get(&ino).map(|t| &**t)
+    }
+
+    pub fn set_symlink_target(&mut self, ino: Ino, target: &OsStr) {
+        if self.inodes.contains_key(&ino) {
+            self.symlinks.insert(ino, target.into());
+        }
+    }
+
+    /// See the field.
+    pub fn replaces(&self, ino: Ino) -> Option<u64> {
+        self.replaces.get(&ino).copied()
+    }
+
+    /// The inode with what its first publish replaces (see `replaces`).
+    pub fn get_with_replaces(&self, ino: Ino) -> FsResult<(&Inode, Option<u64>)> {
+        Ok((self.get(ino)?, self.replaces(ino)))
+    }
+
+    fn set_replaces(&mut self, ino: Ino, replaces: Option<u64>) {
+        match replaces {
+            Some(r) => self.replaces.insert(ino, r),
+            None => self.replaces.remove(&ino),
+        };
     }
 
     pub fn dir(&self, ino: Ino) -> FsResult<&Dir> {
@@ -467,8 +679,8 @@ impl Namespace {
             if check_name(&name).is_err() {
                 continue; // publish temp files (reserved prefix) are never shown
             }
+            let existing = self.dir(dir)?.ino(&name);
             seen.insert(name.clone());
-            let existing = self.dir(dir)?.entries.get(&name).map(|d| d.ino);
             let ino = self.ino_for_backend(st.ino);
             if let Some(cur) = existing {
                 if cur != ino {
@@ -478,7 +690,7 @@ impl Namespace {
                 let i = self.get_mut(cur)?;
                 if i.kind == st.kind && i.content == Content::Remote && i.writers == 0 && !attrs_pending {
                     i.attr = Attr::from_stat(&st);
-                    i.fetched = Some(now);
+                    i.fetched = Some(Stamp::at(now));
                 }
                 continue;
             }
@@ -489,19 +701,18 @@ impl Namespace {
         }
         if reload {
             // Names gone from the backend disappear, unless the overlay changed them.
-            let gone: Vec<(OsString, Ino)> = self
+            let gone: Vec<(Name, Ino)> = self
                 .dir(dir)?
-                .entries
                 .iter()
-                .filter(|(n, _)| !seen.contains(*n))
-                .map(|(n, d)| (n.clone(), d.ino))
+                .filter(|(n, _)| !seen.contains(&***n))
+                .map(|(n, ino)| (n.clone(), ino))
                 .collect();
             for (name, ino) in gone {
                 let i = self.get(ino)?;
                 let untouched = i.on_backend
                     && i.content == Content::Remote
                     && i.opens == 0
-                    && i.dir.as_ref().is_none_or(|d| d.entries.is_empty());
+                    && i.dir.as_ref().is_none_or(|d| d.is_empty());
                 if untouched {
                     self.detach(dir, &name)?;
                 }
@@ -512,12 +723,13 @@ impl Namespace {
     }
 
     fn add_backend_entry(&mut self, dir: Ino, name: OsString, ino: Ino, st: &Stat, now: Instant) -> FsResult<()> {
+        let name = Name::from(name);
         let inode = self.inodes.entry(ino).or_insert_with(|| {
             let mut i = Inode::new(ino, st.kind, Attr::from_stat(st));
             i.on_backend = true;
             i.backend_ino = Some(st.ino);
-            i.fetched = Some(now);
-            i.backend_attr = i.attr.to_set(st.kind);
+            i.fetched = Some(Stamp::at(now));
+            i.set_backend_attr(&i.attr.to_set(st.kind));
             Box::new(i)
         });
         inode.links.push((dir, name.clone()));
@@ -541,7 +753,7 @@ impl Namespace {
         while cur != ROOT {
             let i = self.get(cur)?;
             let (p, n) = i.links.first().ok_or(FsError::NotFound)?;
-            comps.push(n.clone());
+            comps.push(n.to_os_string());
             cur = *p;
             if comps.len() > 4096 {
                 return Err(FsError::Invalid);
@@ -590,7 +802,7 @@ impl Namespace {
         let i = self.get(ino)?;
         let (p, n) = i.links.first().ok_or(FsError::NotFound)?;
         let mut keys = vec![
-            (Key::Name(*p, n.clone()), Access::Shared),
+            (Key::Name(*p, n.to_os_string()), Access::Shared),
             (Key::Ino(ino), Access::Shared),
         ];
         keys.extend(self.ancestors(*p)?.into_iter().map(|d| (Key::Ino(d), Access::Shared)));
@@ -621,21 +833,23 @@ impl Namespace {
     }
 
     /// Adds a new inode under `name` in `parent` (which has no such entry).
-    fn attach(&mut self, parent: Ino, name: &OsStr, mut inode: Inode) -> FsResult<Ino> {
+    fn attach(&mut self, parent: Ino, name: &OsStr, inode: Inode) -> FsResult<Ino> {
         let ino = inode.ino;
         self.touched.push(ino);
-        inode.links.push((parent, name.to_owned()));
         self.inodes.insert(ino, Box::new(inode));
-        self.link_entry(parent, name, ino)?;
+        self.add_link(parent, name, ino)?;
         Ok(ino)
     }
 
-    /// Adds the entry `name` in `parent` for the existing inode `ino`, whose
-    /// links already name it.
-    fn link_entry(&mut self, parent: Ino, name: &OsStr, ino: Ino) -> FsResult<()> {
-        let is_dir = self.get(ino)?.kind == Kind::Dir;
+    /// Gives the existing inode `ino` the name `name` in `parent` (which has
+    /// no such entry): a link and a directory entry sharing one `Name`.
+    fn add_link(&mut self, parent: Ino, name: &OsStr, ino: Ino) -> FsResult<()> {
+        let name = Name::from(name);
+        let i = self.get_mut(ino)?;
+        i.links.push((parent, name.clone()));
+        let is_dir = i.kind == Kind::Dir;
         let d = self.dir_mut(parent)?;
-        d.insert(name.to_owned(), ino, false, None);
+        d.insert(name, ino, false, None);
         if is_dir {
             d.subdirs += 1;
         }
@@ -684,12 +898,12 @@ impl Namespace {
         let ino = self.new_ino();
         let mut i = Inode::new(ino, Kind::Symlink, Attr::new(0o777, uid, gid));
         i.attr.size = target.len() as u64;
-        i.symlink_target = Some(target.to_owned());
+        self.symlinks.insert(ino, target.into());
         i.on_backend = true;
         i.xattrs = Some(XattrCache::new(Xattrs::new()));
         // The backend object gets the overlay's times, so both agree.
         let attrs = i.attr.to_set(Kind::Symlink);
-        i.backend_attr = attrs.clone();
+        i.set_backend_attr(&attrs);
         self.insert_new(parent, name, i)?;
         let path = self.path_of(ino)?;
         fx.ops.push(self.op(
@@ -722,7 +936,7 @@ impl Namespace {
         i.on_backend = true;
         i.xattrs = Some(XattrCache::new(Xattrs::new()));
         let mut attrs = i.attr.to_set(kind);
-        i.backend_attr = attrs.clone();
+        i.set_backend_attr(&attrs);
         attrs.perm = None; // set at mknod
         self.insert_new(parent, name, i)?;
         let path = self.path_of(ino)?;
@@ -746,7 +960,7 @@ impl Namespace {
         let d = self.dir_mut(dir)?.remove(name).ok_or(FsError::NotFound)?;
         self.touched.push(d.ino);
         let i = self.get_mut(d.ino)?;
-        if let Some(pos) = i.links.iter().position(|(p, n)| *p == dir && n == name) {
+        if let Some(pos) = i.links.iter().position(|(p, n)| *p == dir && **n == *name) {
             i.links.remove(pos);
         }
         if i.kind == Kind::Dir {
@@ -769,6 +983,8 @@ impl Namespace {
             return;
         }
         let i = self.inodes.remove(&ino).expect("present");
+        self.symlinks.remove(&ino);
+        self.replaces.remove(&ino);
         if let Some(b) = i.backend_ino
             && self.by_backend.get(&b) == Some(&ino)
         {
@@ -871,7 +1087,7 @@ impl Namespace {
                 (true, Some(d)) if !d.entries.is_empty() => return Err(FsError::NotEmpty),
                 _ => {}
             }
-            let tdent = self.dir(newparent)?.entries.get(newname).expect("dst exists").clone();
+            let tdent = self.dir(newparent)?.get(newname).expect("dst exists");
             replaced_shadows = ti.on_backend || tdent.shadows;
             // (Unknown while a publish of the target is queued or running:
             // it brings a new one.)
@@ -899,10 +1115,11 @@ impl Namespace {
             self.detach(newparent, newname)?;
             self.get_mut(t)?.attr.ctime = Timespec::now();
         }
+        let newname_shared = Name::from(newname);
         {
             let shadows = !src_on_backend && replaced_shadows;
             let d = self.dir_mut(newparent)?;
-            d.insert(newname.to_owned(), src, shadows, replaced_ino);
+            d.insert(newname_shared.clone(), src, shadows, replaced_ino);
             if src_is_dir {
                 d.subdirs += 1;
             }
@@ -912,7 +1129,7 @@ impl Namespace {
         }
         self.touched.push(src);
         let s = self.get_mut(src)?;
-        s.links.push((newparent, newname.to_owned()));
+        s.links.push((newparent, newname_shared));
         s.attr.ctime = Timespec::now();
         let src_backend_ino = self.get(src)?.backend_ino;
         let src_publishing = self.get(src)?.publish_queued > 0;
@@ -962,13 +1179,14 @@ impl Namespace {
         if self.lookup(newparent, newname)?.is_some() {
             return Err(FsError::Exists);
         }
-        self.dir_mut(newparent)?.insert(newname.to_owned(), ino, false, None);
+        let newname = Name::from(newname);
+        self.dir_mut(newparent)?.insert(newname.clone(), ino, false, None);
         self.touched.push(ino);
         let i = self.get_mut(ino)?;
-        i.links.push((newparent, newname.to_owned()));
+        i.links.push((newparent, newname.clone()));
         i.attr.ctime = Timespec::now();
         if on_backend {
-            let new = self.path_for(newparent, newname)?;
+            let new = self.path_for(newparent, &newname)?;
             fx.ops.push(FlushOp::new(keys, Action::Link { existing, new }));
         }
         self.touch_dir(newparent);
@@ -1010,12 +1228,12 @@ impl Namespace {
             // Applied once the directory's entries have settled on the backend.
             self.dirty_dir_attrs.insert(ino);
         } else if on_backend && !pending_content {
-            let diff = attr.diff(kind, &self.get(ino)?.backend_attr);
+            let diff = attr.diff(kind, &self.get(ino)?.backend_attr());
             if !diff.is_empty() {
                 let path = self.path_of(ino)?;
                 let keys = self.attr_keys(ino)?;
                 fx.ops.push(FlushOp::new(keys, Action::SetAttr { path, attrs: diff }));
-                self.get_mut(ino)?.backend_attr = attr.to_set(kind);
+                self.get_mut(ino)?.set_backend_attr(&attr.to_set(kind));
             }
         }
         Ok(attr)
@@ -1093,13 +1311,13 @@ impl Namespace {
         if i.links.is_empty() {
             return Ok(None);
         }
-        let names: Vec<(Ino, OsString)> = i.links.clone();
+        let names = i.links.clone();
         let attrs = i.attr.to_set(Kind::File);
         let mut paths = Vec::new();
         for (p, n) in &names {
             paths.push(self.path_for(*p, n)?);
         }
-        let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
+        let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, &**n)).collect();
         let op = self.op(
             &names_ref,
             &[ino],
@@ -1121,23 +1339,21 @@ impl Namespace {
         }
         let mut replaces = None;
         for (k, (p, n)) in names.iter().enumerate() {
-            if let Some(d) = self.dir_mut(*p)?.entries.get_mut(n) {
-                if k == 0 && d.shadows {
-                    replaces = d.shadow_ino;
-                }
-                d.shadows = false;
-                d.shadow_ino = None;
+            let shadowed = self.dir_mut(*p)?.clear_shadow(n);
+            if k == 0 {
+                replaces = shadowed;
             }
         }
-        let i = self.get_mut(ino)?;
-        if i.backend_ino.is_none() {
-            i.replaces = replaces;
+        if self.get(ino)?.backend_ino.is_none() {
+            self.set_replaces(ino, replaces);
         }
+        let replaces = self.replaces(ino);
+        let i = self.get_mut(ino)?;
         // What the publish will expect the name to hold (see `run_worker`),
         // journaled with the op; unknown while an earlier publish of the
         // file is in flight (it brings a new object).
         let expect = if i.publish_queued == 0 {
-            i.backend_ino.or(i.replaces)
+            i.backend_ino.or(replaces)
         } else {
             None
         };
@@ -1146,7 +1362,7 @@ impl Namespace {
         i.on_backend = true;
         i.content = Content::Staged { id, dirty: false };
         i.publish_queued += 1;
-        i.backend_attr = i.attr.to_set(Kind::File);
+        i.set_backend_attr(&i.attr.to_set(Kind::File));
         Ok(Some(op))
     }
 
@@ -1156,8 +1372,8 @@ impl Namespace {
     /// released, see `set_backend_ino`: recording it here could overwrite a
     /// later publish's.)
     pub fn publish_done(&mut self, ino: Ino, generation: u64) -> Option<u64> {
+        self.replaces.remove(&ino);
         let i = self.inodes.get_mut(&ino)?;
-        i.replaces = None;
         i.publish_queued = i.publish_queued.saturating_sub(1);
         match i.content {
             Content::Staged { id, dirty: false }
@@ -1189,9 +1405,9 @@ impl Namespace {
         }
         i.content = Content::Remote;
         i.xattrs = None;
-        i.replaces = None;
         i.attr = Attr::from_stat(theirs);
-        i.fetched = Some(Instant::now());
+        i.fetched = Some(Stamp::now());
+        self.replaces.remove(&ino);
         self.set_backend_ino(ino, theirs.ino);
         self.touched.push(ino);
         ConflictOutcome::BackendWins
@@ -1211,13 +1427,13 @@ impl Namespace {
         if i.links.is_empty() && dir != ROOT {
             return Ok(None);
         }
-        let attrs = i.attr.diff(Kind::Dir, &i.backend_attr);
+        let attrs = i.attr.diff(Kind::Dir, &i.backend_attr());
         if attrs.is_empty() {
             return Ok(None);
         }
         let full = i.attr.to_set(Kind::Dir);
         let path = self.path_of(dir)?;
-        self.get_mut(dir)?.backend_attr = full;
+        self.get_mut(dir)?.set_backend_attr(&full);
         let i = self.get(dir)?;
         let keys = if dir == ROOT {
             vec![(Key::Ino(ROOT), Access::Exclusive)]
@@ -1231,8 +1447,10 @@ impl Namespace {
     /// The backend changed the entries of `dir` (an op in it finished).
     pub fn entries_changed_on_backend(&mut self, dir: Ino) {
         if let Some(i) = self.inodes.get_mut(&dir) {
-            i.backend_attr.mtime = None;
-            i.backend_attr.atime = None;
+            let mut b = i.backend_attr();
+            b.mtime = None;
+            b.atime = None;
+            i.set_backend_attr(&b);
         }
         // The backend just set the directory's mtime to "now": give it the
         // overlay's times again once its entries settle.
@@ -1333,8 +1551,9 @@ impl Namespace {
                 }
                 None => (false, None),
             };
+            let n = Name::from(n.as_os_str());
             self.dir_mut(*p)?.insert(n.clone(), ino, shadows, shadow_ino);
-            self.get_mut(ino)?.links.push((*p, n.clone()));
+            self.get_mut(ino)?.links.push((*p, n));
         }
         self.next_staging = self.next_staging.max(staging + 1);
         self.dirty_files.insert(ino);
@@ -1559,8 +1778,7 @@ impl Namespace {
                     self.maybe_free(t, fx);
                 }
                 self.detach(sp, &sn)?;
-                self.get_mut(src)?.links.push((dp, dn.clone()));
-                self.link_entry(dp, &dn, src)?;
+                self.add_link(dp, &dn, src)?;
                 self.touched.push(src);
                 self.entries_replayed(sp);
                 self.entries_replayed(dp);
@@ -1583,10 +1801,10 @@ impl Namespace {
                 let mut i = Inode::new(ino, Kind::Symlink, Attr::new(0o777, 0, 0));
                 i.attr.apply(&attrs);
                 i.attr.size = target.len() as u64;
-                i.symlink_target = Some(target.clone());
+                self.symlinks.insert(ino, target.as_os_str().into());
                 i.on_backend = true;
                 i.xattrs = Some(XattrCache::new(Xattrs::new()));
-                i.backend_attr = attrs.clone();
+                i.set_backend_attr(&attrs);
                 self.attach(parent, &name, i)?;
                 self.entries_replayed(parent);
                 let op = self.op(&[(parent, &name)], &[ino], Action::Symlink { path, target, attrs })?;
@@ -1617,7 +1835,7 @@ impl Namespace {
                 i.attr.rdev = rdev;
                 i.on_backend = true;
                 i.xattrs = Some(XattrCache::new(Xattrs::new()));
-                i.backend_attr = i.attr.to_set(kind);
+                i.set_backend_attr(&i.attr.to_set(kind));
                 self.attach(parent, &name, i)?;
                 self.entries_replayed(parent);
                 let action = Action::Mknod {
@@ -1644,8 +1862,7 @@ impl Namespace {
                     return Err(FsError::NotPermitted);
                 }
                 let keys = self.keys(&[(np, &nn), (sp, &sn)], &[src])?;
-                self.get_mut(src)?.links.push((np, nn.clone()));
-                self.link_entry(np, &nn, src)?;
+                self.add_link(np, &nn, src)?;
                 self.touched.push(src);
                 self.entries_replayed(np);
                 Ok(Replayed::Queue(FlushOp::new(keys, Action::Link { existing, new })))
@@ -1656,7 +1873,7 @@ impl Namespace {
                 };
                 let i = self.get_mut(ino)?;
                 i.attr.apply(&attrs);
-                i.backend_attr.merge(&attrs);
+                i.merge_backend_attr(&attrs);
                 let keys = self.attr_keys(ino)?;
                 Ok(Replayed::Queue(FlushOp::new(keys, Action::SetAttr { path, attrs })))
             }
@@ -1706,21 +1923,20 @@ impl Namespace {
                 };
                 i.on_backend = true;
                 i.publish_queued = 1;
-                i.backend_attr = i.attr.to_set(Kind::File);
+                i.set_backend_attr(&i.attr.to_set(Kind::File));
                 self.inodes.insert(ino, Box::new(i));
                 for (k, (d, n)) in names.iter().enumerate() {
                     if let Some(old) = self.lookup(*d, n)? {
                         if k == 0 {
                             let replaces = self.replaced_by_publish(old, expect, size, &attrs)?;
-                            self.get_mut(ino)?.replaces = replaces;
+                            self.set_replaces(ino, replaces);
                         }
                         self.detach(*d, n)?;
                         self.maybe_free(old, fx);
                     } else if k == 0 {
-                        self.get_mut(ino)?.replaces = expect;
+                        self.set_replaces(ino, expect);
                     }
-                    self.get_mut(ino)?.links.push((*d, n.clone()));
-                    self.link_entry(*d, n, ino)?;
+                    self.add_link(*d, n, ino)?;
                     self.entries_replayed(*d);
                 }
                 self.touched.push(ino);
@@ -1760,7 +1976,7 @@ impl Namespace {
             return Err(FsError::Exists);
         }
         i.attr.apply(attrs);
-        i.backend_attr.merge(attrs);
+        i.merge_backend_attr(attrs);
         Ok(Some(Replayed::Queue(self.op(&[(parent, name)], &[ino], action())?)))
     }
 
@@ -1786,8 +2002,32 @@ impl Namespace {
         if ino == ROOT {
             return Ok(vec![(Key::Ino(ROOT), Access::Exclusive)]);
         }
-        let names: Vec<(Ino, OsString)> = self.get(ino)?.links.clone();
-        let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, n.as_os_str())).collect();
+        let names = self.get(ino)?.links.clone();
+        let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, &**n)).collect();
         self.keys(&names_ref, &[ino])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn time() -> impl Strategy<Value = Option<Timespec>> {
+        proptest::option::of((any::<i64>(), 0u32..1_000_000_000).prop_map(|(sec, nsec)| Timespec { sec, nsec }))
+    }
+
+    proptest! {
+        #[test]
+        fn a_packed_attr_set_unpacks_to_what_was_packed(
+            perm in proptest::option::of(0u32..0o10000),
+            uid in proptest::option::of(any::<u32>()),
+            gid in proptest::option::of(any::<u32>()),
+            atime in time(),
+            mtime in time(),
+        ) {
+            let a = AttrSet { perm, uid, gid, atime, mtime };
+            prop_assert_eq!(PackedAttrSet::pack(&a).unpack(), a);
+        }
     }
 }
