@@ -3,15 +3,18 @@
 # efs-sim and against local disk, in one run. See docs/BENCHMARKS.md.
 #
 # Usage: benches/run.sh [--quick] [--full] [--files N] [--dirs N] [--reps N]
-#                       [--profile NAME] [--workdir DIR] [--keep] [--no-build]
+#                       [--meta N] [--tree PATH] [--profile NAME]
+#                       [--workdir DIR] [--keep] [--no-build]
 # --no-build uses the binaries already in target/release.
+# --tree PATH adds the real-tree workload (rsync -a of PATH); --full sets it
+# to the Rust toolchain's HTML docs and runs the large fio sizes.
 #
 # Exit status: 0 when every step ran and every verification passed, 1 otherwise.
 set -uo pipefail
 
-NOBUILD=0 QUICK=0 FULL=0 FILES=10000 DIRS=100 REPS=3 PROFILE=efs-typical KEEP=0
+NOBUILD=0 QUICK=0 FULL=0 FILES=10000 DIRS=100 REPS=3 PROFILE=efs-typical KEEP=0 META=200000 TREE=""
 WORKBASE=${TMPDIR:-/var/tmp}
-FILES_SET=0 DIRS_SET=0 REPS_SET=0
+FILES_SET=0 DIRS_SET=0 REPS_SET=0 META_SET=0
 usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -20,6 +23,8 @@ while [ $# -gt 0 ]; do
     --files) FILES=$2; FILES_SET=1; shift ;;
     --dirs) DIRS=$2; DIRS_SET=1; shift ;;
     --reps) REPS=$2; REPS_SET=1; shift ;;
+    --meta) META=$2; META_SET=1; shift ;;
+    --tree) TREE=$2; shift ;;
     --profile) PROFILE=$2; shift ;;
     --workdir) WORKBASE=$2; shift ;;
     --keep) KEEP=1 ;;
@@ -33,10 +38,18 @@ if [ "$QUICK" = 1 ]; then
   [ "$FILES_SET" = 1 ] || FILES=500
   [ "$DIRS_SET" = 1 ] || DIRS=10
   [ "$REPS_SET" = 1 ] || REPS=1
+  [ "$META_SET" = 1 ] || META=5000
 fi
 FIO_SEQ=256M FIO_RAND=64M
 [ "$QUICK" = 1 ] && { FIO_SEQ=32M; FIO_RAND=8M; }
 [ "$FULL" = 1 ] && { FIO_SEQ=2G; FIO_RAND=256M; }
+# many small files: fio writes FIO_SMALL_N files of 16 KiB each
+FIO_SMALL_N=2000
+[ "$QUICK" = 1 ] && FIO_SMALL_N=200
+if [ "$FULL" = 1 ] && [ -z "$TREE" ]; then
+  TREE=$(rustc --print sysroot 2>/dev/null)/share/doc/rust/html
+fi
+if [ -n "$TREE" ] && [ ! -d "$TREE" ]; then echo "--tree $TREE: not a directory" >&2; exit 2; fi
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 EFSCACHE=$ROOT/target/release/efscache
@@ -380,15 +393,49 @@ if command -v rclone >/dev/null; then
   done
 fi
 
+# the real tree: rsync -a of TREE, a tree nobody here wrote. The slow
+# baseline (direct onto efs-sim) runs once; local disk and efscache are
+# medians of REPS.
+if [ -n "$TREE" ]; then
+  TREE_FILES=$(find "$TREE" -type f | wc -l) TREE_BYTES=$(du -sb "$TREE" | cut -f1)
+  log "real tree $TREE: $TREE_FILES files, $TREE_BYTES bytes"
+  for r in $(seq 1 "$REPS"); do
+    run_timed t rsync -a "$TREE/" "$W/local/tree-r$r/"; record tr_a "$t"
+    rm -rf "$W/local/tree-r$r"
+    sim_restart
+    if ec_mount "$SIM_MP" "$W/ectree" "$W/cachetree"; then
+      sim_snap tr0.$r
+      t0=$(now)
+      rsync -a "$TREE/" "$W/ectree/tree-r$r/" > "$W/last.out" 2>&1 || fail "rsync of the tree into efscache: $(tail -3 "$W/last.out")"
+      t1=$(now)
+      ec_sync "$W/ectree" > "$W/last.out" 2>&1 || fail "efscache sync (tree): $(tail -3 "$W/last.out")"
+      t2=$(now)
+      sim_snap tr1.$r
+      record tr_c_ret "$(elapsed "$t0" "$t1")"; record tr_c_dur "$(elapsed "$t0" "$t2")"
+      record tr_c_req "$(div "$(sim_delta tr0.$r tr1.$r)" "$TREE_FILES")"
+      ec_umount "$W/ectree"
+      verify "$TREE" "$W/back/tree-r$r" "(c) efscache, real tree, rep $r"
+    fi
+    rm -rf "$W/cachetree" "$W/back/tree-r$r"
+  done
+  sim_restart
+  sim_snap trb0
+  run_timed t rsync -a "$TREE/" "$SIM_MP/tree-direct/"; TR_B=$t
+  sim_snap trb1
+  TR_B_REQ=$(div "$(sim_delta trb0 trb1)" "$TREE_FILES")
+  verify "$TREE" "$W/back/tree-direct" "(b) direct, real tree"
+  rm -rf "$W/back/tree-direct"
+fi
+
 # calibration (one dir vs 32 dirs)
 sim_restart
 read -r C_ONE C_MANY < <(calib_creates "$SIM_MP/calib")
 
 # fio through efscache vs local disk
-fio_run() { # fio_run NAME DIR RW BS SIZE -> MiB/s
+fio_run() { # fio_run NAME DIR RW BS SIZE [fio options...] -> MiB/s
   mkdir -p "$2"
   if fio --name="$1" --directory="$2" --rw="$3" --bs="$4" --size="$5" --ioengine=psync \
-         --end_fsync=1 --numjobs=1 --output-format=json > "$W/fio.$1.json" 2> "$W/fio.$1.err"; then
+         --end_fsync=1 --numjobs=1 "${@:6}" --output-format=json > "$W/fio.$1.json" 2> "$W/fio.$1.err"; then
     jq -r '.jobs[0].write.bw_bytes / 1048576 | . * 10 | round / 10' "$W/fio.$1.json"
   else
     fail "fio $1: $(tail -2 "$W/fio.$1.err" | tr '\n' ' ')"; echo n/a
@@ -402,10 +449,49 @@ if ec_mount "$SIM_MP" "$FIO_EC" "$W/cachefio"; then
     record fio_seq_c "$(fio_run seq_c_$r "$FIO_EC/fio-seq-$r" write 1M "$FIO_SEQ")"
     record fio_rand_a "$(fio_run rand_a_$r "$W/local/fio" randwrite 4k "$FIO_RAND")"
     record fio_rand_c "$(fio_run rand_c_$r "$FIO_EC/fio-rand-$r" randwrite 4k "$FIO_RAND")"
+    SMALL=(--nrfiles="$FIO_SMALL_N" --filesize=16k --openfiles=1 --file_service_type=sequential)
+    record fio_small_a "$(fio_run small_a_$r "$W/local/fio" write 16k "$((FIO_SMALL_N * 16))k" "${SMALL[@]}")"
+    record fio_small_c "$(fio_run small_c_$r "$FIO_EC/fio-small-$r" write 16k "$((FIO_SMALL_N * 16))k" "${SMALL[@]}")"
   done
   ec_sync "$FIO_EC" >/dev/null 2>&1 || fail "efscache sync after fio"
   ec_umount "$FIO_EC"
 fi
+
+# workload 7: metadata scale. A tree of META empty files (1,000 per
+# directory) made directly in efs-sim's backing dir, listed and stat'ed with
+# `find -ls`: on local disk, direct on a fresh efs-sim, and through a fresh
+# efscache mount (cold, then warm), with the daemon's RSS before and after.
+META_DIRS=$(( (META + 999) / 1000 ))
+log "making $META entries in $META_DIRS dirs in the backing dir"
+python3 - "$W/back/meta" "$META" "$META_DIRS" <<'EOF' || fail "metadata tree generation"
+import os, sys
+root, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(d):
+    os.makedirs(os.path.join(root, "d%04d" % i), exist_ok=True)
+for i in range(n):
+    open(os.path.join(root, "d%04d" % (i % d), "entry-%07d" % i), "w").close()
+EOF
+find "$W/back/meta" -ls > /dev/null  # local: page cache warm, like a warm listing
+run_timed t find "$W/back/meta" -ls; W7_A=$t
+sim_restart
+sim_snap m0
+run_timed t find "$SIM_MP/meta" -ls; W7_B=$t
+sim_snap m1
+W7_B_REQ=$(sim_delta m0 m1)
+W7_EC=$W/ecmeta W7_RSS0="" W7_RSS1="" W7_C_COLD=n/a W7_C_WARM=n/a W7_C_REQ=n/a W7_C_WARM_REQ=n/a
+if ec_mount "$SIM_MP" "$W7_EC" "$W/cachemeta"; then
+  EC_PID=$("$EFSCACHE" status --json "$W7_EC" | jq -r .pid)
+  W7_RSS0=$(ps -o rss= -p "$EC_PID" | tr -d ' ')
+  sim_snap m2
+  run_timed t find "$W7_EC/meta" -ls; W7_C_COLD=$t
+  sim_snap m3
+  run_timed t find "$W7_EC/meta" -ls; W7_C_WARM=$t
+  sim_snap m4
+  W7_RSS1=$(ps -o rss= -p "$EC_PID" | tr -d ' ')
+  W7_C_REQ=$(sim_delta m2 m3) W7_C_WARM_REQ=$(sim_delta m3 m4)
+  ec_umount "$W7_EC"
+fi
+rm -rf "$W/cachemeta"
 
 # ---------------------------------------------------------------- report
 B_RET=$(med w1_b_ret) C_RET=$(med w1_c_ret) C_DUR=$(med w1_c_dur) A_RET=$(med w1_a_ret)
@@ -435,6 +521,16 @@ else row "(d) rclone mount --vfs-cache-mode writes" "$RCLONE_NOTE" "" "" ""; fi
 echo "x(c)dur = row time / (c) time to durable; x(c)ret = row time / (c) time until rsync returns"
 echo "(c)/(a) rsync returns: $(div "$C_RET" "$A_RET")x   (c)/(a) durable vs local: $(div "$C_DUR" "$A_RET")x   (c)/(f) rsync returns vs the FUSE floor: $(div "$C_RET" "$F_RET")x"
 echo
+if [ -n "$TREE" ]; then
+  TA=$(med tr_a) TC=$(med tr_c_ret) TCD=$(med tr_c_dur)
+  echo "== real tree: rsync -a of $TREE ($TREE_FILES files, $TREE_BYTES bytes; direct once, the others median of $REPS; seconds)"
+  row "target" "returns" "durable" "x(c)dur" "requests/file"
+  row "(a) local disk" "$TA" "$TA" "$(div "$TA" "$TCD")" ""
+  row "(b) efs-sim direct, rsync -a" "$TR_B" "$TR_B" "$(div "$TR_B" "$TCD")" "$TR_B_REQ"
+  row "(c) efscache over efs-sim" "$TC" "$TCD" "1.00" "$(med tr_c_req)"
+  echo "(b)/(c) durable: $(div "$TR_B" "$TCD")x   (c)/(a) rsync returns: $(div "$TC" "$TA")x"
+  echo
+fi
 A3=$(med w3_a) B3=$(med w3_b) C3=$(med w3_c) C3D=$(med w3_c_dur)
 echo "== workload 3: no-change re-sync, rsync -a quick check (median of $REPS; seconds)"
 row "target" "returns" "+sync" "x(c)" ""
@@ -469,6 +565,20 @@ FA=$(med fio_seq_a) FC=$(med fio_seq_c)
 row "seq write 1 MiB x $FIO_SEQ" "$FA" "$FC" "$(div "$FC" "$FA")" ""
 FA=$(med fio_rand_a) FC=$(med fio_rand_c)
 row "rand write 4 KiB x $FIO_RAND" "$FA" "$FC" "$(div "$FC" "$FA")" ""
+FA=$(med fio_small_a) FC=$(med fio_small_c)
+row "small files: $FIO_SMALL_N x 16 KiB" "$FA" "$FC" "$(div "$FC" "$FA")" ""
+echo
+N7=$((META + META_DIRS + 1))
+echo "== workload 7: metadata scale, find -ls of $META files in $META_DIRS dirs ($N7 entries; seconds)"
+row "target" "seconds" "requests" "x(c)warm" ""
+row "(a) local disk (warm page cache)" "$W7_A" "" "$(div "$W7_A" "$W7_C_WARM")" ""
+row "(b) efs-sim direct (cold)" "$W7_B" "$W7_B_REQ" "$(div "$W7_B" "$W7_C_WARM")" ""
+row "(c) efscache, cold mount" "$W7_C_COLD" "$W7_C_REQ" "$(div "$W7_C_COLD" "$W7_C_WARM")" ""
+row "(c) efscache, warm" "$W7_C_WARM" "$W7_C_WARM_REQ" "1.00" ""
+echo "(c)warm/(a): $(div "$W7_C_WARM" "$W7_A")x   (b)/(c)cold: $(div "$W7_B" "$W7_C_COLD")x   (b)/(c)warm: $(div "$W7_B" "$W7_C_WARM")x"
+if [ -n "$W7_RSS0" ] && [ -n "$W7_RSS1" ]; then
+  echo "efscache daemon RSS: $W7_RSS0 KiB after mount, $W7_RSS1 KiB after the listings: $(awk -v a="$W7_RSS0" -v b="$W7_RSS1" -v n="$N7" 'BEGIN{printf "%.0f", (b-a)*1024/n}') bytes per cached inode"
+fi
 echo
 echo "efs-sim totals (last instance: calibration + fio): $(jq -r '"requests=\(.requests) errors=\(.errors)"' "$STATS")"
 if [ "$FAILS" -gt 0 ]; then echo "RESULT: $FAILS step(s) failed"; exit 1; fi
