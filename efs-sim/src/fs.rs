@@ -10,9 +10,15 @@
 //! stats cost about one latency, not 64. Reply payloads and attribute
 //! conversion live in `reply`.
 //!
-//! Permissions are checked by the kernel (`default_permissions`); the emulator
-//! runs as root and gives new entries to the caller's uid/gid, as an NFS server
-//! with AUTH_SYS credentials would.
+//! Permissions are checked by the server, as on NFS: the mount has no
+//! `default_permissions`, and each request runs with its caller's filesystem
+//! credentials (fsuid, fsgid, supplementary groups: what AUTH_SYS carries;
+//! `sys::Caller`), so the backing filesystem decides, and new entries belong
+//! to the caller. (With `default_permissions` the kernel would re-fetch a
+//! directory's attributes after every change in it, to check the next access:
+//! requests an NFS client does not send, since its replies carry the
+//! directory's new attributes.) Root callers run as the server, as on an NFS
+//! export without root squashing.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -37,7 +43,7 @@ use crate::pool::Pool;
 use crate::profile::{Class, Costs, ProfileName, Refusals};
 use crate::reply::{Entry, Listing, PlusReply, Replier, file_attr, timespec_of, xattr_answer};
 use crate::stats::{OpKind, Outcome, Stats};
-use crate::sys;
+use crate::sys::{self, Caller};
 
 /// Largest write the kernel may send in one request.
 const MAX_WRITE: u32 = 1024 * 1024;
@@ -141,6 +147,15 @@ fn metered_ops(plan: &Plan) -> f64 {
         Class::Free => 0.0,
         Class::Read => 1.0,
         Class::Meta | Class::Setattr | Class::Commit => 5.0,
+    }
+}
+
+/// The credentials a request comes with.
+fn caller(req: &Request) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -329,7 +344,7 @@ impl EfsSim {
 
     /// Queues one request: the worker admits it, then injects a fault or runs
     /// `work`, records the outcome and replies.
-    fn submit<T, R, F>(&self, plan: Plan, reply: R, work: F)
+    fn submit<T, R, F>(&self, caller: Caller, plan: Plan, reply: R, work: F)
     where
         T: 'static,
         R: Replier<T>,
@@ -348,7 +363,10 @@ impl EfsSim {
             }
             let result = match core.faults.inject(plan.kind, arrived.kind_seq) {
                 Some(e) => Err((Errno::from_i32(e), Outcome::Injected)),
-                None => work(&core).map_err(|e| (Errno::from(e), Outcome::Failed)),
+                None => match caller.assume() {
+                    Ok(_as_caller) => work(&core).map_err(|e| (Errno::from(e), Outcome::Failed)),
+                    Err(e) => Err((Errno::from(e), Outcome::Failed)),
+                },
             };
             drop(permit);
             let outcome = match &result {
@@ -378,7 +396,9 @@ impl EfsSim {
     fn refused_xattr<T: 'static, R: Replier<T>>(&self, kind: OpKind, reply: R) {
         // ENOSYS makes the kernel answer EOPNOTSUPP itself from now on, as the
         // NFS client does for a server without xattr support.
-        self.submit(Plan::new(kind, Class::Free), reply, |_| Err(errno(libc::ENOSYS)));
+        self.submit(Caller::SERVER, Plan::new(kind, Class::Free), reply, |_| {
+            Err(errno(libc::ENOSYS))
+        });
     }
 }
 
@@ -399,12 +419,17 @@ impl Filesystem for EfsSim {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
-        self.submit(Plan::new(OpKind::Lookup, Class::Read), reply, move |core| {
-            let dir = core.inode(parent.0)?;
-            core.lookup_entry(&dir, &name)
-        });
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Lookup, Class::Read),
+            reply,
+            move |core| {
+                let dir = core.inode(parent.0)?;
+                core.lookup_entry(&dir, &name)
+            },
+        );
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -412,13 +437,13 @@ impl Filesystem for EfsSim {
         self.core.stats.record(OpKind::Forget, Duration::ZERO, Outcome::Ok, 0);
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
+    fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let class = if self.core.is_fresh(ino.0) {
             Class::Free
         } else {
             Class::Read
         };
-        self.submit(Plan::new(OpKind::Getattr, class), reply, move |core| {
+        self.submit(caller(req), Plan::new(OpKind::Getattr, class), reply, move |core| {
             let inode = core.inode(ino.0)?;
             let st = match fh.and_then(|fh| core.file(fh.0).ok()) {
                 Some(h) => sys::fstat(h.file.as_fd())?,
@@ -430,7 +455,7 @@ impl Filesystem for EfsSim {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -447,6 +472,7 @@ impl Filesystem for EfsSim {
         reply: ReplyAttr,
     ) {
         self.submit(
+            caller(req),
             Plan::new(OpKind::Setattr, Class::Setattr).post_op(ino.0),
             reply,
             move |core| {
@@ -482,10 +508,13 @@ impl Filesystem for EfsSim {
         );
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.submit(Plan::new(OpKind::Readlink, Class::Read), reply, move |core| {
-            sys::readlink_fd(core.inode(ino.0)?.fd())
-        });
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Readlink, Class::Read),
+            reply,
+            move |core| sys::readlink_fd(core.inode(ino.0)?.fd()),
+        );
     }
 
     fn mknod(
@@ -501,6 +530,7 @@ impl Filesystem for EfsSim {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         let refuse_devices = self.core.refusals.devices;
         self.submit(
+            caller(req),
             Plan::new(OpKind::Mknod, Class::Meta).dirs(&[parent.0]),
             reply,
             move |core| {
@@ -520,6 +550,7 @@ impl Filesystem for EfsSim {
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.submit(
+            caller(req),
             Plan::new(OpKind::Mkdir, Class::Meta).dirs(&[parent.0]),
             reply,
             move |core| {
@@ -532,9 +563,10 @@ impl Filesystem for EfsSim {
         );
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.submit(
+            caller(req),
             Plan::new(OpKind::Unlink, Class::Meta).dirs(&[parent.0]),
             reply,
             move |core| {
@@ -544,9 +576,10 @@ impl Filesystem for EfsSim {
         );
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
         self.submit(
+            caller(req),
             Plan::new(OpKind::Rmdir, Class::Meta).dirs(&[parent.0]),
             reply,
             move |core| {
@@ -560,6 +593,7 @@ impl Filesystem for EfsSim {
         let (name, uid, gid) = (link_name.to_owned(), req.uid(), req.gid());
         let target: OsString = target.as_os_str().to_owned();
         self.submit(
+            caller(req),
             Plan::new(OpKind::Symlink, Class::Meta).dirs(&[parent.0]),
             reply,
             move |core| {
@@ -574,7 +608,7 @@ impl Filesystem for EfsSim {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -584,6 +618,7 @@ impl Filesystem for EfsSim {
     ) {
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.submit(
+            caller(req),
             Plan::new(OpKind::Rename, Class::Meta).dirs(&[parent.0, newparent.0]),
             reply,
             move |core| {
@@ -600,9 +635,10 @@ impl Filesystem for EfsSim {
         );
     }
 
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+    fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let newname = newname.to_owned();
         self.submit(
+            caller(req),
             Plan::new(OpKind::Link, Class::Meta).dirs(&[newparent.0]),
             reply,
             move |core| {
@@ -614,8 +650,8 @@ impl Filesystem for EfsSim {
         );
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.submit(Plan::new(OpKind::Open, Class::Read), reply, move |core| {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.submit(caller(req), Plan::new(OpKind::Open, Class::Read), reply, move |core| {
             let inode = core.inode(ino.0)?;
             let file = sys::reopen(
                 core.proc_fd.as_fd(),
@@ -636,7 +672,7 @@ impl Filesystem for EfsSim {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -646,6 +682,7 @@ impl Filesystem for EfsSim {
         reply: ReplyData,
     ) {
         self.submit(
+            caller(req),
             Plan::new(OpKind::Read, Class::Read).bytes(u64::from(size)),
             reply,
             move |core| sys::pread(core.file(fh.0)?.file.as_raw_fd(), size as usize, offset),
@@ -654,7 +691,7 @@ impl Filesystem for EfsSim {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -666,6 +703,7 @@ impl Filesystem for EfsSim {
     ) {
         let data = data.to_vec();
         self.submit(
+            caller(req),
             Plan::new(OpKind::Write, Class::Free)
                 .bytes(data.len() as u64)
                 .post_op(ino.0),
@@ -679,14 +717,14 @@ impl Filesystem for EfsSim {
         );
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
         let class = self.commit_class(fh.0, Class::Free);
-        self.submit(Plan::new(OpKind::Flush, class), reply, |_| Ok(()));
+        self.submit(caller(req), Plan::new(OpKind::Flush, class), reply, |_| Ok(()));
     }
 
     fn release(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
@@ -698,40 +736,48 @@ impl Filesystem for EfsSim {
         // uncommitted. The handle goes now, whatever the reply will be.
         let class = self.commit_class(fh.0, Class::Read);
         self.core.files.lock().remove(&fh.0);
-        self.submit(Plan::new(OpKind::Release, class), reply, |_| Ok(()));
+        self.submit(caller(req), Plan::new(OpKind::Release, class), reply, |_| Ok(()));
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         let class = self.commit_class(fh.0, Class::Free);
-        self.submit(Plan::new(OpKind::Fsync, class), reply, |_| Ok(()));
+        self.submit(caller(req), Plan::new(OpKind::Fsync, class), reply, |_| Ok(()));
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         // NFS has no open for directories: free.
-        self.submit(Plan::new(OpKind::Opendir, Class::Free), reply, move |core| {
-            let inode = core.inode(ino.0)?;
-            if !inode.is_dir() {
-                return Err(errno(libc::ENOTDIR));
-            }
-            let fh = core.new_fh();
-            core.dirs.lock().insert(
-                fh,
-                Arc::new(DirHandle {
-                    inode,
-                    entries: Mutex::new(Arc::new(Vec::new())),
-                }),
-            );
-            Ok(fh)
-        });
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Opendir, Class::Free),
+            reply,
+            move |core| {
+                let inode = core.inode(ino.0)?;
+                if !inode.is_dir() {
+                    return Err(errno(libc::ENOTDIR));
+                }
+                let fh = core.new_fh();
+                core.dirs.lock().insert(
+                    fh,
+                    Arc::new(DirHandle {
+                        inode,
+                        entries: Mutex::new(Arc::new(Vec::new())),
+                    }),
+                );
+                Ok(fh)
+            },
+        );
     }
 
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
-        self.submit(Plan::new(OpKind::Readdir, Class::Read), reply, move |core| {
-            core.listing(fh.0, offset)
-        });
+    fn readdir(&self, req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectory) {
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Readdir, Class::Read),
+            reply,
+            move |core| core.listing(fh.0, offset),
+        );
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
+    fn readdirplus(&self, req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, reply: ReplyDirectoryPlus) {
         let Some(dir) = self.core.dirs.lock().get(&fh.0).map(|d| d.inode.clone()) else {
             reply.error(Errno::EBADF);
             return;
@@ -741,30 +787,38 @@ impl Filesystem for EfsSim {
             core: self.core.clone(),
             dir,
         };
-        self.submit(Plan::new(OpKind::Readdirplus, Class::Read), reply, move |core| {
-            core.listing(fh.0, offset)
-        });
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Readdirplus, Class::Read),
+            reply,
+            move |core| core.listing(fh.0, offset),
+        );
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(&self, req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         self.core.dirs.lock().remove(&fh.0);
-        self.submit(Plan::new(OpKind::Releasedir, Class::Free), reply, |_| Ok(()));
-    }
-
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Namespace changes on EFS are already durable when they return.
-        self.submit(Plan::new(OpKind::Fsyncdir, Class::Free), reply, |_| Ok(()));
-    }
-
-    fn statfs(&self, _req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        self.submit(Plan::new(OpKind::Statfs, Class::Read), reply, move |core| {
-            sys::fstatvfs(core.inode(ino.0)?.fd())
+        self.submit(caller(req), Plan::new(OpKind::Releasedir, Class::Free), reply, |_| {
+            Ok(())
         });
+    }
+
+    fn fsyncdir(&self, req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        // Namespace changes on EFS are already durable when they return.
+        self.submit(caller(req), Plan::new(OpKind::Fsyncdir, Class::Free), reply, |_| Ok(()));
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Statfs, Class::Read),
+            reply,
+            move |core| sys::fstatvfs(core.inode(ino.0)?.fd()),
+        );
     }
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -776,51 +830,78 @@ impl Filesystem for EfsSim {
             return self.refused_xattr(OpKind::Setxattr, reply);
         }
         let (name, value) = (name.to_owned(), value.to_vec());
-        self.submit(Plan::new(OpKind::Setxattr, Class::Meta), reply, move |core| {
-            let inode = core.inode(ino.0)?;
-            sys::xattr::set(inode.fd(), &sys::cname(&name)?, &value, flags)
-        });
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Setxattr, Class::Meta),
+            reply,
+            move |core| {
+                let inode = core.inode(ino.0)?;
+                sys::xattr::set(inode.fd(), &sys::cname(&name)?, &value, flags)
+            },
+        );
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         if self.core.refusals.xattrs {
             return self.refused_xattr(OpKind::Getxattr, reply);
         }
         let name = name.to_owned();
-        self.submit(Plan::new(OpKind::Getxattr, Class::Read), reply, move |core| {
-            let inode = core.inode(ino.0)?;
-            let (n, data) = sys::xattr::get(inode.fd(), &sys::cname(&name)?, size as usize)?;
-            xattr_answer(size, n, data)
-        });
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Getxattr, Class::Read),
+            reply,
+            move |core| {
+                let inode = core.inode(ino.0)?;
+                let (n, data) = sys::xattr::get(inode.fd(), &sys::cname(&name)?, size as usize)?;
+                xattr_answer(size, n, data)
+            },
+        );
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         if self.core.refusals.xattrs {
             return self.refused_xattr(OpKind::Listxattr, reply);
         }
-        self.submit(Plan::new(OpKind::Listxattr, Class::Read), reply, move |core| {
-            let inode = core.inode(ino.0)?;
-            let (n, data) = sys::xattr::list(inode.fd(), size as usize)?;
-            xattr_answer(size, n, data)
-        });
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Listxattr, Class::Read),
+            reply,
+            move |core| {
+                let inode = core.inode(ino.0)?;
+                let (n, data) = sys::xattr::list(inode.fd(), size as usize)?;
+                xattr_answer(size, n, data)
+            },
+        );
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         if self.core.refusals.xattrs {
             return self.refused_xattr(OpKind::Removexattr, reply);
         }
         let name = name.to_owned();
-        self.submit(Plan::new(OpKind::Removexattr, Class::Meta), reply, move |core| {
-            let inode = core.inode(ino.0)?;
-            sys::xattr::remove(inode.fd(), &sys::cname(&name)?)
-        });
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Removexattr, Class::Meta),
+            reply,
+            move |core| {
+                let inode = core.inode(ino.0)?;
+                sys::xattr::remove(inode.fd(), &sys::cname(&name)?)
+            },
+        );
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // Only sent without default_permissions; the kernel checks modes itself.
-        self.submit(Plan::new(OpKind::Access, Class::Read), reply, move |core| {
-            core.inode(ino.0).map(|_| ())
-        });
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // access(2) and chdir: the NFS ACCESS call, checked with the
+        // caller's credentials.
+        self.submit(
+            caller(req),
+            Plan::new(OpKind::Access, Class::Read),
+            reply,
+            move |core| {
+                let inode = core.inode(ino.0)?;
+                sys::access_fd(core.proc_fd.as_fd(), inode.fd(), mask.bits())
+            },
+        );
     }
 
     fn create(
@@ -835,6 +916,7 @@ impl Filesystem for EfsSim {
     ) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.submit(
+            caller(req),
             Plan::new(OpKind::Create, Class::Meta).dirs(&[parent.0]),
             reply,
             move |core| {
@@ -874,7 +956,7 @@ impl Filesystem for EfsSim {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -883,6 +965,7 @@ impl Filesystem for EfsSim {
         reply: ReplyEmpty,
     ) {
         self.submit(
+            caller(req),
             Plan::new(OpKind::Fallocate, Class::Meta).post_op(ino.0),
             reply,
             move |core| {
@@ -894,15 +977,15 @@ impl Filesystem for EfsSim {
         );
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
-        self.submit(Plan::new(OpKind::Lseek, Class::Read), reply, move |core| {
+    fn lseek(&self, req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        self.submit(caller(req), Plan::new(OpKind::Lseek, Class::Read), reply, move |core| {
             sys::lseek(core.file(fh.0)?.file.as_raw_fd(), offset, whence)
         });
     }
 
     fn copy_file_range(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
@@ -915,6 +998,7 @@ impl Filesystem for EfsSim {
     ) {
         // Server-side copy (NFSv4.2 COPY): one metadata-class round trip.
         self.submit(
+            caller(req),
             Plan::new(OpKind::CopyFileRange, Class::Meta).post_op(ino_out.0),
             reply,
             move |core| {

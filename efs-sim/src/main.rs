@@ -285,7 +285,8 @@ fn run(cli: Cli) -> Result<(), String> {
         fsname: fsname.clone(),
         subtype: SUBTYPE.to_string(),
         allow_other: true,
-        default_permissions: true,
+        // The server checks permissions, as NFS does (see `fs`).
+        default_permissions: false,
         read_only: false,
     };
     let fd = fusemount::mount(&mountpoint, &spec).map_err(|e| e.to_string())?;

@@ -68,6 +68,16 @@ pub fn reopen(proc_fd: BorrowedFd<'_>, fd: BorrowedFd<'_>, flags: i32) -> io::Re
     )
 }
 
+/// `access(2)` on the object behind `fd` with the thread's filesystem
+/// credentials (`AT_EACCESS`: without it the kernel would check the real uid,
+/// the server's).
+pub fn access_fd(proc_fd: BorrowedFd<'_>, fd: BorrowedFd<'_>, mask: i32) -> io::Result<()> {
+    let name = fd_name(fd);
+    // SAFETY: `name` is NUL-terminated and `proc_fd` a live fd for the call.
+    check(unsafe { libc::faccessat(proc_fd.as_raw_fd(), name.as_ptr(), mask, libc::AT_EACCESS) })?;
+    Ok(())
+}
+
 /// The name of `fd` inside `/proc/self/fd`.
 pub fn fd_name(fd: BorrowedFd<'_>) -> CString {
     CString::new(fd.as_raw_fd().to_string()).expect("decimal digits contain no NUL")
@@ -483,4 +493,104 @@ pub fn raise_nofile_limit() -> u64 {
     } else {
         lim.rlim_cur
     }
+}
+
+/// Who a request comes from, as FUSE reports it: the AUTH_SYS credentials
+/// an NFS request carries (uid, gid, and the supplementary groups, read
+/// from the calling process).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    pub pid: u32,
+}
+
+/// While alive, the calling thread's filesystem credentials are a caller's:
+/// fsuid, fsgid and supplementary groups. The backing filesystem then checks
+/// every access as an NFS server checks a client's request, and new objects
+/// belong to the caller. Dropping it gives the thread the server's own back.
+pub struct AsCaller {
+    saved_groups: Option<Vec<libc::gid_t>>,
+}
+
+impl Caller {
+    /// The server itself (root): no switch.
+    pub const SERVER: Caller = Caller { uid: 0, gid: 0, pid: 0 };
+
+    /// Takes on this caller's credentials for the current thread. Root
+    /// callers keep the server's (root may do anything an NFS server without
+    /// root squashing allows).
+    pub fn assume(&self) -> io::Result<AsCaller> {
+        if self.uid == 0 {
+            return Ok(AsCaller { saved_groups: None });
+        }
+        let saved = thread_groups()?;
+        let groups = process_groups(self.pid);
+        let guard = AsCaller {
+            saved_groups: Some(saved),
+        };
+        // Raw syscalls: credentials are per thread in the kernel, and glibc's
+        // setgroups would change every thread of the process.
+        // SAFETY: `groups` is a valid array of `groups.len()` gids.
+        let rc = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // setfsuid/setfsgid report no errors: ask back (an invalid id
+        // changes nothing and returns the current one).
+        // SAFETY: plain syscalls on integers.
+        unsafe {
+            libc::syscall(libc::SYS_setfsgid, self.gid);
+            libc::syscall(libc::SYS_setfsuid, self.uid);
+            let (g, u) = (
+                libc::syscall(libc::SYS_setfsgid, u32::MAX) as u32,
+                libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32,
+            );
+            if (g, u) != (self.gid, self.uid) {
+                return Err(io::Error::from_raw_os_error(libc::EPERM));
+            }
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for AsCaller {
+    fn drop(&mut self) {
+        let Some(groups) = &self.saved_groups else { return };
+        // fsuid back to 0 first: that restores the filesystem capabilities.
+        // SAFETY: plain syscalls; `groups` is a valid array.
+        unsafe {
+            libc::syscall(libc::SYS_setfsuid, 0);
+            libc::syscall(libc::SYS_setfsgid, 0);
+            libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr());
+        }
+    }
+}
+
+/// The current thread's supplementary groups.
+fn thread_groups() -> io::Result<Vec<libc::gid_t>> {
+    // SAFETY: a zero-length query returns the count only.
+    let n = check(unsafe { libc::getgroups(0, std::ptr::null_mut()) })?;
+    let mut groups = vec![0; n as usize];
+    // SAFETY: `groups` has room for `n` gids.
+    let n = check(unsafe { libc::getgroups(n, groups.as_mut_ptr()) })?;
+    groups.truncate(n as usize);
+    Ok(groups)
+}
+
+/// The supplementary groups of process (or thread) `pid`, from
+/// /proc/PID/status; none if it is gone or not visible (kernel-initiated
+/// requests have pid 0).
+fn process_groups(pid: u32) -> Vec<libc::gid_t> {
+    if pid == 0 {
+        return Vec::new();
+    }
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Vec::new();
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Groups:"))
+        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default()
 }

@@ -241,6 +241,61 @@ fn new_entries_belong_to_the_caller() {
     assert_eq!(m.mode() & 0o777, 0o644);
 }
 
+/// Runs `script` in `dir` as uid/gid 65534 with the supplementary groups
+/// `groups` (comma-separated, may be empty); None if setpriv is missing.
+fn as_nobody(dir: &Path, groups: &str, script: &str) -> Option<std::process::Output> {
+    let groups_arg = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        format!("--groups={groups}")
+    };
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", &groups_arg, "sh", "-c", script])
+        .current_dir(dir)
+        .output()
+        .ok()
+}
+
+#[test]
+fn the_server_checks_permissions_with_the_callers_groups() {
+    if !can_mount() {
+        return;
+    }
+    let sim = Sim::start(&["--profile", "local"]);
+    // Owned by root, group 4242: open to that group only.
+    let team = sim.path("team");
+    fs::create_dir(&team).expect("mkdir");
+    std::os::unix::fs::chown(&team, Some(0), Some(4242)).expect("chown");
+    fs::set_permissions(&team, fs::Permissions::from_mode(0o770)).expect("chmod");
+    fs::write(sim.path("rootfile"), b"r").expect("write");
+    fs::set_permissions(sim.path("rootfile"), fs::Permissions::from_mode(0o644)).expect("chmod");
+
+    let Some(out) = as_nobody(&sim.path(""), "", "echo x > team/f") else {
+        eprintln!("skipping: setpriv not available");
+        return;
+    };
+    assert!(!out.status.success(), "outside the group: create refused");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    assert!(!sim.backing.join("team/f").exists());
+
+    let out = as_nobody(&sim.path(""), "4242", "echo x > team/f && test -w team && cd team").expect("setpriv");
+    assert!(out.status.success(), "a member of the group may: {out:?}");
+    let m = fs::metadata(sim.backing.join("team/f")).expect("created");
+    assert_eq!((m.uid(), m.gid()), (65534, 65534));
+
+    let out = as_nobody(&sim.path(""), "", "chmod 777 rootfile").expect("setpriv");
+    assert!(!out.status.success(), "chmod of another user's file refused");
+    assert_eq!(
+        fs::metadata(sim.backing.join("rootfile")).expect("stat").mode() & 0o777,
+        0o644
+    );
+    let out = as_nobody(&sim.path(""), "", "test -w rootfile").expect("setpriv");
+    assert!(!out.status.success(), "access(W_OK) answers as the server checks");
+}
+
 #[test]
 fn external_unmount_ends_the_server_cleanly() {
     if !can_mount() {
