@@ -411,20 +411,19 @@ impl Capabilities {
         }
     }
 
-    /// Creates (and removes) one object of each special kind under a temp
-    /// name in the backend root. Only a definite refusal counts: any other
-    /// error (no write access to the root, an outage) leaves the kind
-    /// allowed, and the flush reports what fails.
-    pub fn probe(backend: &dyn Backend, temp_name: impl Fn() -> OsString) -> Capabilities {
+    /// Creates (and removes, with `remove`) one object of each special kind
+    /// under a temp name in the backend root. Only a definite refusal
+    /// counts: any other error (no write access to the root, an outage)
+    /// leaves the kind allowed, and the flush reports what fails.
+    pub fn probe(backend: &dyn Backend, temp_name: impl Fn() -> OsString, remove: impl Fn(RelPath)) -> Capabilities {
         let try_kind = |kind: Kind, rdev: u64| {
             let path = RelPath::root().join(&temp_name());
-            match backend.mknod(&path, kind, 0o600, rdev) {
-                Ok(()) => {
-                    if let Err(e) = backend.unlink(&path) {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a probe object from the backend");
-                    }
-                    None
-                }
+            let made = backend.mknod(&path, kind, 0o600, rdev);
+            if !matches!(&made, Err(e) if e.raw_os_error() == Some(libc::EEXIST)) {
+                remove(path); // (an error may come after the object was made)
+            }
+            match made {
+                Ok(()) => None,
                 Err(e) => match e.raw_os_error() {
                     Some(n @ (libc::EPERM | libc::EOPNOTSUPP | libc::EINVAL)) => Some(n),
                     _ => {
@@ -437,20 +436,22 @@ impl Capabilities {
         let root_before = backend.stat(&RelPath::root());
         let xattrs = {
             let name = temp_name();
-            match backend.create_exclusive(&RelPath::root(), &name, 0o600) {
+            let (caps, ours) = match backend.create_exclusive(&RelPath::root(), &name, 0o600) {
                 Ok(f) => {
                     let caps = XattrCaps::probe(|n, v| backend.set_xattr_fd(&f, n, v));
                     let _ = backend.close_file(f);
-                    if let Err(e) = backend.unlink(&RelPath::root().join(&name)) {
-                        tracing::warn!(error = %e, "cannot remove a probe file from the backend");
-                    }
-                    caps
+                    (caps, true)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot probe the backend's extended attributes: refusing them");
-                    XattrCaps::default()
+                    // (An error may come after the file was made.)
+                    (XattrCaps::default(), e.raw_os_error() != Some(libc::EEXIST))
                 }
+            };
+            if ours {
+                remove(RelPath::root().join(&name));
             }
+            caps
         };
         let caps = Capabilities {
             devices_refused: try_kind(Kind::CharDev, libc::makedev(1, 3)),

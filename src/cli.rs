@@ -290,6 +290,9 @@ pub fn options_string(cfg: &Config) -> String {
     if f.seed != fd.seed {
         o.push(format!("fault_seed={}", f.seed));
     }
+    if f.reply_lost {
+        o.push("fault_reply_lost".into());
+    }
     o.join(",")
 }
 

@@ -67,6 +67,8 @@ pub struct FaultConfig {
     pub stall_after: Option<u64>,
     pub stall: Duration,
     pub seed: u64,
+    /// Injected errors come after the request was carried out.
+    pub reply_lost: bool,
 }
 
 impl Default for FaultConfig {
@@ -79,6 +81,7 @@ impl Default for FaultConfig {
             stall_after: None,
             stall: Duration::ZERO,
             seed: 1,
+            reply_lost: false,
         }
     }
 }
@@ -197,6 +200,7 @@ impl Config {
                 }
                 "fault_stall" => self.faults.stall = parse_duration(key, need(key, val)?)?,
                 "fault_seed" => self.faults.seed = parse_count(key, need(key, val)?, 0, usize::MAX)? as u64,
+                "fault_reply_lost" => self.faults.reply_lost = parse_bool(key, val)?,
                 "foreground" => self.foreground = parse_bool(key, val)?,
                 // Always on: every user and pjdfstest's uid switches must work, with
                 // the kernel checking permissions.

@@ -216,7 +216,7 @@ impl Fs {
             ino,
             kind: i.kind,
             attr: i.attr.clone(),
-            nlink: i.nlink(),
+            nlink: ns.nlink(ino)?,
         })
     }
 
@@ -242,7 +242,7 @@ impl Fs {
             touched.sort_unstable();
             touched.dedup();
             for ino in touched {
-                tx.state(ino, ns.pending_state(ino));
+                tx.state(ino, ns.pending_state(ino), ns.pending_expect(ino));
             }
             tx.commit();
         }
@@ -281,7 +281,10 @@ impl Fs {
             .collect();
         inos.sort_unstable();
         inos.dedup();
-        let states: Vec<PendingState> = inos.into_iter().filter_map(|i| ns.pending_state(i)).collect();
+        let states: Vec<(PendingState, Option<u64>)> = inos
+            .into_iter()
+            .filter_map(|i| Some((ns.pending_state(i)?, ns.pending_expect(i))))
+            .collect();
         let j = Arc::new(Journal::create(cache, header, states)?);
         if !carried_ops.is_empty() {
             let mut tx = j.begin();
@@ -1735,6 +1738,7 @@ impl Fs {
                     &self.temps,
                     &lent.action,
                     expect_ino,
+                    lent.attempts > 0,
                     self.capabilities().xattrs,
                     |id| match self.staging.open_read(id) {
                         Ok(f) => Ok(Some(f)),
@@ -1802,6 +1806,7 @@ impl Fs {
             {
                 j.done(seq);
             }
+            self.remove_leftover_temps(Duration::from_secs(1));
             let Some(op) = self.sched.finish(lent, outcome) else {
                 continue;
             };
@@ -1914,6 +1919,25 @@ impl Fs {
 
     /// The `sync` barrier: publishes everything accepted so far and waits for
     /// it (files still open for writing are reported, not waited for).
+    /// Removes this mount's temp files whose removal failed earlier (at most
+    /// once per `every`); their directories get their times back (see
+    /// `entries_changed_on_backend`). Returns (removed, left).
+    fn remove_leftover_temps(&self, every: Duration) -> (usize, usize) {
+        let (removed, left) = self.temps.remove_leftovers(&*self.backend, every);
+        if !removed.is_empty() {
+            let mut ns = self.ns.lock();
+            for path in &removed {
+                if let Some((dir, _)) = path.split_last()
+                    && let Ok(Some(d)) = ns.resolve(&dir)
+                {
+                    ns.entries_changed_on_backend(d);
+                }
+            }
+            self.apply(&mut ns, Effects::default());
+        }
+        (removed.len(), left)
+    }
+
     pub fn sync(&self, deadline: Option<Instant>) -> SyncReport {
         if let Err(e) = self.sync_journal() {
             tracing::warn!(error = %e, "cannot sync the journal");
@@ -1948,7 +1972,10 @@ impl Fs {
                     .collect();
                 !ns.debounce.is_empty() || ns.dirty_dir_attrs.iter().any(|d| !held_open.contains(d))
             };
-            if idle && !pending {
+            // Temp files whose removal failed are removed before the
+            // barrier holds (none may stay behind on the backend).
+            let (removed, left) = self.remove_leftover_temps(Duration::from_millis(500));
+            if idle && !pending && removed == 0 && left == 0 {
                 break true;
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -2019,7 +2046,7 @@ pub fn probe_capabilities(
     temps: &TempNames,
     xattrs: bool,
 ) -> crate::backend::Capabilities {
-    let mut caps = crate::backend::Capabilities::probe(backend, || temps.next());
+    let mut caps = crate::backend::Capabilities::probe(backend, || temps.next(), |p| temps.remove(backend, p));
     caps.xattrs = if xattrs {
         caps.xattrs.intersect(staging.probe_xattrs())
     } else {

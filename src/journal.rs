@@ -46,7 +46,9 @@ use crate::namespace::Ino;
 
 /// 2: ops may be `Action::SetXattr` (version 1 journals read unchanged).
 /// 3: an op may be followed by `Expect` (versions 1 and 2 read unchanged).
-pub const FORMAT_VERSION: u32 = 3;
+/// 4: a file's pending state may be followed by `StateExpect` (older
+/// versions read unchanged).
+pub const FORMAT_VERSION: u32 = 4;
 const MAGIC: &[u8; 8] = b"EFSCJRNL";
 /// A journal larger than this and four times its live records is rewritten.
 const COMPACT_MIN_BYTES: u64 = 64 << 20;
@@ -114,6 +116,14 @@ enum Record {
         seq: u64,
         backend_ino: u64,
     },
+    /// Follows the `State` of the file `ino`: the backend inode number its
+    /// first name held when the state was recorded (the object its publish
+    /// replaces), so the publish after a crash still notices another
+    /// client's change made before it.
+    StateExpect {
+        ino: Ino,
+        backend_ino: u64,
+    },
 }
 
 /// Why a journal cannot be used.
@@ -138,6 +148,9 @@ pub struct Replay {
     pub ops: Vec<FlushOp>,
     /// The latest pending state of each object.
     pub states: Vec<PendingState>,
+    /// For files among `states`: the backend inode number their first name
+    /// held when the state was recorded, where known.
+    pub state_expects: HashMap<Ino, u64>,
     pub records: usize,
     /// A torn tail that was cut off: (offset, bytes dropped).
     pub torn: Option<(u64, u64)>,
@@ -152,6 +165,17 @@ fn frame(rec: &Record, out: &mut Vec<u8>) {
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
+}
+
+/// A pending state as journaled: its `State` record, then its `StateExpect`.
+fn frame_state(s: PendingState, expect: Option<u64>) -> Vec<u8> {
+    let ino = s.ino();
+    let mut framed = Vec::new();
+    frame(&Record::State(s), &mut framed);
+    if let Some(backend_ino) = expect {
+        frame(&Record::StateExpect { ino, backend_ino }, &mut framed);
+    }
+    framed
 }
 
 fn preamble() -> Vec<u8> {
@@ -186,6 +210,7 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
     let mut header = None;
     let mut ops: BTreeMap<u64, FlushOp> = BTreeMap::new();
     let mut states: HashMap<Ino, PendingState> = HashMap::new();
+    let mut state_expects: HashMap<Ino, u64> = HashMap::new();
     let mut records = 0;
     let mut torn = None;
     while pos < data.len() {
@@ -212,10 +237,17 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
                 }
             }
             Record::State(s) => {
+                state_expects.remove(&s.ino());
                 states.insert(s.ino(), s);
+            }
+            Record::StateExpect { ino, backend_ino } => {
+                if states.contains_key(&ino) {
+                    state_expects.insert(ino, backend_ino);
+                }
             }
             Record::Clear { ino } => {
                 states.remove(&ino);
+                state_expects.remove(&ino);
             }
         }
     }
@@ -233,6 +265,7 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
         header,
         ops: ops.into_values().collect(),
         states,
+        state_expects,
         records,
         torn,
     }))
@@ -328,13 +361,13 @@ impl Batch<'_> {
         self.ops.push((seq, start, self.buf.len()));
     }
 
-    /// Records the pending state of `ino` (None: it has none any more). Writes
-    /// nothing when it did not change.
-    pub fn state(&mut self, ino: Ino, state: Option<PendingState>) {
+    /// Records the pending state of `ino` (None: it has none any more), with
+    /// the backend object a file's publish replaces when known (`expect`).
+    /// Writes nothing when it did not change.
+    pub fn state(&mut self, ino: Ino, state: Option<PendingState>, expect: Option<u64>) {
         match state {
             Some(s) => {
-                let mut framed = Vec::new();
-                frame(&Record::State(s), &mut framed);
+                let framed = frame_state(s, expect);
                 if self.inner.states.get(&ino) == Some(&framed) {
                     return;
                 }
@@ -398,14 +431,11 @@ impl Batch<'_> {
 impl Journal {
     /// Starts a new journal at `<cache>/journal.new` holding `header` and the
     /// given pending state; `install` moves it into place.
-    pub fn create(cache: &Path, header: Header, states: Vec<PendingState>) -> io::Result<Journal> {
+    pub fn create(cache: &Path, header: Header, states: Vec<(PendingState, Option<u64>)>) -> io::Result<Journal> {
         let path = cache.join("journal.new");
         let mut live = HashMap::new();
-        for s in states {
-            let ino = s.ino();
-            let mut framed = Vec::new();
-            frame(&Record::State(s), &mut framed);
-            live.insert(ino, framed);
+        for (s, expect) in states {
+            live.insert(s.ino(), frame_state(s, expect));
         }
         let live_bytes = live.values().map(|f| f.len() as u64).sum();
         let buf = contents(&header, live.values());
@@ -681,13 +711,13 @@ mod tests {
         let mut tx = j.begin();
         tx.op(&mut a);
         tx.op(&mut b);
-        tx.state(10, Some(file_state(10, "a/x")));
-        tx.state(11, Some(file_state(11, "b/y")));
+        tx.state(10, Some(file_state(10, "a/x")), None);
+        tx.state(11, Some(file_state(11, "b/y")), None);
         tx.commit();
         j.done(a.journal_seq.unwrap());
         let mut tx = j.begin();
-        tx.state(11, None);
-        tx.state(10, Some(file_state(10, "a/z")));
+        tx.state(11, None, None);
+        tx.state(10, Some(file_state(10, "a/z")), None);
         tx.commit();
         drop(j);
         let r = read(d.path()).unwrap().unwrap();
@@ -697,6 +727,37 @@ mod tests {
         assert_eq!(r.ops[0].journal_seq, b.journal_seq);
         assert_eq!(r.states, vec![file_state(10, "a/z")]);
         assert!(r.torn.is_none());
+    }
+
+    #[test]
+    fn a_states_expected_backend_inode_is_read_back_until_replaced() {
+        let d = tempfile::tempdir().unwrap();
+        let j = fresh(d.path());
+        let mut tx = j.begin();
+        tx.state(10, Some(file_state(10, "a")), Some(77));
+        tx.state(11, Some(file_state(11, "b")), Some(88));
+        tx.state(12, Some(file_state(12, "c")), Some(99));
+        tx.commit();
+        let mut tx = j.begin();
+        tx.state(11, Some(file_state(11, "b2")), None); // unknown now
+        tx.state(12, None, None);
+        tx.commit();
+        drop(j);
+        let r = read(d.path()).unwrap().unwrap();
+        assert_eq!(r.states, vec![file_state(10, "a"), file_state(11, "b2")]);
+        assert_eq!(r.state_expects, HashMap::from([(10, 77)]));
+        // Carried into a new journal (as after a remount), it stays.
+        let d2 = tempfile::tempdir().unwrap();
+        let states = r.states.into_iter().map(|s| {
+            let e = r.state_expects.get(&s.ino()).copied();
+            (s, e)
+        });
+        Journal::create(d2.path(), header(), states.collect())
+            .unwrap()
+            .install(d2.path())
+            .unwrap();
+        let r2 = read(d2.path()).unwrap().unwrap();
+        assert_eq!(r2.state_expects, HashMap::from([(10, 77)]));
     }
 
     #[test]
@@ -720,12 +781,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let j = fresh(d.path());
         let mut tx = j.begin();
-        tx.state(10, Some(file_state(10, "a")));
+        tx.state(10, Some(file_state(10, "a")), None);
         tx.commit();
         let len = j.usage().0;
         let mut tx = j.begin();
-        tx.state(10, Some(file_state(10, "a")));
-        tx.state(12, None);
+        tx.state(10, Some(file_state(10, "a")), None);
+        tx.state(12, None, None);
         tx.commit();
         assert_eq!(j.usage().0, len);
     }
@@ -784,7 +845,7 @@ mod tests {
         let mut keep = mkdir_op("keep");
         let mut tx = j.begin();
         tx.op(&mut keep);
-        tx.state(5, Some(file_state(5, "s")));
+        tx.state(5, Some(file_state(5, "s")), None);
         tx.commit();
         {
             let mut inner = j.inner.lock();

@@ -267,6 +267,8 @@ pub struct Dir {
     /// When the listing was last loaded from (or known equal to) the backend.
     pub loaded: Option<Instant>,
     pub subdirs: u32,
+    /// The backend's link count, for `nlink` until the listing is loaded.
+    backend_nlink: u32,
 }
 
 impl Dir {
@@ -325,7 +327,7 @@ impl Dir {
     /// Entries with a cookie above `after`, in cookie order.
     pub fn listing_after(&self, after: u64) -> impl Iterator<Item = (u64, Ino, &Name)> {
         self.by_cookie
-            .range(after + 1..)
+            .range(after.saturating_add(1)..)
             .map(|(c, n)| (*c, self.entries[n].ino, n))
     }
 
@@ -447,10 +449,15 @@ impl Inode {
         self.set_backend_attr(&b);
     }
 
-    pub fn nlink(&self) -> u32 {
+    /// The link count: for a directory, 2 and one per subdirectory (the
+    /// backend's count until its listing is loaded); for anything else its
+    /// names, plus `unseen` names on the backend in directories not loaded
+    /// yet (tar, cp -a and rsync -H look for hard links by st_nlink > 1).
+    pub fn nlink(&self, unseen: u32) -> u32 {
         match &self.dir {
-            Some(d) => 2 + d.subdirs,
-            None => self.links.len() as u32,
+            Some(d) if d.loaded.is_some() => 2 + d.subdirs,
+            Some(d) => d.backend_nlink.max(2),
+            None => self.links.len() as u32 + unseen,
         }
     }
     pub fn staged_id(&self) -> Option<u64> {
@@ -462,6 +469,16 @@ impl Inode {
     pub fn is_dirty(&self) -> bool {
         matches!(self.content, Content::Staged { dirty: true, .. })
     }
+}
+
+/// A file taken back after a crash (see `Namespace::adopt_file`).
+pub struct AdoptedFile {
+    pub staging: u64,
+    pub attr: Attr,
+    /// A process of the dead mount may still write to its staging file.
+    pub foreign_writer: bool,
+    /// What its first name held on the backend before the crash.
+    pub expect: Option<u64>,
 }
 
 /// What became of a file whose publish lost a conflict.
@@ -511,6 +528,10 @@ pub struct Namespace {
     /// older object its first publish replaces (checked before replacing).
     /// Apart from the inodes: few files have one at a time.
     replaces: HashMap<Ino, u64>,
+    /// Names a file loaded from the backend has there in directories not
+    /// loaded yet (its backend link count less the names loaded so far), so
+    /// its `nlink` is right before they are. Only hard-linked files have one.
+    unseen_links: HashMap<Ino, u32>,
     next_synthetic: u64,
     next_staging: u64,
     /// Closed files whose new content waits for its publish, with the time they went quiet.
@@ -546,11 +567,13 @@ fn check_name(name: &OsStr) -> FsResult<()> {
 impl Namespace {
     /// A namespace whose root is the backend root with attributes `root`.
     pub fn new(root: &Stat) -> Namespace {
+        Stamp::epoch(); // before any instant a stamp is taken of
         let mut inodes = HashMap::new();
         let mut r = Inode::new(ROOT, Kind::Dir, Attr::from_stat(root));
         r.on_backend = true;
         r.backend_ino = Some(root.ino);
         r.lookups = 1;
+        r.dir.as_mut().expect("dir").backend_nlink = root.nlink;
         inodes.insert(ROOT, Box::new(r));
         let mut by_backend = HashMap::new();
         by_backend.insert(root.ino, ROOT);
@@ -559,6 +582,7 @@ impl Namespace {
             by_backend,
             symlinks: HashMap::new(),
             replaces: HashMap::new(),
+            unseen_links: HashMap::new(),
             next_synthetic: SYNTHETIC_BASE,
             next_staging: 1,
             debounce: HashMap::new(),
@@ -631,6 +655,12 @@ impl Namespace {
         }
     }
 
+    /// The link count of `ino` (see `Inode::nlink`).
+    pub fn nlink(&self, ino: Ino) -> FsResult<u32> {
+        let unseen = self.unseen_links.get(&ino).copied().unwrap_or(0);
+        Ok(self.get(ino)?.nlink(unseen))
+    }
+
     /// The target of the symlink `ino`, once known.
     pub fn symlink_target(&self, ino: Ino) -> Option<&OsStr> {
         self.symlinks.get(&ino).map(|t| &**t)
@@ -691,6 +721,9 @@ impl Namespace {
                 if i.kind == st.kind && i.content == Content::Remote && i.writers == 0 && !attrs_pending {
                     i.attr = Attr::from_stat(&st);
                     i.fetched = Some(Stamp::at(now));
+                    if let Some(d) = i.dir.as_mut() {
+                        d.backend_nlink = st.nlink;
+                    }
                 }
                 continue;
             }
@@ -724,15 +757,30 @@ impl Namespace {
 
     fn add_backend_entry(&mut self, dir: Ino, name: OsString, ino: Ino, st: &Stat, now: Instant) -> FsResult<()> {
         let name = Name::from(name);
+        let known = self.inodes.contains_key(&ino);
         let inode = self.inodes.entry(ino).or_insert_with(|| {
             let mut i = Inode::new(ino, st.kind, Attr::from_stat(st));
             i.on_backend = true;
             i.backend_ino = Some(st.ino);
             i.fetched = Some(Stamp::at(now));
             i.set_backend_attr(&i.attr.to_set(st.kind));
+            if let Some(d) = i.dir.as_mut() {
+                d.backend_nlink = st.nlink;
+            }
             Box::new(i)
         });
         inode.links.push((dir, name.clone()));
+        if st.kind != Kind::Dir {
+            if !known && st.nlink > 1 {
+                self.unseen_links.insert(ino, st.nlink - 1);
+            } else if known && let Some(n) = self.unseen_links.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    self.unseen_links.remove(&ino);
+                }
+            }
+        }
+        let inode = self.get(ino)?;
         let is_dir = inode.kind == Kind::Dir;
         let d = self.dir_mut(dir)?;
         d.insert(name, ino, false, None);
@@ -985,6 +1033,7 @@ impl Namespace {
         let i = self.inodes.remove(&ino).expect("present");
         self.symlinks.remove(&ino);
         self.replaces.remove(&ino);
+        self.unseen_links.remove(&ino);
         if let Some(b) = i.backend_ino
             && self.by_backend.get(&b) == Some(&ino)
         {
@@ -1373,6 +1422,11 @@ impl Namespace {
     /// later publish's.)
     pub fn publish_done(&mut self, ino: Ino, generation: u64) -> Option<u64> {
         self.replaces.remove(&ino);
+        if self.dirty_files.contains(&ino) {
+            // Written again meanwhile: its pending state now knows what its
+            // next publish replaces (see `pending_expect`).
+            self.touched.push(ino);
+        }
         let i = self.inodes.get_mut(&ino)?;
         i.publish_queued = i.publish_queued.saturating_sub(1);
         match i.content {
@@ -1510,19 +1564,41 @@ impl Namespace {
         None
     }
 
+    /// For a file with unpublished content: the backend object its next
+    /// publish replaces under its first name, when known. Journaled with its
+    /// pending state, so a publish after a crash still checks against what
+    /// was there before the crash, not what another client left since.
+    /// (Unknown while a publish of it is in flight: that brings a new one.)
+    pub fn pending_expect(&self, ino: Ino) -> Option<u64> {
+        let i = self.inodes.get(&ino)?;
+        if !self.dirty_files.contains(&ino) || i.publish_queued > 0 {
+            return None;
+        }
+        if let Some(b) = i.backend_ino.or(self.replaces(ino)) {
+            return Some(b);
+        }
+        let (p, n) = i.links.first()?;
+        self.dir(*p).ok()?.get(n)?.shadow_ino
+    }
+
     /// After a crash: takes back a file whose staged content was never
     /// published, under `names` (parents loaded). What the backend has under
-    /// those names is shadowed: the publish replaces it. Staging ids that
-    /// nothing refers to any more are added to `discard`.
+    /// those names is shadowed: the publish replaces it (after checking that
+    /// the first name still holds `file.expect`, when known). Staging ids
+    /// that nothing refers to any more are added to `discard`.
     pub fn adopt_file(
         &mut self,
         names: &[(Ino, OsString)],
-        staging: u64,
-        attr: Attr,
-        foreign_writer: bool,
+        file: AdoptedFile,
         now: Instant,
         discard: &mut Vec<u64>,
     ) -> FsResult<Ino> {
+        let AdoptedFile {
+            staging,
+            attr,
+            foreign_writer,
+            expect,
+        } = file;
         for (p, n) in names {
             check_name(n)?;
             if let Some(old) = self.lookup(*p, n)?
@@ -1539,7 +1615,7 @@ impl Namespace {
         };
         i.foreign_writer = foreign_writer;
         self.inodes.insert(ino, Box::new(i));
-        for (p, n) in names {
+        for (k, (p, n)) in names.iter().enumerate() {
             let (shadows, shadow_ino) = match self.lookup(*p, n)? {
                 Some(old) => {
                     let old_ino = self.get(old)?.backend_ino;
@@ -1547,7 +1623,7 @@ impl Namespace {
                     let mut fx = Effects::default();
                     self.maybe_free(old, &mut fx);
                     discard.append(&mut fx.discard);
-                    (true, old_ino)
+                    (true, if k == 0 { expect.or(old_ino) } else { old_ino })
                 }
                 None => (false, None),
             };

@@ -30,7 +30,7 @@ use crate::flush::publish::TempNames;
 use crate::flush::{Action, FlushOp, Scheduler};
 use crate::fs::{Fs, FsConfig};
 use crate::journal::{self, Header, PendingState};
-use crate::namespace::{Attr, Ino, ROOT, Replayed, StagedCopy};
+use crate::namespace::{AdoptedFile, Attr, Ino, ROOT, Replayed, StagedCopy};
 use crate::staging::Staging;
 
 /// What the journal of an earlier run still has to do for this backend.
@@ -38,6 +38,8 @@ struct Pending {
     header: Header,
     ops: Vec<FlushOp>,
     states: Vec<PendingState>,
+    /// See `journal::Replay::state_expects`.
+    state_expects: HashMap<Ino, u64>,
 }
 /// Reads the journal in `cache` (if any). Refuses one with pending work for
 /// another backend than `current`.
@@ -102,6 +104,7 @@ fn read_pending(cache: &Path, current: &Header) -> Result<Option<Pending>, Strin
         header: r.header,
         ops,
         states: r.states,
+        state_expects: r.state_expects,
     }))
 }
 
@@ -132,6 +135,7 @@ pub fn start_fs(
         header: old,
         ops,
         states,
+        state_expects,
     }) = pending
     else {
         fs.start_journal(cache, header, &mut []).map_err(journal_err)?;
@@ -166,7 +170,7 @@ pub fn start_fs(
         if rb.fatal.is_some() {
             break;
         }
-        if let Err(e) = rb.adopt(&st) {
+        if let Err(e) = rb.adopt(&st, state_expects.get(&st.ino()).copied()) {
             tracing::error!(state = ?st, reason = %e, "pending change could not be taken back after the crash; its data (if any) is kept in lost+found");
             rb.failures
                 .push(serde_json::json!({"state": format!("{st:?}"), "error": e}));
@@ -409,8 +413,9 @@ impl<'a> Rebuild<'a> {
     }
 
     /// Takes back pending state: a file with unpublished staged content
-    /// under its names, or a directory's attributes.
-    fn adopt(&mut self, st: &PendingState) -> Result<(), String> {
+    /// under its names (`expect`: what its first name held on the backend
+    /// when the state was recorded), or a directory's attributes.
+    fn adopt(&mut self, st: &PendingState, expect: Option<u64>) -> Result<(), String> {
         match st {
             PendingState::File {
                 paths,
@@ -458,9 +463,15 @@ impl<'a> Rebuild<'a> {
                     },
                     ctime: Timespec::now(),
                 };
+                let file = AdoptedFile {
+                    staging: *staging,
+                    attr,
+                    foreign_writer: foreign,
+                    expect,
+                };
                 self.fs
                     .namespace()
-                    .adopt_file(&names, *staging, attr, foreign, Instant::now(), &mut self.discard)
+                    .adopt_file(&names, file, Instant::now(), &mut self.discard)
                     .map_err(|e| e.to_string())?;
                 Ok(())
             }

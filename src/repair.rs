@@ -223,6 +223,7 @@ impl KeptCopies {
             &temps,
             &k.meta.action,
             Some(found.ino),
+            false,
             XattrCaps::default(),
             |_| Ok(Some(data)),
             || true,

@@ -326,7 +326,13 @@ fn run(cli: Cli) -> Result<(), String> {
     let result = session.run();
     done.store(true, Ordering::SeqCst);
     final_report(&stats, stats_file.as_deref());
-    result.map_err(|e| format!("session ended with an error: {e}"))
+    match result {
+        // An unmount from outside while replies were in flight: the kernel
+        // refuses them once the connection is gone. The end of the mount,
+        // not a failure.
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+        r => r.map_err(|e| format!("session ended with an error: {e}")),
+    }
 }
 
 /// Prints the summary and rewrites the stats file.

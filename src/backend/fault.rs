@@ -82,7 +82,21 @@ impl FaultBackend {
         }
     }
 
-    /// Runs before every request: delay, stall, maybe an injected error.
+    /// Runs one request: delay and stall first, then maybe an injected
+    /// error: instead of the request, or (`fault_reply_lost`) after it was
+    /// carried out, as when a network drops an NFS reply.
+    fn run<T>(&self, kind: OpKind, request: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+        match self.enter(kind) {
+            Err(e) if self.cfg.reply_lost => {
+                drop(request()); // (a file it opened is closed)
+                Err(e)
+            }
+            Err(e) => Err(e),
+            Ok(()) => request(),
+        }
+    }
+
+    /// Delay, stall, and the decision whether to inject an error.
     fn enter(&self, kind: OpKind) -> io::Result<()> {
         let n = self.requests.fetch_add(1, Ordering::Relaxed);
         if let Some(after) = self.cfg.stall_after
@@ -106,104 +120,81 @@ impl FaultBackend {
 
 impl Backend for FaultBackend {
     fn list_names(&self, dir: &RelPath) -> io::Result<Vec<OsString>> {
-        self.enter(OpKind::readdir)?;
-        self.inner.list_names(dir)
+        self.run(OpKind::readdir, || self.inner.list_names(dir))
     }
     fn stat(&self, path: &RelPath) -> io::Result<Stat> {
-        self.enter(OpKind::stat)?;
-        self.inner.stat(path)
+        self.run(OpKind::stat, || self.inner.stat(path))
     }
     fn read_link(&self, path: &RelPath) -> io::Result<OsString> {
-        self.enter(OpKind::readlink)?;
-        self.inner.read_link(path)
+        self.run(OpKind::readlink, || self.inner.read_link(path))
     }
     fn open_read(&self, path: &RelPath) -> io::Result<File> {
-        self.enter(OpKind::open)?;
-        self.inner.open_read(path)
+        self.run(OpKind::open, || self.inner.open_read(path))
     }
     fn statfs(&self) -> io::Result<StatFs> {
-        self.enter(OpKind::statfs)?;
-        self.inner.statfs()
+        self.run(OpKind::statfs, || self.inner.statfs())
     }
     fn create_exclusive(&self, dir: &RelPath, name: &OsStr, perm: u32) -> io::Result<File> {
-        self.enter(OpKind::create)?;
-        self.inner.create_exclusive(dir, name, perm)
+        self.run(OpKind::create, || self.inner.create_exclusive(dir, name, perm))
     }
     fn mkdir(&self, path: &RelPath, perm: u32) -> io::Result<()> {
-        self.enter(OpKind::mkdir)?;
-        self.inner.mkdir(path, perm)
+        self.run(OpKind::mkdir, || self.inner.mkdir(path, perm))
     }
     fn rmdir(&self, path: &RelPath) -> io::Result<()> {
-        self.enter(OpKind::rmdir)?;
-        self.inner.rmdir(path)
+        self.run(OpKind::rmdir, || self.inner.rmdir(path))
     }
     fn unlink(&self, path: &RelPath) -> io::Result<()> {
-        self.enter(OpKind::unlink)?;
-        self.inner.unlink(path)
+        self.run(OpKind::unlink, || self.inner.unlink(path))
     }
     fn rename(&self, from: &RelPath, to: &RelPath, noreplace: bool) -> io::Result<()> {
-        self.enter(OpKind::rename)?;
-        self.inner.rename(from, to, noreplace)
+        self.run(OpKind::rename, || self.inner.rename(from, to, noreplace))
     }
     fn symlink(&self, target: &OsStr, path: &RelPath) -> io::Result<()> {
-        self.enter(OpKind::symlink)?;
-        self.inner.symlink(target, path)
+        self.run(OpKind::symlink, || self.inner.symlink(target, path))
     }
     fn link(&self, existing: &RelPath, new: &RelPath) -> io::Result<()> {
-        self.enter(OpKind::link)?;
-        self.inner.link(existing, new)
+        self.run(OpKind::link, || self.inner.link(existing, new))
     }
     fn mknod(&self, path: &RelPath, kind: Kind, perm: u32, rdev: u64) -> io::Result<()> {
-        self.enter(OpKind::mknod)?;
-        self.inner.mknod(path, kind, perm, rdev)
+        self.run(OpKind::mknod, || self.inner.mknod(path, kind, perm, rdev))
     }
     fn set_attrs(&self, path: &RelPath, attrs: &AttrSet, fresh: bool) -> io::Result<()> {
-        self.enter(attr_kind(attrs))?;
-        self.inner.set_attrs(path, attrs, fresh)
+        self.run(attr_kind(attrs), || self.inner.set_attrs(path, attrs, fresh))
     }
     fn stat_file(&self, file: &File) -> io::Result<Stat> {
-        self.enter(OpKind::stat)?;
-        self.inner.stat_file(file)
+        self.run(OpKind::stat, || self.inner.stat_file(file))
     }
     fn set_attrs_fd(&self, file: &File, attrs: &AttrSet) -> io::Result<()> {
-        self.enter(attr_kind(attrs))?;
-        self.inner.set_attrs_fd(file, attrs)
+        self.run(attr_kind(attrs), || self.inner.set_attrs_fd(file, attrs))
     }
     fn seek_hole_data(&self, file: &File, offset: i64, whence: i32) -> io::Result<i64> {
-        self.enter(OpKind::read)?;
-        self.inner.seek_hole_data(file, offset, whence)
+        self.run(OpKind::read, || self.inner.seek_hole_data(file, offset, whence))
     }
     fn read_at(&self, file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        self.enter(OpKind::read)?;
-        self.inner.read_at(file, buf, offset)
+        self.run(OpKind::read, || self.inner.read_at(file, buf, offset))
     }
     fn write_at(&self, file: &File, data: &[u8], offset: u64) -> io::Result<()> {
-        self.enter(OpKind::write)?;
-        self.inner.write_at(file, data, offset)
+        self.run(OpKind::write, || self.inner.write_at(file, data, offset))
     }
     fn set_len(&self, file: &File, len: u64) -> io::Result<()> {
-        self.enter(OpKind::truncate)?;
-        self.inner.set_len(file, len)
+        self.run(OpKind::truncate, || self.inner.set_len(file, len))
     }
     fn close_file(&self, file: File) -> io::Result<()> {
-        self.enter(OpKind::close)?;
-        self.inner.close_file(file)
+        self.run(OpKind::close, || self.inner.close_file(file))
     }
     fn list_xattrs(&self, path: &RelPath) -> io::Result<Vec<(OsString, Vec<u8>)>> {
-        self.enter(OpKind::listxattr)?;
-        self.inner.list_xattrs(path)
+        self.run(OpKind::listxattr, || self.inner.list_xattrs(path))
     }
     fn set_xattr(&self, path: &RelPath, name: &OsStr, value: Option<&[u8]>) -> io::Result<()> {
-        self.enter(if value.is_some() {
+        let kind = if value.is_some() {
             OpKind::setxattr
         } else {
             OpKind::removexattr
-        })?;
-        self.inner.set_xattr(path, name, value)
+        };
+        self.run(kind, || self.inner.set_xattr(path, name, value))
     }
     fn set_xattr_fd(&self, file: &File, name: &OsStr, value: &[u8]) -> io::Result<()> {
-        self.enter(OpKind::setxattr)?;
-        self.inner.set_xattr_fd(file, name, value)
+        self.run(OpKind::setxattr, || self.inner.set_xattr_fd(file, name, value))
     }
     fn stats(&self) -> &BackendStats {
         self.inner.stats()

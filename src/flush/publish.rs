@@ -3,8 +3,11 @@
 //! setuid/setgid) -> data -> owner, setuid/setgid, times -> extended
 //! attributes (ACLs) -> close -> `renameat`
 //! over the final name; further hard links via link + rename. Every failure
-//! path removes the temp file. Ops are idempotent, so a retry (or a replay
-//! after a crash) converges.
+//! path removes the temp file (including a failed create, which the backend
+//! may have carried out before failing); a removal that fails is retried
+//! later (`TempNames::remove_leftovers`) and holds up `sync` until it is
+//! done. Ops are idempotent, so a retry (or a replay after a crash)
+//! converges.
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -12,6 +15,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use crate::backend::{AttrSet, Backend, Kind, RelPath, XattrCaps};
 use crate::flush::{Action, TEMP_PREFIX};
@@ -23,6 +29,11 @@ use crate::flush::{Action, TEMP_PREFIX};
 pub struct TempNames {
     prefix: String,
     next: AtomicU64,
+    /// Temp files this instance made whose removal failed (a backend
+    /// error): removed later, so none stays behind.
+    leftovers: Mutex<Vec<RelPath>>,
+    /// When `remove_leftovers` last tried.
+    last_try: Mutex<Option<Instant>>,
 }
 
 impl TempNames {
@@ -35,6 +46,8 @@ impl TempNames {
         TempNames {
             prefix: format!("{TEMP_PREFIX}{host}.{instance}."),
             next: AtomicU64::new(1),
+            leftovers: Mutex::new(Vec::new()),
+            last_try: Mutex::new(None),
         }
     }
     /// The prefix every temp name of this instance starts with.
@@ -44,6 +57,54 @@ impl TempNames {
     pub fn next(&self) -> OsString {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         format!("{}{n:x}", self.prefix).into()
+    }
+
+    /// Removes a temp file (or probe object) of this instance now, or notes
+    /// it for `remove_leftovers`. Nothing there is fine: a failed create may
+    /// or may not have made it.
+    pub fn remove(&self, backend: &dyn Backend, path: RelPath) {
+        let _ = self.remove_or_keep(backend, path, false);
+    }
+
+    /// Whether it removed something.
+    fn remove_or_keep(&self, backend: &dyn Backend, path: RelPath, again: bool) -> bool {
+        match backend.unlink(&path) {
+            Ok(()) => true,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
+            Err(e) => {
+                if again {
+                    tracing::debug!(path = %path.display(), error = %e, "still cannot remove temp file");
+                } else {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove temp file; trying again later");
+                }
+                self.leftovers.lock().push(path);
+                false
+            }
+        }
+    }
+
+    /// Tries again to remove the temp files whose removal failed, at most
+    /// once per `every`; returns the ones it removed (their directories'
+    /// times changed) and how many are left.
+    pub fn remove_leftovers(&self, backend: &dyn Backend, every: Duration) -> (Vec<RelPath>, usize) {
+        {
+            let mut last = self.last_try.lock();
+            if self.leftovers.lock().is_empty() || last.is_some_and(|t| t.elapsed() < every) {
+                return (Vec::new(), self.leftovers.lock().len());
+            }
+            *last = Some(Instant::now());
+        }
+        let list = std::mem::take(&mut *self.leftovers.lock());
+        let removed = list
+            .into_iter()
+            .filter(|p| self.remove_or_keep(backend, p.clone(), true))
+            .collect();
+        (removed, self.leftovers.lock().len())
+    }
+
+    /// How many temp files wait for `remove_leftovers`.
+    pub fn leftover_count(&self) -> usize {
+        self.leftovers.lock().len()
     }
 }
 
@@ -110,12 +171,15 @@ fn check_unchanged(backend: &dyn Backend, path: &RelPath, expected: Option<u64>)
 /// `content` opens the staged data of a publish (None: the
 /// staging file is gone, the file was removed meanwhile); `still_current`
 /// says whether the staged content is unchanged since the copy started
-/// (otherwise the publish fails with EAGAIN and is retried).
+/// (otherwise the publish fails with EAGAIN and is retried). `retry`: an
+/// earlier attempt failed, possibly after it was carried out (a lost reply).
+#[allow(clippy::too_many_arguments)]
 pub fn execute(
     backend: &dyn Backend,
     temps: &TempNames,
     action: &Action,
     expect_ino: Option<u64>,
+    retry: bool,
     xattrs: XattrCaps,
     content: impl FnOnce(u64) -> io::Result<Option<File>>,
     still_current: impl FnOnce() -> bool,
@@ -147,7 +211,13 @@ pub fn execute(
             ignore_enoent(backend.unlink(path))
         }
         Action::Rename { from, to, noreplace } => {
-            backend.rename(from, to, *noreplace)?;
+            match backend.rename(from, to, *noreplace) {
+                // An earlier attempt did it and only its reply was lost.
+                Err(e) if retry && e.raw_os_error() == Some(libc::ENOENT) && backend.stat(to).is_ok() => {
+                    return Ok(Published::default());
+                }
+                r => r?,
+            }
             // The overlay renamed one object over another; on the backend
             // both names can be links of one file (the other object's
             // publish was superseded), and rename(2) then does nothing: the
@@ -255,15 +325,14 @@ fn ignore_enoent(r: io::Result<()>) -> io::Result<Published> {
 /// Removes a temp file when dropped unless disarmed (every failure path).
 struct TempGuard<'a> {
     backend: &'a dyn Backend,
+    temps: &'a TempNames,
     path: Option<RelPath>,
 }
 
 impl Drop for TempGuard<'_> {
     fn drop(&mut self) {
-        if let Some(p) = self.path.take()
-            && let Err(e) = self.backend.unlink(&p)
-        {
-            tracing::warn!(path = %p.display(), error = %e, "cannot remove publish temp file");
+        if let Some(p) = self.path.take() {
+            self.temps.remove(self.backend, p);
         }
     }
 }
@@ -290,10 +359,22 @@ fn publish_file(
     let temp = dir.join(&temp_name);
     // The temp name is hidden, so it may carry the final mode at once (saves a
     // chmod); setuid/setgid only after the owner is set (chown clears them).
-    let dst = backend.create_exclusive(&dir, &temp_name, perm & 0o1777)?;
     let mut guard = TempGuard {
         backend,
+        temps,
         path: Some(temp.clone()),
+    };
+    let dst = match backend.create_exclusive(&dir, &temp_name, perm & 0o1777) {
+        Ok(f) => f,
+        Err(e) => {
+            // The backend may have created it before failing (a lost reply,
+            // an error after the create): the guard removes the name. Unless
+            // the name was taken already: then it is not ours.
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                guard.path = None;
+            }
+            return Err(e);
+        }
     };
     // One fstat: the owner the new file got (a set-gid directory gives its
     // group) decides whether a chown is needed, and its inode number is kept.
@@ -348,11 +429,17 @@ fn publish_file(
             .split_last()
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
         let t = odir.join(&temps.next());
-        backend.link(first, &t)?;
         let mut g = TempGuard {
             backend,
+            temps,
             path: Some(t.clone()),
         };
+        if let Err(e) = backend.link(first, &t) {
+            if e.raw_os_error() == Some(libc::EEXIST) {
+                g.path = None; // not ours
+            }
+            return Err(e);
+        }
         backend.rename(&t, other, false)?;
         g.path = None;
     }
