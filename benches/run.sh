@@ -201,8 +201,8 @@ for i in range(n):
 EOF
 SRC_BYTES=$(du -sb "$W/src" | cut -f1)
 
-# efs-sim keeps one open fd per inode the kernel knows of; a 10,000-file tree
-# copied three times needs more than the usual 1024/20000 descriptors.
+# More descriptors where allowed: efs-sim keeps up to half of them open (it
+# reopens the others' files by handle), and fio and rsync want some too.
 ulimit -n 1048576 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 sim_start() {
   SIM_PID=""

@@ -187,8 +187,8 @@ impl Core {
     }
 
     /// Looks `name` up in `dir` and counts one kernel lookup of the result.
-    pub(crate) fn lookup_entry(&self, dir: &Inode, name: &OsStr) -> io::Result<Entry> {
-        let fd = sys::open_path(dir.fd(), &sys::cname(name)?)?;
+    pub(crate) fn lookup_entry(&self, dir: &Arc<Inode>, name: &OsStr) -> io::Result<Entry> {
+        let fd = sys::open_path(dir.fd()?.as_fd(), &sys::cname(name)?)?;
         let st = sys::fstat(fd.as_fd())?;
         let inode = self.inodes.lookup(fd, &st);
         Ok(self.entry(inode.nodeid, &st))
@@ -198,9 +198,9 @@ impl Core {
     /// the caller (the group stays the directory's when the directory is
     /// set-gid), restores set-id bits chown cleared (`mode` as requested), and
     /// counts one kernel lookup.
-    fn adopt_new(&self, parent: &Inode, fd: OwnedFd, uid: u32, gid: u32, mode: Option<u32>) -> io::Result<Entry> {
+    fn adopt_new(&self, parent: &Arc<Inode>, fd: OwnedFd, uid: u32, gid: u32, mode: Option<u32>) -> io::Result<Entry> {
         let mut st = sys::fstat(fd.as_fd())?;
-        let parent_st = sys::fstat(parent.fd())?;
+        let parent_st = sys::fstat(parent.fd()?.as_fd())?;
         let gid = if parent_st.st_mode & libc::S_ISGID != 0 {
             st.st_gid
         } else {
@@ -320,7 +320,8 @@ impl EfsSim {
         )?;
         let costs = settings.costs;
         let core = Core {
-            inodes: Inodes::new(root, &st),
+            // Half the descriptors for inodes, the rest for open files.
+            inodes: Inodes::new(root, &st, (sys::nofile_limit() / 2) as usize),
             proc_fd,
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -447,7 +448,7 @@ impl Filesystem for EfsSim {
             let inode = core.inode(ino.0)?;
             let st = match fh.and_then(|fh| core.file(fh.0).ok()) {
                 Some(h) => sys::fstat(h.file.as_fd())?,
-                None => sys::fstat(inode.fd())?,
+                None => sys::fstat(inode.fd()?.as_fd())?,
             };
             Ok(core.entry(inode.nodeid, &st))
         });
@@ -479,7 +480,7 @@ impl Filesystem for EfsSim {
                 let inode = core.inode(ino.0)?;
                 let handle = fh.and_then(|fh| core.file(fh.0).ok());
                 if uid.is_some() || gid.is_some() {
-                    sys::chown_fd(inode.fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
+                    sys::chown_fd(inode.fd()?.as_fd(), uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX))?;
                 }
                 if let Some(mode) = mode {
                     if inode.fmt == libc::S_IFLNK {
@@ -487,7 +488,7 @@ impl Filesystem for EfsSim {
                     }
                     match &handle {
                         Some(h) => sys::fchmod(h.file.as_fd(), mode & 0o7777)?,
-                        None => sys::chmod_fd(core.proc_fd.as_fd(), inode.fd(), mode & 0o7777)?,
+                        None => sys::chmod_fd(core.proc_fd.as_fd(), inode.fd()?.as_fd(), mode & 0o7777)?,
                     }
                 }
                 if let Some(size) = size {
@@ -496,13 +497,13 @@ impl Filesystem for EfsSim {
                             sys::ftruncate(h.file.as_raw_fd(), size)?;
                             h.dirty.store(true, Ordering::Release);
                         }
-                        None => sys::truncate_fd(core.proc_fd.as_fd(), inode.fd(), size)?,
+                        None => sys::truncate_fd(core.proc_fd.as_fd(), inode.fd()?.as_fd(), size)?,
                     }
                 }
                 if atime.is_some() || mtime.is_some() {
-                    sys::utimens_fd(inode.fd(), time_or_now(atime), time_or_now(mtime))?;
+                    sys::utimens_fd(inode.fd()?.as_fd(), time_or_now(atime), time_or_now(mtime))?;
                 }
-                let st = sys::fstat(inode.fd())?;
+                let st = sys::fstat(inode.fd()?.as_fd())?;
                 Ok(core.entry(inode.nodeid, &st))
             },
         );
@@ -513,7 +514,7 @@ impl Filesystem for EfsSim {
             caller(req),
             Plan::new(OpKind::Readlink, Class::Read),
             reply,
-            move |core| sys::readlink_fd(core.inode(ino.0)?.fd()),
+            move |core| sys::readlink_fd(core.inode(ino.0)?.fd()?.as_fd()),
         );
     }
 
@@ -540,8 +541,8 @@ impl Filesystem for EfsSim {
                 }
                 let dir = core.inode(parent.0)?;
                 let cname = sys::cname(&name)?;
-                sys::mknodat(dir.fd(), &cname, mode, u64::from(rdev))?;
-                let fd = sys::open_path(dir.fd(), &cname)?;
+                sys::mknodat(dir.fd()?.as_fd(), &cname, mode, u64::from(rdev))?;
+                let fd = sys::open_path(dir.fd()?.as_fd(), &cname)?;
                 core.adopt_new(&dir, fd, uid, gid, Some(mode))
             },
         );
@@ -556,8 +557,8 @@ impl Filesystem for EfsSim {
             move |core| {
                 let dir = core.inode(parent.0)?;
                 let cname = sys::cname(&name)?;
-                sys::mkdirat(dir.fd(), &cname, mode & 0o7777)?;
-                let fd = sys::open_path(dir.fd(), &cname)?;
+                sys::mkdirat(dir.fd()?.as_fd(), &cname, mode & 0o7777)?;
+                let fd = sys::open_path(dir.fd()?.as_fd(), &cname)?;
                 core.adopt_new(&dir, fd, uid, gid, None)
             },
         );
@@ -571,7 +572,7 @@ impl Filesystem for EfsSim {
             reply,
             move |core| {
                 let dir = core.inode(parent.0)?;
-                sys::unlinkat(dir.fd(), &sys::cname(&name)?, 0)
+                sys::unlinkat(dir.fd()?.as_fd(), &sys::cname(&name)?, 0)
             },
         );
     }
@@ -584,7 +585,7 @@ impl Filesystem for EfsSim {
             reply,
             move |core| {
                 let dir = core.inode(parent.0)?;
-                sys::unlinkat(dir.fd(), &sys::cname(&name)?, libc::AT_REMOVEDIR)
+                sys::unlinkat(dir.fd()?.as_fd(), &sys::cname(&name)?, libc::AT_REMOVEDIR)
             },
         );
     }
@@ -599,8 +600,8 @@ impl Filesystem for EfsSim {
             move |core| {
                 let dir = core.inode(parent.0)?;
                 let cname = sys::cname(&name)?;
-                sys::symlinkat(&sys::cname(&target)?, dir.fd(), &cname)?;
-                let fd = sys::open_path(dir.fd(), &cname)?;
+                sys::symlinkat(&sys::cname(&target)?, dir.fd()?.as_fd(), &cname)?;
+                let fd = sys::open_path(dir.fd()?.as_fd(), &cname)?;
                 core.adopt_new(&dir, fd, uid, gid, None)
             },
         );
@@ -625,9 +626,9 @@ impl Filesystem for EfsSim {
                 let from = core.inode(parent.0)?;
                 let to = core.inode(newparent.0)?;
                 sys::renameat2(
-                    from.fd(),
+                    from.fd()?.as_fd(),
                     &sys::cname(&name)?,
-                    to.fd(),
+                    to.fd()?.as_fd(),
                     &sys::cname(&newname)?,
                     flags.bits(),
                 )
@@ -644,7 +645,7 @@ impl Filesystem for EfsSim {
             move |core| {
                 let inode = core.inode(ino.0)?;
                 let dir = core.inode(newparent.0)?;
-                sys::link_fd(inode.fd(), dir.fd(), &sys::cname(&newname)?)?;
+                sys::link_fd(inode.fd()?.as_fd(), dir.fd()?.as_fd(), &sys::cname(&newname)?)?;
                 core.lookup_entry(&dir, &newname)
             },
         );
@@ -655,7 +656,7 @@ impl Filesystem for EfsSim {
             let inode = core.inode(ino.0)?;
             let file = sys::reopen(
                 core.proc_fd.as_fd(),
-                inode.fd(),
+                inode.fd()?.as_fd(),
                 flags.0 & !(libc::O_DIRECT | libc::O_TRUNC),
             )?;
             let fh = core.new_fh();
@@ -812,7 +813,7 @@ impl Filesystem for EfsSim {
             caller(req),
             Plan::new(OpKind::Statfs, Class::Read),
             reply,
-            move |core| sys::fstatvfs(core.inode(ino.0)?.fd()),
+            move |core| sys::fstatvfs(core.inode(ino.0)?.fd()?.as_fd()),
         );
     }
 
@@ -836,7 +837,7 @@ impl Filesystem for EfsSim {
             reply,
             move |core| {
                 let inode = core.inode(ino.0)?;
-                sys::xattr::set(inode.fd(), &sys::cname(&name)?, &value, flags)
+                sys::xattr::set(inode.fd()?.as_fd(), &sys::cname(&name)?, &value, flags)
             },
         );
     }
@@ -852,7 +853,7 @@ impl Filesystem for EfsSim {
             reply,
             move |core| {
                 let inode = core.inode(ino.0)?;
-                let (n, data) = sys::xattr::get(inode.fd(), &sys::cname(&name)?, size as usize)?;
+                let (n, data) = sys::xattr::get(inode.fd()?.as_fd(), &sys::cname(&name)?, size as usize)?;
                 xattr_answer(size, n, data)
             },
         );
@@ -868,7 +869,7 @@ impl Filesystem for EfsSim {
             reply,
             move |core| {
                 let inode = core.inode(ino.0)?;
-                let (n, data) = sys::xattr::list(inode.fd(), size as usize)?;
+                let (n, data) = sys::xattr::list(inode.fd()?.as_fd(), size as usize)?;
                 xattr_answer(size, n, data)
             },
         );
@@ -885,7 +886,7 @@ impl Filesystem for EfsSim {
             reply,
             move |core| {
                 let inode = core.inode(ino.0)?;
-                sys::xattr::remove(inode.fd(), &sys::cname(&name)?)
+                sys::xattr::remove(inode.fd()?.as_fd(), &sys::cname(&name)?)
             },
         );
     }
@@ -899,7 +900,7 @@ impl Filesystem for EfsSim {
             reply,
             move |core| {
                 let inode = core.inode(ino.0)?;
-                sys::access_fd(core.proc_fd.as_fd(), inode.fd(), mask.bits())
+                sys::access_fd(core.proc_fd.as_fd(), inode.fd()?.as_fd(), mask.bits())
             },
         );
     }
@@ -926,13 +927,15 @@ impl Filesystem for EfsSim {
                 let perm = mode & 0o7777;
                 // Always create exclusively, so only a file made here is given
                 // to the caller; an existing one is opened as it is.
-                let (file, created) = match sys::openat(dir.fd(), &cname, flags | libc::O_CREAT | libc::O_EXCL, perm) {
-                    Ok(f) => (f, true),
-                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {
-                        (sys::openat(dir.fd(), &cname, flags & !libc::O_CREAT, 0)?, false)
-                    }
-                    Err(e) => return Err(e),
-                };
+                let (file, created) =
+                    match sys::openat(dir.fd()?.as_fd(), &cname, flags | libc::O_CREAT | libc::O_EXCL, perm) {
+                        Ok(f) => (f, true),
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => (
+                            sys::openat(dir.fd()?.as_fd(), &cname, flags & !libc::O_CREAT, 0)?,
+                            false,
+                        ),
+                        Err(e) => return Err(e),
+                    };
                 let path = sys::reopen(core.proc_fd.as_fd(), file.as_fd(), libc::O_PATH)?;
                 let entry = if created {
                     core.adopt_new(&dir, path, uid, gid, Some(perm))?
@@ -1026,7 +1029,7 @@ impl Core {
         let dir = self.dirs.lock().get(&fh).cloned().ok_or_else(|| errno(libc::EBADF))?;
         let mut entries = dir.entries.lock();
         if offset == 0 {
-            let mut list = sys::list_dir(dir.inode.fd())?;
+            let mut list = sys::list_dir(dir.inode.fd()?.as_fd())?;
             for e in &mut list {
                 e.ino = self.inodes.display_ino(e.ino);
             }

@@ -1,20 +1,30 @@
 //! The inode table: FUSE node ids ↔ backing inodes.
 //!
-//! Each inode the kernel knows about is held by an `O_PATH` fd, so renames,
-//! hard links and unlinks in the backing directory never invalidate it, and no
-//! path is ever resolved twice. Entries are counted like the kernel counts
-//! lookups and dropped when `forget` brings the count to zero.
+//! Each inode the kernel knows about is reached through an `O_PATH` fd, so
+//! renames, hard links and unlinks in the backing directory never invalidate
+//! it, and no path is ever resolved twice. Entries are counted like the kernel
+//! counts lookups and dropped when `forget` brings the count to zero.
+//!
+//! The kernel may know far more inodes than the process may hold open files
+//! (a tree of 200,000 files; the hard limit here can be 20,000). So, as an NFS
+//! server does, an inode keeps a file handle (`name_to_handle_at`) and its fd
+//! only while it is among the most recently opened ones ([`FdCache`]); an
+//! evicted one is reopened by handle on next use. Where the backing
+//! filesystem or the process cannot do handles, fds stay open.
 //!
 //! Node ids equal the backing inode numbers wherever that is unambiguous (same
 //! device as the root, not the root itself), so `st_ino` and readdir's `d_ino`
 //! agree with the backing directory; the root is node 1, and anything else
 //! (other devices, a backing inode numbered 1) gets a synthetic id.
 
-use std::collections::HashMap;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
+
+use crate::sys;
 
 /// FUSE's root node id.
 pub const ROOT: u64 = 1;
@@ -22,23 +32,73 @@ pub const ROOT: u64 = 1;
 const SYNTHETIC_BASE: u64 = 1 << 63;
 
 /// One backing inode.
-#[derive(Debug)]
 pub struct Inode {
     /// The FUSE node id (also reported as `st_ino`).
     pub nodeid: u64,
-    /// An `O_PATH | O_NOFOLLOW` handle on the backing object.
-    pub fd: OwnedFd,
     /// `st_mode & S_IFMT` of the backing object.
     pub fmt: u32,
+    /// An `O_PATH | O_NOFOLLOW` fd on the backing object, while open.
+    fd: Mutex<Option<Arc<OwnedFd>>>,
+    /// How to open it again once `cache` closed it (None: never closed).
+    handle: Option<sys::Handle>,
+    cache: Arc<FdCache>,
 }
 
 impl Inode {
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
+    /// An `O_PATH` fd on the backing object (reopened by handle if it was
+    /// closed; ESTALE if the object is gone).
+    pub fn fd(self: &Arc<Self>) -> io::Result<Arc<OwnedFd>> {
+        let mut slot = self.fd.lock();
+        if let Some(fd) = &*slot {
+            return Ok(fd.clone());
+        }
+        let handle = self
+            .handle
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ESTALE))?;
+        let fd = Arc::new(sys::open_by_handle(self.cache.mount.as_fd(), handle)?);
+        *slot = Some(fd.clone());
+        drop(slot);
+        self.cache.opened(self);
+        Ok(fd)
     }
 
     pub fn is_dir(&self) -> bool {
         self.fmt == libc::S_IFDIR
+    }
+}
+
+impl std::fmt::Debug for Inode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inode").field("nodeid", &self.nodeid).finish()
+    }
+}
+
+/// The open `O_PATH` fds of inodes that can be reopened by handle: at most
+/// `limit`, the oldest opened closed first.
+pub struct FdCache {
+    /// Any fd on the backing filesystem, for `open_by_handle_at`.
+    mount: Arc<OwnedFd>,
+    /// Whether file handles work here (filesystem and privileges).
+    handles: bool,
+    limit: usize,
+    opened: Mutex<VecDeque<Weak<Inode>>>,
+}
+
+impl FdCache {
+    /// Notes that `inode` opened its fd; closes the oldest ones beyond the
+    /// limit (a request using one keeps its own reference until it is done).
+    fn opened(&self, inode: &Arc<Inode>) {
+        let mut q = self.opened.lock();
+        q.push_back(Arc::downgrade(inode));
+        while q.len() > self.limit {
+            let Some(old) = q.pop_front() else { break };
+            if let Some(old) = old.upgrade()
+                && old.handle.is_some()
+            {
+                *old.fd.lock() = None;
+            }
+        }
     }
 }
 
@@ -58,21 +118,47 @@ struct Tables {
 pub struct Inodes {
     root_key: (u64, u64),
     tables: Mutex<Tables>,
+    cache: Arc<FdCache>,
 }
 
 impl Inodes {
     /// A table holding only the root, `root` being an `O_PATH` handle on the
-    /// backing directory and `st` its attributes.
-    pub fn new(root: OwnedFd, st: &libc::stat) -> Inodes {
+    /// backing directory and `st` its attributes; at most `max_fds` fds of
+    /// other inodes stay open where file handles work.
+    pub fn new(root: OwnedFd, st: &libc::stat, max_fds: usize) -> Inodes {
         let key = (st.st_dev, st.st_ino);
+        let root = Arc::new(root);
+        // open_by_handle_at wants a real fd on the filesystem, not O_PATH.
+        // Handles work if the root's can be opened again (the filesystem
+        // supports them and the process may use them: CAP_DAC_READ_SEARCH).
+        let mount = sys::openat(root.as_fd(), c".", libc::O_RDONLY | libc::O_DIRECTORY, 0);
+        let probe = mount.and_then(|m| {
+            sys::handle_of(root.as_fd()).and_then(|h| sys::open_by_handle(m.as_fd(), &h))?;
+            Ok(m)
+        });
+        let (mount, handles) = match probe {
+            Ok(m) => (Arc::new(m), true),
+            Err(e) => {
+                tracing::info!(error = %e, "no file handles on the backing filesystem: one open fd per inode the kernel knows");
+                (root.clone(), false)
+            }
+        };
+        let cache = Arc::new(FdCache {
+            mount,
+            handles,
+            limit: max_fds.max(64),
+            opened: Mutex::new(VecDeque::new()),
+        });
         let mut by_id = HashMap::new();
         by_id.insert(
             ROOT,
             Slot {
                 inode: Arc::new(Inode {
                     nodeid: ROOT,
-                    fd: root,
                     fmt: st.st_mode & libc::S_IFMT,
+                    fd: Mutex::new(Some(root)),
+                    handle: None,
+                    cache: cache.clone(),
                 }),
                 key,
                 nlookup: 1,
@@ -87,6 +173,7 @@ impl Inodes {
                 by_key,
                 next_synthetic: SYNTHETIC_BASE,
             }),
+            cache,
         }
     }
 
@@ -113,11 +200,22 @@ impl Inodes {
             t.next_synthetic += 1;
             id
         };
+        // Objects on other filesystems (mounted inside the backing
+        // directory) keep their fds: handles open on the root's.
+        let handle = (self.cache.handles && key.0 == self.root_key.0)
+            .then(|| sys::handle_of(fd.as_fd()).ok())
+            .flatten();
+        let evictable = handle.is_some();
         let inode = Arc::new(Inode {
             nodeid,
-            fd,
             fmt: st.st_mode & libc::S_IFMT,
+            fd: Mutex::new(Some(Arc::new(fd))),
+            handle,
+            cache: self.cache.clone(),
         });
+        if evictable {
+            self.cache.opened(&inode);
+        }
         t.by_id.insert(
             nodeid,
             Slot {
@@ -165,7 +263,7 @@ impl Inodes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sys;
+    use std::os::fd::BorrowedFd;
 
     fn open(dir: &std::path::Path) -> (OwnedFd, libc::stat) {
         let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
@@ -182,11 +280,43 @@ mod tests {
     }
 
     #[test]
+    fn old_fds_are_closed_and_reopened_by_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, rst) = open(dir.path());
+        let table = Inodes::new(root, &rst, 64);
+        if !table.cache.handles {
+            eprintln!("skipping: no file handles on {}", dir.path().display());
+            return;
+        }
+        let count_fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = count_fds();
+        let mut inodes = Vec::new();
+        for i in 0..300 {
+            let p = dir.path().join(format!("f{i}"));
+            std::fs::write(&p, b"x").unwrap();
+            let (fd, st) = open(&p);
+            inodes.push((table.lookup(fd, &st), st.st_ino));
+        }
+        // (Other tests run threads in this process too: allow some slack.)
+        assert!(count_fds() < before + 64 + 32, "{} fds open", count_fds() - before);
+        for (inode, ino) in &inodes {
+            let st = sys::fstat(inode.fd().unwrap().as_fd()).unwrap();
+            assert_eq!(st.st_ino, *ino, "reopened by handle: the same file");
+        }
+        std::fs::remove_file(dir.path().join("f0")).unwrap();
+        for (inode, _) in &inodes[1..80] {
+            drop(inode.fd().unwrap()); // f0's fd goes out of the cache
+        }
+        let gone = inodes[0].0.fd().map(|_| ()).map_err(|e| e.raw_os_error());
+        assert_eq!(gone, Err(Some(libc::ESTALE)), "a removed file is stale, as on NFS");
+    }
+
+    #[test]
     fn lookups_are_counted_and_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("f"), b"x").unwrap();
         let (root, rst) = open(dir.path());
-        let table = Inodes::new(root, &rst);
+        let table = Inodes::new(root, &rst, 1000);
         let (f1, st) = open(&dir.path().join("f"));
         let a = table.lookup(f1, &st);
         assert_eq!(a.nodeid, st.st_ino);

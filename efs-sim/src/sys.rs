@@ -459,6 +459,19 @@ pub fn set_umask(mask: u32) {
     unsafe { libc::umask(mask as libc::mode_t) };
 }
 
+/// The current RLIMIT_NOFILE (soft).
+pub fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid out-pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    lim.rlim_cur
+}
+
 /// Raises RLIMIT_NOFILE as far as allowed: the inode table keeps one `O_PATH`
 /// fd per inode the kernel remembers.
 pub fn raise_nofile_limit() -> u64 {
@@ -593,4 +606,52 @@ fn process_groups(pid: u32) -> Vec<libc::gid_t> {
         .find_map(|l| l.strip_prefix("Groups:"))
         .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_default()
+}
+
+/// A file handle (`name_to_handle_at`): a `struct file_handle` with its
+/// bytes, kept as u32s for the struct's alignment.
+#[derive(Debug)]
+pub struct Handle(Box<[u32]>);
+
+/// Room for the largest handle the kernel gives (MAX_HANDLE_SZ).
+const MAX_HANDLE_BYTES: usize = 128;
+
+/// The file handle of the object behind `fd` (any kind, `O_PATH` included).
+pub fn handle_of(fd: BorrowedFd<'_>) -> io::Result<Handle> {
+    let header = std::mem::size_of::<libc::file_handle>();
+    let mut buf = vec![0u32; (header + MAX_HANDLE_BYTES).div_ceil(4)];
+    let fh = buf.as_mut_ptr().cast::<libc::file_handle>();
+    let mut mount_id: libc::c_int = 0;
+    // SAFETY: `fh` points to a buffer with room for the header and
+    // MAX_HANDLE_BYTES of handle, aligned for `file_handle`; EMPTY is
+    // NUL-terminated; `fd` is live for the call.
+    unsafe {
+        (*fh).handle_bytes = MAX_HANDLE_BYTES as u32;
+        check(libc::name_to_handle_at(
+            fd.as_raw_fd(),
+            EMPTY.as_ptr(),
+            fh,
+            &mut mount_id,
+            libc::AT_EMPTY_PATH,
+        ))?;
+        let used = header + (*fh).handle_bytes as usize;
+        buf.truncate(used.div_ceil(4));
+    }
+    Ok(Handle(buf.into_boxed_slice()))
+}
+
+/// Opens (`O_PATH | O_NOFOLLOW`) the object with handle `h` on the
+/// filesystem of `mount`; ESTALE if it no longer exists.
+pub fn open_by_handle(mount: BorrowedFd<'_>, h: &Handle) -> io::Result<OwnedFd> {
+    // SAFETY: `h` holds a complete `file_handle` written by name_to_handle_at
+    // (the kernel only reads it); `mount` is live for the call.
+    let fd = check(unsafe {
+        libc::open_by_handle_at(
+            mount.as_raw_fd(),
+            h.0.as_ptr().cast::<libc::file_handle>().cast_mut(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    })?;
+    // SAFETY: a new fd we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
