@@ -115,6 +115,10 @@ pub struct FsStatus {
     pub waiting_debounce: usize,
     pub pending_bytes: u64,
     pub dirty_dirs: usize,
+    /// Publish temp files on the backend whose removal failed, to be removed
+    /// again (see `TempNames::remove_leftovers`).
+    #[serde(default)]
+    pub temps_to_remove: usize,
 }
 
 /// The result of a `sync` barrier.
@@ -447,10 +451,14 @@ impl Fs {
         let mut ns = self.ns.lock();
         if let Ok(st) = st {
             let i = ns.get_mut(ino)?;
-            if i.content == Content::Remote && i.backend_ino == Some(st.ino) {
+            let fresh = i.content == Content::Remote && i.backend_ino == Some(st.ino);
+            if fresh {
                 i.attr = Attr::from_stat(&st);
             }
             i.fetched = Some(Stamp::now());
+            if fresh {
+                ns.refresh_unseen(ino, st.nlink);
+            }
         }
         Self::attr_out(&ns, ino)
     }
@@ -1917,8 +1925,6 @@ impl Fs {
         false
     }
 
-    /// The `sync` barrier: publishes everything accepted so far and waits for
-    /// it (files still open for writing are reported, not waited for).
     /// Removes this mount's temp files whose removal failed earlier (at most
     /// once per `every`); their directories get their times back (see
     /// `entries_changed_on_backend`). Returns (removed, left).
@@ -1938,6 +1944,8 @@ impl Fs {
         (removed.len(), left)
     }
 
+    /// The `sync` barrier: publishes everything accepted so far and waits for
+    /// it (files still open for writing are reported, not waited for).
     pub fn sync(&self, deadline: Option<Instant>) -> SyncReport {
         if let Err(e) = self.sync_journal() {
             tracing::warn!(error = %e, "cannot sync the journal");
@@ -2032,6 +2040,7 @@ impl Fs {
             waiting_debounce: ns.debounce.len(),
             pending_bytes,
             dirty_dirs: ns.dirty_dir_attrs.len(),
+            temps_to_remove: self.temps.leftover_count(),
         }
     }
 }

@@ -655,6 +655,19 @@ impl Namespace {
         }
     }
 
+    /// Takes a file's link count from a fresh backend stat: the names the
+    /// overlay does not have are its count less the names it has.
+    pub fn refresh_unseen(&mut self, ino: Ino, backend_nlink: u32) {
+        let Some(i) = self.inodes.get(&ino) else { return };
+        if i.kind == Kind::Dir {
+            return;
+        }
+        match backend_nlink.saturating_sub(i.links.len() as u32) {
+            0 => self.unseen_links.remove(&ino),
+            n => self.unseen_links.insert(ino, n),
+        };
+    }
+
     /// The link count of `ino` (see `Inode::nlink`).
     pub fn nlink(&self, ino: Ino) -> FsResult<u32> {
         let unseen = self.unseen_links.get(&ino).copied().unwrap_or(0);
@@ -724,6 +737,7 @@ impl Namespace {
                     if let Some(d) = i.dir.as_mut() {
                         d.backend_nlink = st.nlink;
                     }
+                    self.refresh_unseen(cur, st.nlink);
                 }
                 continue;
             }

@@ -36,6 +36,7 @@ pub fn collect(fs: &Fs, cfg: &Config, started: Instant, recovery: &serde_json::V
         "open_for_write": st.open_for_write,
         "waiting_debounce": st.waiting_debounce,
         "dirty_dirs": st.dirty_dirs,
+        "temps_to_remove": st.temps_to_remove,
         "queued_ops": sched.queued_ops,
         "in_flight": sched.in_flight,
         "retry_waiting": sched.retry_waiting,
@@ -257,6 +258,7 @@ pub fn is_drained(v: &serde_json::Value) -> bool {
     ]
     .iter()
     .all(|k| v[*k].as_u64() == Some(0))
+        && v["temps_to_remove"].as_u64().unwrap_or(0) == 0
 }
 
 /// Publish rates measured between successive status samples (smoothed), and

@@ -57,6 +57,8 @@ pub struct Settings {
     pub faults: FaultConfig,
     /// Where `--stats-file` lives (also written on a crash).
     pub stats_file: Option<PathBuf>,
+    /// `--max-inode-fds` (None: half the open files limit).
+    pub max_inode_fds: Option<usize>,
 }
 
 /// An open file.
@@ -321,7 +323,11 @@ impl EfsSim {
         let costs = settings.costs;
         let core = Core {
             // Half the descriptors for inodes, the rest for open files.
-            inodes: Inodes::new(root, &st, (sys::nofile_limit() / 2) as usize),
+            inodes: Inodes::new(
+                root,
+                &st,
+                settings.max_inode_fds.unwrap_or((sys::nofile_limit() / 2) as usize),
+            ),
             proc_fd,
             files: Mutex::new(HashMap::new()),
             dirs: Mutex::new(HashMap::new()),
@@ -645,7 +651,12 @@ impl Filesystem for EfsSim {
             move |core| {
                 let inode = core.inode(ino.0)?;
                 let dir = core.inode(newparent.0)?;
-                sys::link_fd(inode.fd()?.as_fd(), dir.fd()?.as_fd(), &sys::cname(&newname)?)?;
+                sys::link_fd(
+                    core.proc_fd.as_fd(),
+                    inode.fd()?.as_fd(),
+                    dir.fd()?.as_fd(),
+                    &sys::cname(&newname)?,
+                )?;
                 core.lookup_entry(&dir, &newname)
             },
         );

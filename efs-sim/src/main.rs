@@ -117,6 +117,11 @@ struct Cli {
     /// fuser event-loop threads (they only hand requests to the workers).
     #[arg(long, value_name = "N", default_value_t = 4)]
     fuse_threads: usize,
+    /// Descriptors kept open for inodes the kernel knows (the others are
+    /// reopened by file handle when asked for). Default: half the open
+    /// files limit.
+    #[arg(long, value_name = "N")]
+    max_inode_fds: Option<usize>,
     /// Mount source shown in mountinfo (default `efs-sim:<backing dir>`).
     #[arg(long)]
     fsname: Option<String>,
@@ -218,6 +223,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
             crash_after: cli.crash_after,
         },
         stats_file: cli.stats_file.clone(),
+        max_inode_fds: cli.max_inode_fds,
     })
 }
 

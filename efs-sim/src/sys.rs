@@ -166,19 +166,36 @@ pub fn renameat2(
 }
 
 /// Links the object behind `fd` (any fd, `O_PATH` included) as `name` in `dir`.
-/// `AT_EMPTY_PATH` needs CAP_DAC_READ_SEARCH, which the (root) emulator has.
-pub fn link_fd(fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+pub fn link_fd(proc_fd: BorrowedFd<'_>, fd: BorrowedFd<'_>, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+    // Through /proc/self/fd (following the magic link) rather than
+    // AT_EMPTY_PATH, which needs CAP_DAC_READ_SEARCH: a caller's request
+    // runs without it (see `Caller::assume`).
+    let src = fd_name(fd);
     // SAFETY: valid fds and NUL-terminated names.
     check(unsafe {
         libc::linkat(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
+            proc_fd.as_raw_fd(),
+            src.as_ptr(),
             dir.as_raw_fd(),
             name.as_ptr(),
-            libc::AT_EMPTY_PATH,
+            libc::AT_SYMLINK_FOLLOW,
         )
     })?;
     Ok(())
+}
+
+/// Runs `f` with the server's filesystem credentials (fsuid 0, and with
+/// it the filesystem capabilities), for what the server does on its own
+/// account inside a caller's request: reopening an inode by file handle.
+pub fn as_server<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: plain syscalls on integers; setfsuid returns the previous id.
+    let prev = unsafe { libc::syscall(libc::SYS_setfsuid, 0) } as u32;
+    let r = f();
+    if prev != 0 {
+        // SAFETY: as above.
+        unsafe { libc::syscall(libc::SYS_setfsuid, prev) };
+    }
+    r
 }
 
 /// The target of the symlink behind an `O_PATH` fd.

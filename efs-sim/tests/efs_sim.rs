@@ -281,8 +281,14 @@ fn the_server_checks_permissions_with_the_callers_groups() {
     );
     assert!(!sim.backing.join("team/f").exists());
 
-    let out = as_nobody(&sim.path(""), "4242", "echo x > team/f && test -w team && cd team").expect("setpriv");
+    let out = as_nobody(
+        &sim.path(""),
+        "4242",
+        "echo x > team/f && test -w team && cd team && ln f g",
+    )
+    .expect("setpriv");
     assert!(out.status.success(), "a member of the group may: {out:?}");
+    assert_eq!(fs::metadata(sim.backing.join("team/g")).expect("linked").nlink(), 2);
     let m = fs::metadata(sim.backing.join("team/f")).expect("created");
     assert_eq!((m.uid(), m.gid()), (65534, 65534));
 
@@ -294,6 +300,29 @@ fn the_server_checks_permissions_with_the_callers_groups() {
     );
     let out = as_nobody(&sim.path(""), "", "test -w rootfile").expect("setpriv");
     assert!(!out.status.success(), "access(W_OK) answers as the server checks");
+}
+
+/// More inodes than efs-sim keeps descriptors for: the others are reopened
+/// by file handle, also inside a non-root caller's request.
+#[test]
+fn inodes_beyond_the_descriptor_budget_are_reopened_for_any_caller() {
+    if !can_mount() {
+        return;
+    }
+    let sim = Sim::start(&["--profile", "local", "--max-inode-fds", "16"]);
+    let d = sim.path("d");
+    fs::create_dir(&d).expect("mkdir");
+    for i in 0..100 {
+        fs::write(d.join(format!("f{i}")), format!("{i}")).expect("write");
+    }
+    let Some(out) = as_nobody(&d, "", "cat f* | wc -c && ls -l | wc -l") else {
+        eprintln!("skipping: setpriv not available");
+        return;
+    };
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts: Vec<&str> = text.split_whitespace().collect();
+    assert_eq!(counts, ["190", "101"], "every file read and listed: {out:?}");
 }
 
 #[test]

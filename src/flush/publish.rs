@@ -63,29 +63,21 @@ impl TempNames {
     /// it for `remove_leftovers`. Nothing there is fine: a failed create may
     /// or may not have made it.
     pub fn remove(&self, backend: &dyn Backend, path: RelPath) {
-        let _ = self.remove_or_keep(backend, path, false);
-    }
-
-    /// Whether it removed something.
-    fn remove_or_keep(&self, backend: &dyn Backend, path: RelPath, again: bool) -> bool {
         match backend.unlink(&path) {
-            Ok(()) => true,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => {
-                if again {
-                    tracing::debug!(path = %path.display(), error = %e, "still cannot remove temp file");
-                } else {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot remove temp file; trying again later");
-                }
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove temp file; trying again later");
                 self.leftovers.lock().push(path);
-                false
             }
         }
     }
 
     /// Tries again to remove the temp files whose removal failed, at most
     /// once per `every`; returns the ones it removed (their directories'
-    /// times changed) and how many are left.
+    /// times changed) and how many are left. A permanent error (a read-only
+    /// or forbidding backend) ends the attempts, with an error naming the
+    /// file: nothing this mount can do removes it then.
     pub fn remove_leftovers(&self, backend: &dyn Backend, every: Duration) -> (Vec<RelPath>, usize) {
         {
             let mut last = self.last_try.lock();
@@ -94,12 +86,28 @@ impl TempNames {
             }
             *last = Some(Instant::now());
         }
-        let list = std::mem::take(&mut *self.leftovers.lock());
-        let removed = list
-            .into_iter()
-            .filter(|p| self.remove_or_keep(backend, p.clone(), true))
-            .collect();
-        (removed, self.leftovers.lock().len())
+        // (Entries stay listed while being tried: a concurrent `sync` must
+        // not see none left before they are gone.)
+        let list = self.leftovers.lock().clone();
+        let mut removed = Vec::new();
+        let mut settled = Vec::new();
+        for path in list {
+            match backend.unlink(&path) {
+                Ok(()) => removed.push(path.clone()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) if crate::flush::is_transient(&e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "still cannot remove temp file");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot remove temp file and giving up: remove it by hand (`efscache scrub --fix` finds it)");
+                }
+            }
+            settled.push(path);
+        }
+        let mut left = self.leftovers.lock();
+        left.retain(|p| !settled.contains(p));
+        (removed, left.len())
     }
 
     /// How many temp files wait for `remove_leftovers`.
