@@ -451,14 +451,10 @@ impl Fs {
         let mut ns = self.ns.lock();
         if let Ok(st) = st {
             let i = ns.get_mut(ino)?;
-            let fresh = i.content == Content::Remote && i.backend_ino == Some(st.ino);
-            if fresh {
+            if i.content == Content::Remote && i.backend_ino == Some(st.ino) {
                 i.attr = Attr::from_stat(&st);
             }
             i.fetched = Some(Stamp::now());
-            if fresh {
-                ns.refresh_unseen(ino, st.nlink);
-            }
         }
         Self::attr_out(&ns, ino)
     }

@@ -531,6 +531,9 @@ pub struct Namespace {
     /// Names a file loaded from the backend has there in directories not
     /// loaded yet (its backend link count less the names loaded so far), so
     /// its `nlink` is right before they are. Only hard-linked files have one.
+    /// Only ever lowered: a fresh backend count cannot be taken as is while
+    /// this mount's own link changes may still be queued, so a link another
+    /// client removes in a directory not loaded here still counts.
     unseen_links: HashMap<Ino, u32>,
     next_synthetic: u64,
     next_staging: u64,
@@ -655,19 +658,6 @@ impl Namespace {
         }
     }
 
-    /// Takes a file's link count from a fresh backend stat: the names the
-    /// overlay does not have are its count less the names it has.
-    pub fn refresh_unseen(&mut self, ino: Ino, backend_nlink: u32) {
-        let Some(i) = self.inodes.get(&ino) else { return };
-        if i.kind == Kind::Dir {
-            return;
-        }
-        match backend_nlink.saturating_sub(i.links.len() as u32) {
-            0 => self.unseen_links.remove(&ino),
-            n => self.unseen_links.insert(ino, n),
-        };
-    }
-
     /// The link count of `ino` (see `Inode::nlink`).
     pub fn nlink(&self, ino: Ino) -> FsResult<u32> {
         let unseen = self.unseen_links.get(&ino).copied().unwrap_or(0);
@@ -737,7 +727,6 @@ impl Namespace {
                     if let Some(d) = i.dir.as_mut() {
                         d.backend_nlink = st.nlink;
                     }
-                    self.refresh_unseen(cur, st.nlink);
                 }
                 continue;
             }

@@ -3372,6 +3372,68 @@ fn regression_conflict_check_of_an_unqueued_file_survives_a_crash() {
     assert_eq!(kept.len(), 1, "this mount's version is kept aside once: {kept:?}");
 }
 
+/// A hard-linked file (/c and /b/c) is replaced under one name by rsync
+/// while the other name stays, on a mount that revalidates every access.
+/// Taking the file's link count afresh from the backend (which still had
+/// both names: the replacing publish was queued) counted /c as a name in a
+/// directory not loaded yet, so /b/c showed nlink 2. (Found by the crash
+/// property; such unseen names are now only ever counted down.)
+#[test]
+fn regression_nlink_of_a_link_whose_twin_was_replaced() {
+    daemon_umask();
+    let cfg = Cfg {
+        debounce_zero: false,
+        exclusive: false,
+        workers: 1,
+        plus: false,
+        eager_forget: false,
+        free_running: false,
+    };
+    let ops = vec![
+        Op::Create {
+            path: p(&["c"]),
+            excl: false,
+            trunc: false,
+            data: vec![],
+            keep: None,
+            perm: 0o644,
+            owner: 0,
+        },
+        Op::Crash(Crash {
+            queue: true,
+            run_us: None,
+            lose_done: false,
+            temps: false,
+        }),
+        Op::Mkdir {
+            path: p(&["b"]),
+            perm: 0o755,
+            owner: 0,
+        },
+        Op::Link {
+            from: p(&["c"]),
+            to: p(&["b", "c"]),
+        },
+        Op::Open {
+            path: p(&["a"]),
+            trunc: false,
+            slot: 0,
+        },
+        Op::RsyncPut {
+            path: p(&["c"]),
+            data: vec![],
+            perm: 0o644,
+            t: 0,
+        },
+        Op::Rename {
+            from: p(&["a"]),
+            to: p(&["b", "c"]),
+            noreplace: false,
+        },
+    ];
+    run_case(cfg, &ops);
+}
+
 fn walk_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
