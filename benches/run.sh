@@ -160,6 +160,18 @@ ec_mount() { # ec_mount BACKEND MP CACHE
   EC_MPS+=("$2")
 }
 ec_sync() { timeout 1800 "$EFSCACHE" sync "$1"; }
+# ec_copy SRC DST MP RET DUR WHAT: rsync -a SRC/ DST/ into the efscache mount
+# MP, then efscache sync; records the time until rsync returned as metric RET
+# and until sync returned (durable) as DUR.
+ec_copy() {
+  local t0 t1 t2
+  t0=$(now)
+  rsync -a "$1/" "$2/" > "$W/last.out" 2>&1 || fail "rsync into efscache ($6): $(tail -3 "$W/last.out")"
+  t1=$(now)
+  ec_sync "$3" > "$W/last.out" 2>&1 || fail "efscache sync ($6): $(tail -3 "$W/last.out")"
+  t2=$(now)
+  record "$4" "$(elapsed "$t0" "$t1")"; record "$5" "$(elapsed "$t0" "$t2")"
+}
 
 # ---------------------------------------------------------------- setup
 if [ "$NOBUILD" = 1 ]; then
@@ -309,21 +321,11 @@ for r in $(seq 1 "$REPS"); do
   sim_restart
   if ec_mount "$SIM_MP" "$EC" "$W/cache$r"; then
     sim_snap c0.$r
-    t0=$(now)
-    rsync -a "$W/src/" "$EC/ec-r$r/" > "$W/last.out" 2>&1 || fail "rsync into efscache: $(tail -3 "$W/last.out")"
-    t1=$(now)
-    ec_sync "$EC" > "$W/last.out" 2>&1 || fail "efscache sync: $(tail -3 "$W/last.out")"
-    t2=$(now)
+    ec_copy "$W/src" "$EC/ec-r$r" "$EC" w1_c_ret w1_c_dur "copy"
     sim_snap c1.$r
-    record w1_c_ret "$(elapsed "$t0" "$t1")"; record w1_c_dur "$(elapsed "$t0" "$t2")"
     verify "$W/src" "$W/back/ec-r$r" "(c) efscache rep $r"
-    t0=$(now)
-    rsync -a "$W/src/" "$EC/ec-r$r/" > "$W/last.out" 2>&1 || fail "re-sync into efscache: $(tail -3 "$W/last.out")"
-    t1=$(now)
-    ec_sync "$EC" > "$W/last.out" 2>&1 || fail "efscache sync (re-sync): $(tail -3 "$W/last.out")"
-    t2=$(now)
+    ec_copy "$W/src" "$EC/ec-r$r" "$EC" w3_c w3_c_dur "re-sync"
     sim_snap c2.$r
-    record w3_c "$(elapsed "$t0" "$t1")"; record w3_c_dur "$(elapsed "$t0" "$t2")"
     record req_c_pub "$(div "$(sim_delta c0.$r c1.$r)" "$FILES")"
     record trip_c_pub "$(div "$(sim_trips c0.$r c1.$r)" "$FILES")"
     record req_c_re "$(div "$(sim_delta c1.$r c2.$r)" "$FILES")"
@@ -405,13 +407,8 @@ if [ -n "$TREE" ]; then
     sim_restart
     if ec_mount "$SIM_MP" "$W/ectree" "$W/cachetree"; then
       sim_snap tr0.$r
-      t0=$(now)
-      rsync -a "$TREE/" "$W/ectree/tree-r$r/" > "$W/last.out" 2>&1 || fail "rsync of the tree into efscache: $(tail -3 "$W/last.out")"
-      t1=$(now)
-      ec_sync "$W/ectree" > "$W/last.out" 2>&1 || fail "efscache sync (tree): $(tail -3 "$W/last.out")"
-      t2=$(now)
+      ec_copy "$TREE" "$W/ectree/tree-r$r" "$W/ectree" tr_c_ret tr_c_dur "real tree"
       sim_snap tr1.$r
-      record tr_c_ret "$(elapsed "$t0" "$t1")"; record tr_c_dur "$(elapsed "$t0" "$t2")"
       record tr_c_req "$(div "$(sim_delta tr0.$r tr1.$r)" "$TREE_FILES")"
       ec_umount "$W/ectree"
       verify "$TREE" "$W/back/tree-r$r" "(c) efscache, real tree, rep $r"

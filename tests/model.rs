@@ -3301,37 +3301,7 @@ fn regression_orphan_cleanup_keeps_directory_times() {
 /// only knew the file found at the remount and replaced it.
 #[test]
 fn regression_conflict_check_survives_a_crash() {
-    daemon_umask();
-    let backend = TempDir::new().expect("tempdir");
-    let cache = TempDir::new().expect("tempdir");
-    std::fs::write(backend.path().join("f"), b"old").expect("write");
-    let cfg = Cfg {
-        debounce_zero: false,
-        exclusive: true,
-        workers: 1,
-        plus: false,
-        eager_forget: false,
-        free_running: true,
-    };
-    let m = Mount::start(backend.path(), cache.path(), &cfg, 0);
-    let f = m.fs.lookup(ROOT, name("f"), true).expect("lookup f");
-    m.sched.set_paused(true);
-    let fh = m.fs.open(f.ino, libc::O_RDWR | libc::O_TRUNC, true).expect("open").fh;
-    m.fs.write(fh, 0, b"mine").expect("write");
-    m.fs.release(fh);
-    m.fs.tick(true); // the publish of f is queued
-    m.kill();
-    // Another client replaces f (a new inode) while no daemon runs.
-    std::fs::write(backend.path().join("f.theirs"), b"theirs").expect("write");
-    std::fs::rename(backend.path().join("f.theirs"), backend.path().join("f")).expect("rename");
-    let m = Mount::start(backend.path(), cache.path(), &cfg, 1);
-    m.settle();
-    assert_eq!(std::fs::read(backend.path().join("f")).expect("read f"), b"theirs");
-    let kept: Vec<_> = walk_files(&cache.path().join("lost+found"))
-        .into_iter()
-        .filter(|p| std::fs::read(p).is_ok_and(|d| d == b"mine"))
-        .collect();
-    assert_eq!(kept.len(), 1, "this mount's version is kept aside once: {kept:?}");
+    theirs_stays_after_a_crash(true);
 }
 
 /// The same for a file whose publish was not queued yet at the crash (still
@@ -3341,6 +3311,14 @@ fn regression_conflict_check_survives_a_crash() {
 /// other client's version. (Fixed: journaled with the state, format 4.)
 #[test]
 fn regression_conflict_check_of_an_unqueued_file_survives_a_crash() {
+    theirs_stays_after_a_crash(false);
+}
+
+/// `f` is rewritten through the mount (its publish `queued` at the kill, or
+/// still in its debounce), the daemon is killed, another client replaces
+/// `f` on the backend, and a new mount recovers: the other client's file
+/// stays, and this mount's version is kept aside once.
+fn theirs_stays_after_a_crash(queued: bool) {
     daemon_umask();
     let backend = TempDir::new().expect("tempdir");
     let cache = TempDir::new().expect("tempdir");
@@ -3355,14 +3333,23 @@ fn regression_conflict_check_of_an_unqueued_file_survives_a_crash() {
     };
     let m = Mount::start(backend.path(), cache.path(), &cfg, 0);
     let f = m.fs.lookup(ROOT, name("f"), true).expect("lookup f");
+    if queued {
+        m.sched.set_paused(true);
+    }
     let fh = m.fs.open(f.ino, libc::O_RDWR | libc::O_TRUNC, true).expect("open").fh;
     m.fs.write(fh, 0, b"mine").expect("write");
-    m.fs.release(fh); // closed, waiting out its debounce: nothing queued
+    m.fs.release(fh); // closed: waits out its (hour-long) debounce
+    if queued {
+        m.fs.tick(true); // the publish of f is queued
+    }
     m.kill();
+    // Another client replaces f (a new inode) while no daemon runs.
     std::fs::write(backend.path().join("f.theirs"), b"theirs").expect("write");
     std::fs::rename(backend.path().join("f.theirs"), backend.path().join("f")).expect("rename");
     let m = Mount::start(backend.path(), cache.path(), &cfg, 1);
-    m.fs.tick(true);
+    if !queued {
+        m.fs.tick(true);
+    }
     m.settle();
     assert_eq!(std::fs::read(backend.path().join("f")).expect("read f"), b"theirs");
     let kept: Vec<_> = walk_files(&cache.path().join("lost+found"))

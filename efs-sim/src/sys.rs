@@ -476,30 +476,26 @@ pub fn set_umask(mask: u32) {
     unsafe { libc::umask(mask as libc::mode_t) };
 }
 
-/// The current RLIMIT_NOFILE (soft).
-pub fn nofile_limit() -> u64 {
+fn nofile_rlimit() -> Option<libc::rlimit> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     // SAFETY: `lim` is a valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1024;
-    }
-    lim.rlim_cur
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
 }
 
-/// Raises RLIMIT_NOFILE as far as allowed: the inode table keeps one `O_PATH`
-/// fd per inode the kernel remembers.
+/// The current RLIMIT_NOFILE (soft).
+pub fn nofile_limit() -> u64 {
+    nofile_rlimit().map_or(1024, |l| l.rlim_cur)
+}
+
+/// Raises RLIMIT_NOFILE as far as allowed: the inode table keeps up to half
+/// of it open (see `inodes`), every inode where file handles do not work.
 pub fn raise_nofile_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `lim` is a valid out-pointer.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+    let Some(lim) = nofile_rlimit() else {
         return 0;
-    }
+    };
     let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
         .ok()
         .and_then(|s| s.trim().parse::<u64>().ok())
