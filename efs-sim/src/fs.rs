@@ -91,6 +91,10 @@ pub struct Core {
     /// Inodes whose attributes an NFS client would hold fresh from a recent
     /// reply, until when (see [`Core::note_fresh`]).
     fresh: Mutex<HashMap<u64, Instant>>,
+    /// Names whose last lookup answered ENOENT, and when: the kernel looks a
+    /// name up before it creates it or renames onto it, an NFS client does
+    /// not (see [`Core::lookup_not_sent_by_nfs`]).
+    negative: Mutex<HashMap<(u64, OsString), Instant>>,
     stats_file: Option<PathBuf>,
 }
 
@@ -248,6 +252,32 @@ impl Core {
         }
     }
 
+    /// Remembers that a lookup of `name` in `parent` answered ENOENT.
+    fn note_negative(&self, parent: u64, name: &OsStr) {
+        let mut negative = self.negative.lock();
+        if negative.len() > 100_000 {
+            negative.clear(); // only ever a few in flight; this bounds a leak
+        }
+        negative.insert((parent, name.to_owned()), Instant::now());
+    }
+
+    /// `name` in `parent` is about to be created or renamed onto. If the
+    /// kernel has just looked it up and found nothing, that lookup is one a
+    /// Linux NFS client does not send (`nfs_lookup` skips exclusive creates
+    /// and `LOOKUP_RENAME_TARGET`): it is counted as such. It was still
+    /// charged a latency, so timings stay on the safe side.
+    fn lookup_not_sent_by_nfs(&self, parent: u64, name: &OsStr) {
+        let key = (parent, name.to_owned());
+        let Some(at) = self.negative.lock().remove(&key) else {
+            return;
+        };
+        // The kernel sends the create right after the lookup's reply; an
+        // older miss was some earlier stat, which an NFS client sends too.
+        if at.elapsed() < Duration::from_secs(5) {
+            self.stats.not_sent_by_nfs(OpKind::Lookup);
+        }
+    }
+
     /// Whether the attributes of `node` would still be fresh on an NFS client.
     fn is_fresh(&self, node: u64) -> bool {
         let mut fresh = self.fresh.lock();
@@ -336,6 +366,7 @@ impl EfsSim {
             wire: Pacer::new(costs.bandwidth),
             gates: DirGates::new(costs.dir_concurrency),
             fresh: Mutex::new(HashMap::new()),
+            negative: Mutex::new(HashMap::new()),
             refusals: settings.refusals,
             faults: Faults::new(settings.faults),
             stats,
@@ -434,7 +465,11 @@ impl Filesystem for EfsSim {
             reply,
             move |core| {
                 let dir = core.inode(parent.0)?;
-                core.lookup_entry(&dir, &name)
+                let found = core.lookup_entry(&dir, &name);
+                if matches!(&found, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
+                    core.note_negative(parent.0, &name);
+                }
+                found
             },
         );
     }
@@ -446,6 +481,7 @@ impl Filesystem for EfsSim {
 
     fn getattr(&self, req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         let class = if self.core.is_fresh(ino.0) {
+            self.core.stats.not_sent_by_nfs(OpKind::Getattr);
             Class::Free
         } else {
             Class::Read
@@ -534,6 +570,7 @@ impl Filesystem for EfsSim {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        self.core.lookup_not_sent_by_nfs(parent.0, name);
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         let refuse_devices = self.core.refusals.devices;
         self.submit(
@@ -555,6 +592,7 @@ impl Filesystem for EfsSim {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        self.core.lookup_not_sent_by_nfs(parent.0, name);
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.submit(
             caller(req),
@@ -597,6 +635,7 @@ impl Filesystem for EfsSim {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        self.core.lookup_not_sent_by_nfs(parent.0, link_name);
         let (name, uid, gid) = (link_name.to_owned(), req.uid(), req.gid());
         let target: OsString = target.as_os_str().to_owned();
         self.submit(
@@ -623,6 +662,7 @@ impl Filesystem for EfsSim {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        self.core.lookup_not_sent_by_nfs(newparent.0, newname);
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.submit(
             caller(req),
@@ -643,6 +683,7 @@ impl Filesystem for EfsSim {
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        self.core.lookup_not_sent_by_nfs(newparent.0, newname);
         let newname = newname.to_owned();
         self.submit(
             caller(req),
@@ -926,6 +967,7 @@ impl Filesystem for EfsSim {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        self.core.lookup_not_sent_by_nfs(parent.0, name);
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.submit(
             caller(req),

@@ -103,6 +103,9 @@ struct PerOp {
     /// Requests that cost a round trip (the others are answered from what
     /// an NFS client already holds, or cost only bandwidth).
     round_trips: AtomicU64,
+    /// Requests a Linux NFS 4.1 client would not have sent for the same
+    /// system calls (see [`Stats::not_sent_by_nfs`]).
+    not_nfs: AtomicU64,
     errors: AtomicU64,
     injected: AtomicU64,
     bytes: AtomicU64,
@@ -116,6 +119,7 @@ impl PerOp {
         PerOp {
             count: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
+            not_nfs: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             injected: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -131,6 +135,8 @@ impl PerOp {
 pub struct Summary {
     pub count: u64,
     pub round_trips: u64,
+    /// Requests an NFS client would not have sent.
+    pub not_nfs: u64,
     pub errors: u64,
     pub injected: u64,
     pub bytes: u64,
@@ -200,6 +206,15 @@ impl Stats {
         self.ops[kind.index()].round_trips.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one request of `kind` that a Linux NFS 4.1 client would not
+    /// have sent (FUSE needs it, NFS does not): the kernel's lookup of a name
+    /// it is about to create or rename onto, and a getattr answered from the
+    /// post-operation attributes an NFS reply carries.
+    pub fn not_sent_by_nfs(&self, kind: OpKind) {
+        self.ops[kind.index()].not_nfs.fetch_add(1, Ordering::Relaxed);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
     /// A number that changes whenever anything was recorded.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::Acquire)
@@ -230,6 +245,7 @@ impl Stats {
         Summary {
             count,
             round_trips: op.round_trips.load(Ordering::Relaxed),
+            not_nfs: op.not_nfs.load(Ordering::Relaxed),
             errors: op.errors.load(Ordering::Relaxed),
             injected: op.injected.load(Ordering::Relaxed),
             bytes: op.bytes.load(Ordering::Relaxed),
@@ -253,6 +269,12 @@ impl Stats {
             .sum()
     }
 
+    /// Backend requests so far that an NFS 4.1 client would have sent too.
+    pub fn nfs_requests(&self) -> u64 {
+        let not_nfs: u64 = self.ops.iter().map(|o| o.not_nfs.load(Ordering::Relaxed)).sum();
+        self.requests().saturating_sub(not_nfs)
+    }
+
     /// Requests so far that cost a round trip.
     pub fn round_trips(&self) -> u64 {
         self.ops.iter().map(|o| o.round_trips.load(Ordering::Relaxed)).sum()
@@ -263,10 +285,11 @@ impl Stats {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "efs-sim stats ({}, {:.1} s, {} backend requests)",
+            "efs-sim stats ({}, {:.1} s, {} backend requests, {} as an NFS client sends them)",
             self.profile,
             self.started.elapsed().as_secs_f64(),
-            self.requests()
+            self.requests(),
+            self.nfs_requests()
         );
         let _ = writeln!(
             out,
@@ -302,11 +325,12 @@ impl Stats {
         let total_injected: u64 = OpKind::ALL.iter().map(|&k| self.summary(k).injected).sum();
         let _ = write!(
             out,
-            "{{\n  \"profile\": \"{}\",\n  \"config\": {},\n  \"elapsed_secs\": {:.3},\n  \"requests\": {},\n  \"round_trips\": {},\n  \"errors\": {},\n  \"injected_faults\": {},\n  \"ops\": {{",
+            "{{\n  \"profile\": \"{}\",\n  \"config\": {},\n  \"elapsed_secs\": {:.3},\n  \"requests\": {},\n  \"nfs_requests\": {},\n  \"round_trips\": {},\n  \"errors\": {},\n  \"injected_faults\": {},\n  \"ops\": {{",
             self.profile,
             self.config_json,
             self.started.elapsed().as_secs_f64(),
             self.requests(),
+            self.nfs_requests(),
             self.round_trips(),
             total_errors,
             total_injected
@@ -315,11 +339,12 @@ impl Stats {
             let s = self.summary(kind);
             let _ = write!(
                 out,
-                "{}\n    \"{}\": {{\"count\": {}, \"round_trips\": {}, \"errors\": {}, \"injected\": {}, \"bytes\": {}, \"mean_ms\": {:.4}, \"p50_ms\": {:.4}, \"p99_ms\": {:.4}, \"max_ms\": {:.4}}}",
+                "{}\n    \"{}\": {{\"count\": {}, \"round_trips\": {}, \"not_nfs\": {}, \"errors\": {}, \"injected\": {}, \"bytes\": {}, \"mean_ms\": {:.4}, \"p50_ms\": {:.4}, \"p99_ms\": {:.4}, \"max_ms\": {:.4}}}",
                 if i == 0 { "" } else { "," },
                 kind.name(),
                 s.count,
                 s.round_trips,
+                s.not_nfs,
                 s.errors,
                 s.injected,
                 s.bytes,
@@ -378,6 +403,8 @@ mod tests {
         for &k in OpKind::ALL {
             assert!(j.contains(&format!("\"{}\": {{", k.name())), "{j}");
         }
-        assert!(j.contains("\"create\": {\"count\": 1, \"round_trips\": 0, \"errors\": 1, \"injected\": 1"));
+        assert!(
+            j.contains("\"create\": {\"count\": 1, \"round_trips\": 0, \"not_nfs\": 0, \"errors\": 1, \"injected\": 1")
+        );
     }
 }

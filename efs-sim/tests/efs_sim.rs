@@ -99,6 +99,35 @@ fn counts_every_request_by_kind() {
     );
 }
 
+#[test]
+fn counts_requests_as_an_nfs_client_sends_them() {
+    if !can_mount() {
+        return;
+    }
+    const N: usize = 20;
+    let mut sim = Sim::start(&["--profile", "local"]);
+    fs::create_dir(sim.path("d")).expect("mkdir"); // its lookup: not sent by NFS
+    // A stat of a missing name is a LOOKUP on NFS too, even when the name is
+    // created later: only the kernel's lookup right before the create is not.
+    assert!(fs::symlink_metadata(sim.path("d/missing")).is_err());
+    assert!(fs::symlink_metadata(sim.path("d/g")).is_err());
+    fs::write(sim.path("d/g"), b"g").expect("create g");
+    for i in 0..N {
+        // temp file + rename, as a publish: the lookups of the temp name and
+        // of the rename target are FUSE's alone.
+        fs::write(sim.path(&format!("d/.tmp{i}")), b"data").expect("create temp");
+        fs::rename(sim.path(&format!("d/.tmp{i}")), sim.path(&format!("d/f{i}"))).expect("rename");
+    }
+    let (stats, _) = sim.stop();
+    assert_eq!(
+        stats.op("lookup", "not_nfs"),
+        2 * N as u64 + 2,
+        "mkdir, create of g, 2 per publish"
+    );
+    let not_nfs: u64 = ["lookup", "getattr"].iter().map(|k| stats.op(k, "not_nfs")).sum();
+    assert_eq!(stats.top("nfs_requests") + not_nfs, stats.top("requests"));
+}
+
 fn create_many(sim: &Sim, dir: &str, n: usize) -> Vec<Option<i32>> {
     fs::create_dir(sim.path(dir)).expect("mkdir");
     (0..n)
