@@ -272,6 +272,10 @@ struct State {
     ready_count: usize,
     /// Ops waiting out a retry backoff: (due, seq).
     retry: Vec<(Instant, u64)>,
+    /// When the one worker that sleeps with a timeout (to move due retries
+    /// back to ready) wakes up; the other idle workers sleep until notified,
+    /// so a due retry wakes one thread, not all of them.
+    timer: Option<Instant>,
     in_flight: usize,
     in_flight_per_dir: HashMap<Ino, usize>,
     /// Queued or running ops that change entries of a directory.
@@ -413,9 +417,17 @@ impl Scheduler {
                     true
                 }
             });
+            let woken = due.len();
             for s in due {
                 let home = st.entries[&s].home;
                 Self::make_ready(&mut st, s, home);
+            }
+            if st.timer.is_some_and(|t| t <= now) {
+                st.timer = None;
+            }
+            // This worker takes one; others for the rest.
+            for _ in 1..woken {
+                self.work.notify_one();
             }
             if !st.paused
                 && let Some(seq) = self.pick(&mut st)
@@ -437,6 +449,9 @@ impl Scheduler {
                 let action = std::mem::replace(&mut e.op.action, Action::Rmdir { path: RelPath::root() });
                 st.in_flight += 1;
                 *st.in_flight_per_dir.entry(home).or_default() += 1;
+                if !st.retry.is_empty() && st.timer.is_none() {
+                    self.work.notify_one(); // someone must keep the retries' time
+                }
                 return Some(Lent {
                     seq,
                     action,
@@ -446,17 +461,18 @@ impl Scheduler {
                     objects,
                 });
             }
-            let wait = st
-                .retry
-                .iter()
-                .map(|(t, _)| *t)
-                .min()
-                .map(|t| t.saturating_duration_since(now));
-            match wait {
-                Some(d) => {
-                    self.work.wait_for(&mut st, d.max(Duration::from_millis(1)));
+            let due = st.retry.iter().map(|(t, _)| *t).min();
+            match due {
+                // Become the timed sleeper unless one wakes up early enough.
+                Some(due) if st.timer.is_none_or(|t| t > due) => {
+                    let due = due.max(now + Duration::from_millis(1));
+                    st.timer = Some(due);
+                    self.work.wait_until(&mut st, due);
+                    if st.timer == Some(due) {
+                        st.timer = None;
+                    }
                 }
-                None => self.work.wait(&mut st),
+                _ => self.work.wait(&mut st),
             }
         }
     }
@@ -535,6 +551,7 @@ impl Scheduler {
             }
         }
         let e = st.entries.remove(&seq).expect("finished op exists");
+        let ready_before = st.ready_count;
         for d in e.op.changed_dirs() {
             if let Some(c) = st.pending_per_dir.get_mut(&d) {
                 *c -= 1;
@@ -550,7 +567,12 @@ impl Scheduler {
             self.release(&mut st, k, *a);
         }
         st.settling += 1;
-        self.work.notify_all();
+        // Wake a worker per op the released keys made ready, and one for an
+        // op that waited for this directory's in-flight slot.
+        let wake = (st.ready_count - ready_before).max(usize::from(st.ready_count > 0));
+        for _ in 0..wake {
+            self.work.notify_one();
+        }
         self.done.notify_all();
         Some(e.op)
     }

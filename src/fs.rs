@@ -1315,11 +1315,18 @@ impl Fs {
             Handle::Staged { ino, file, .. } => (*ino, file.clone()),
             Handle::Remote { .. } => return Ok(()),
         };
-        if !may_block {
+        // fsync=local waits for the local disk only, which an event-loop
+        // thread may do; fsync=remote waits for the backend.
+        if self.cfg.fsync_remote && !may_block {
             return Err(FsError::WouldBlock);
         }
+        // The file's name and owner are in the journal: it must be durable
+        // too. The committer syncs it while this thread syncs the data, so
+        // the cache disk can commit both at once.
+        if let Some(j) = self.journal.get() {
+            j.start_sync();
+        }
         file.sync_data().map_err(io_err)?;
-        // The file's name and owner are in the journal: make them durable too.
         self.sync_journal()?;
         if !self.cfg.fsync_remote {
             return Ok(());

@@ -578,6 +578,13 @@ impl Journal {
         Ok(())
     }
 
+    /// Asks the committer to sync now instead of at its next period; a
+    /// [`Journal::sync`] that follows waits for that sync instead of making
+    /// its own.
+    pub fn start_sync(&self) {
+        self.commit_wake.notify_one();
+    }
+
     /// Group commit: syncs whatever was appended, every `period`.
     pub fn spawn_committer(self: &Arc<Self>, period: Duration) {
         let j = self.clone();
