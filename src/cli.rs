@@ -35,6 +35,8 @@ flushers=N           parallel publish workers (default 32)\n  \
 dir_concurrency=N    publishes in flight per backend directory (default 4)\n  \
 debounce=DUR         quiet time after close before a file is published (default 500ms)\n  \
 attr_ttl=DUR         how long cached metadata is trusted (default 30s)\n  \
+keep_clean=DUR       how long a published file's local copy is kept, so reopening or reading it\n                       \
+costs no backend trip (default 5s, at most attr_ttl unless exclusive; 0: drop at once)\n  \
 exclusive            no other writers: trust the cache for the whole mount\n  \
 noxattr              refuse extended attributes and ACLs even where the backend keeps them\n                       \
 (they cost one daemon round trip per write(2); EFS has none anyway)\n  \
@@ -249,6 +251,9 @@ pub fn options_string(cfg: &Config) -> String {
     }
     o.push(format!("debounce={}", ms(cfg.debounce)));
     o.push(format!("attr_ttl={}", ms(cfg.attr_ttl)));
+    if cfg.keep_clean != d.keep_clean {
+        o.push(format!("keep_clean={}", ms(cfg.keep_clean)));
+    }
     o.push(format!("drain_timeout={}", ms(cfg.drain_timeout)));
     if cfg.exclusive {
         o.push("exclusive".into());

@@ -26,6 +26,8 @@ pub struct Config {
     pub debounce: Duration,
     /// How long cached metadata is trusted.
     pub attr_ttl: Duration,
+    /// How long a published file's local copy is kept for reads and rewrites.
+    pub keep_clean: Duration,
     /// No other writers: trust the cache for the whole mount.
     pub exclusive: bool,
     /// Keep extended attributes and ACLs where the backend has them (off:
@@ -114,6 +116,7 @@ impl Config {
             dir_concurrency: 4,
             debounce: Duration::from_millis(500),
             attr_ttl: Duration::from_secs(30),
+            keep_clean: Duration::from_secs(5),
             exclusive: false,
             xattrs: true,
             fsync: FsyncMode::Local,
@@ -150,6 +153,7 @@ impl Config {
                 "io_threads" => self.io_threads = parse_count(key, need(key, val)?, 1, 1024)?,
                 "debounce" => self.debounce = parse_duration(key, need(key, val)?)?,
                 "attr_ttl" => self.attr_ttl = parse_duration(key, need(key, val)?)?,
+                "keep_clean" => self.keep_clean = parse_duration(key, need(key, val)?)?,
                 "drain_timeout" => self.drain_timeout = parse_duration(key, need(key, val)?)?,
                 "exclusive" => self.exclusive = parse_bool(key, val)?,
                 "xattr" => self.xattrs = parse_bool(key, val)?,

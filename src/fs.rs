@@ -35,6 +35,8 @@ use crate::xattr::{self, Acl, Xattrs};
 pub struct FsConfig {
     /// How long cached metadata is trusted before revalidation.
     pub attr_ttl: Duration,
+    /// How long a published file's staged copy is kept (see [`Fs::linger`]).
+    pub keep_clean: Duration,
     /// Trust the cache for the whole mount (no other writers).
     pub exclusive: bool,
     /// Quiet time after the last close before a file is published.
@@ -55,6 +57,7 @@ impl Default for FsConfig {
     fn default() -> Self {
         FsConfig {
             attr_ttl: Duration::from_secs(30),
+            keep_clean: Duration::from_secs(5),
             exclusive: false,
             debounce: Duration::from_millis(500),
             fsync_remote: false,
@@ -167,6 +170,8 @@ pub struct CacheStatus {
     pub disk_low: bool,
     pub writers_waiting: u64,
     pub writers_throttled: u64,
+    /// Published files whose local copy is kept a while (`keep_clean`).
+    pub clean_copies: u64,
 }
 
 fn io_err(e: io::Error) -> FsError {
@@ -256,6 +261,31 @@ impl Fs {
         for id in fx.discard {
             self.staging.remove(id);
         }
+        for (id, clean) in std::mem::take(&mut ns.clean_marks) {
+            self.staging.mark_clean(id, clean);
+        }
+    }
+
+    /// How long a published file's staged copy is kept, so that reopening,
+    /// rewriting or reading it soon after costs no backend trip (a program
+    /// that writes a file and opens it again, fio's layout-then-write). The
+    /// copy is trusted like the cached attributes are: no longer than
+    /// `attr_ttl`, unless the mount is exclusive. Zero: dropped at once.
+    fn linger(&self) -> Duration {
+        if self.cfg.exclusive {
+            self.cfg.keep_clean
+        } else {
+            self.cfg.keep_clean.min(self.cfg.attr_ttl)
+        }
+    }
+
+    /// Drops every clean copy kept after its publish (at unmount: the cache
+    /// dir then holds only what is not on the backend yet).
+    pub fn drop_clean_copies(&self) {
+        let mut ns = self.ns.lock();
+        let mut fx = Effects::default();
+        ns.expire_lingering(None, &mut fx);
+        self.apply(&mut ns, fx);
     }
 
     /// Changes are refused once the journal cannot record them.
@@ -962,7 +992,7 @@ impl Fs {
             return true;
         }
         let ns = self.ns.lock();
-        ns.dirty_files.iter().any(|i| ns.get(*i).is_ok_and(|i| i.writers == 0))
+        ns.lingering_count() > 0 || ns.dirty_files.iter().any(|i| ns.get(*i).is_ok_and(|i| i.writers == 0))
     }
 
     pub fn cache_status(&self) -> CacheStatus {
@@ -974,6 +1004,7 @@ impl Fs {
             disk_low: self.staging.disk_low(),
             writers_waiting: self.writers_waiting_for_space.load(Ordering::Relaxed),
             writers_throttled: self.writers_throttled.load(Ordering::Relaxed),
+            clean_copies: self.ns.lock().lingering_count() as u64,
         }
     }
 
@@ -1293,15 +1324,19 @@ impl Fs {
                 ns.file_quiet(ino, Instant::now());
             }
             // A staged copy nobody uses and that is not waiting for a publish
-            // goes back to being read from the backend.
+            // is kept a while, then goes back to being read from the backend.
             if let Content::Staged { id, dirty: false } = content
                 && opens == 0
                 && !ns.get(ino).is_ok_and(|i| i.publish_queued > 0)
             {
-                let i = ns.get_mut(ino).expect("exists");
-                i.content = Content::Remote;
-                i.xattrs = None;
-                fx.discard.push(id);
+                if self.linger().is_zero() || self.over_cache_budget() {
+                    let i = ns.get_mut(ino).expect("exists");
+                    i.content = Content::Remote;
+                    i.xattrs = None;
+                    fx.discard.push(id);
+                } else {
+                    ns.linger(ino, id);
+                }
             }
             ns.maybe_free(ino, &mut fx);
         }
@@ -1671,13 +1706,16 @@ impl Fs {
             self.cfg.debounce
         };
         let mut ns = self.ns.lock();
+        let mut fx = Effects::default();
+        // Under cache pressure, clean copies go first.
+        let keep = (!self.over_cache_budget()).then(|| self.linger());
+        ns.expire_lingering(keep, &mut fx);
         let due: Vec<Ino> = ns
             .debounce
             .iter()
             .filter(|(_, t)| force || now.duration_since(**t) >= debounce)
             .map(|(i, _)| *i)
             .collect();
-        let mut fx = Effects::default();
         for ino in due {
             match ns.queue_publish(ino) {
                 Ok(op) => fx.ops.extend(op),
@@ -1844,7 +1882,8 @@ impl Fs {
                         Some(p) if !p.superseded => {
                             self.sched.stats.files_published.fetch_add(1, Ordering::Relaxed);
                             self.sched.stats.bytes_published.fetch_add(p.bytes, Ordering::Relaxed);
-                            discard = ns.publish_done(*ino, published_generation);
+                            let linger = !self.linger().is_zero() && !self.over_cache_budget();
+                            discard = ns.publish_done(*ino, published_generation, linger);
                         }
                         _ => {
                             ns.publish_abandoned(*ino);

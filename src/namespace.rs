@@ -549,6 +549,13 @@ pub struct Namespace {
     pub touched: Vec<Ino>,
     /// A directory moved: the paths of everything below it changed.
     pub moved_dir: bool,
+    /// Published files whose staged copy is kept a while for reads and
+    /// rewrites (see `Fs::linger`): staging id, since when.
+    lingering: HashMap<Ino, (u64, Instant)>,
+    /// Staging files to mark as clean copies (true) or unmark (false); the
+    /// mark tells recovery that a leftover is a copy of published content,
+    /// safe to delete. Applied by the caller, like `touched`.
+    pub clean_marks: Vec<(u64, bool)>,
 }
 
 fn check_name(name: &OsStr) -> FsResult<()> {
@@ -594,6 +601,8 @@ impl Namespace {
             root_backend_ino: root.ino,
             touched: Vec::new(),
             moved_dir: false,
+            lingering: HashMap::new(),
+            clean_marks: Vec::new(),
         }
     }
 
@@ -1328,6 +1337,9 @@ impl Namespace {
         if !self.dirty_files.contains(&ino) {
             self.touched.push(ino);
         }
+        if let Some((id, _)) = self.lingering.remove(&ino) {
+            self.clean_marks.push((id, false));
+        }
         let i = self.get_mut(ino)?;
         if let Content::Staged { id, .. } = i.content {
             i.content = Content::Staged { id, dirty: true };
@@ -1423,7 +1435,7 @@ impl Namespace {
     /// (The new backend inode number was recorded before the op's keys were
     /// released, see `set_backend_ino`: recording it here could overwrite a
     /// later publish's.)
-    pub fn publish_done(&mut self, ino: Ino, generation: u64) -> Option<u64> {
+    pub fn publish_done(&mut self, ino: Ino, generation: u64, linger: bool) -> Option<u64> {
         self.replaces.remove(&ino);
         if self.dirty_files.contains(&ino) {
             // Written again meanwhile: its pending state now knows what its
@@ -1436,11 +1448,55 @@ impl Namespace {
             Content::Staged { id, dirty: false }
                 if i.generation == generation && i.opens == 0 && i.publish_queued == 0 =>
             {
+                if linger {
+                    self.linger(ino, id);
+                    return None;
+                }
                 i.content = Content::Remote;
                 i.xattrs = None; // the published ones, read back when asked
                 Some(id)
             }
             _ => None,
+        }
+    }
+
+    /// Keeps the clean staged copy `id` of `ino` until `expire_lingering`.
+    pub fn linger(&mut self, ino: Ino, id: u64) {
+        if self.lingering.insert(ino, (id, Instant::now())).is_none() {
+            self.clean_marks.push((id, true));
+        }
+    }
+
+    /// Clean copies kept after their publish.
+    pub fn lingering_count(&self) -> usize {
+        self.lingering.len()
+    }
+
+    /// Drops the clean copies kept longer than `keep` (all with None) that
+    /// nobody has open: those files read from the backend again.
+    pub fn expire_lingering(&mut self, keep: Option<Duration>, fx: &mut Effects) {
+        let now = Instant::now();
+        let due: Vec<Ino> = self
+            .lingering
+            .iter()
+            .filter(|(_, (_, since))| keep.is_none_or(|k| now.duration_since(*since) >= k))
+            .map(|(ino, _)| *ino)
+            .collect();
+        for ino in due {
+            let (id, _) = self.lingering[&ino];
+            match self.inodes.get_mut(&ino) {
+                Some(i) if i.opens > 0 && i.content == (Content::Staged { id, dirty: false }) => {
+                    continue; // in use: looked at again next time
+                }
+                Some(i) if i.content == (Content::Staged { id, dirty: false }) && i.publish_queued == 0 => {
+                    i.content = Content::Remote;
+                    i.xattrs = None;
+                    fx.discard.push(id);
+                }
+                // Removed (its copy went with it) or changed since (`mark_dirty` unmarked it).
+                _ => {}
+            }
+            self.lingering.remove(&ino);
         }
     }
 

@@ -484,19 +484,24 @@ impl<'a> Rebuild<'a> {
 }
 
 /// Moves staging files that nothing refers to aside, before serving
-/// (nothing is deleted: data a crash could not account for stays
-/// inspectable).
+/// (data a crash could not account for stays inspectable). Only clean
+/// copies kept after their publish (marked, see `Staging::mark_clean`) are
+/// deleted: the backend has their content.
 fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &HashSet<u64>) {
     let Ok(rd) = std::fs::read_dir(cache.join("staging")) else {
         return;
     };
-    let left: Vec<_> = rd
+    let mut left: Vec<_> = rd
         .flatten()
         .filter(|e| {
             let id = Staging::id_of(&e.file_name());
             !id.is_some_and(|id| in_use.contains(&id) && e.path() == staging.path(id))
         })
         .collect();
+    left.retain(|e| {
+        let clean = e.metadata().is_ok_and(|m| m.is_file() && Staging::is_marked_clean(&m));
+        !(clean && std::fs::remove_file(e.path()).is_ok())
+    });
     if left.is_empty() {
         return;
     }

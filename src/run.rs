@@ -312,6 +312,7 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
     };
     let fs_cfg = FsConfig {
         attr_ttl: cfg.attr_ttl,
+        keep_clean: cfg.keep_clean,
         exclusive: cfg.exclusive,
         debounce: cfg.debounce,
         fsync_remote: cfg.fsync == FsyncMode::Remote,
@@ -392,6 +393,7 @@ impl Running {
         {
             tracing::error!(error = %e, "cannot sync the journal");
         }
+        self.fs.drop_clean_copies();
         self.sched.shutdown();
         let _ = std::fs::remove_file(&self.socket);
         served.map_err(|e| format!("FUSE session ended with an error: {e}"))

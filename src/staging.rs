@@ -38,6 +38,11 @@ struct Space {
 
 /// How stale the free-space reading may be.
 const DISK_READING_TTL: Duration = Duration::from_millis(100);
+/// Mode bit that marks a staging file as a clean copy of published content:
+/// the sticky bit, which means nothing on a regular file. Setting it keeps
+/// the permission bits as they are, so an access ACL stored on the file
+/// (which the kernel ties to those bits) stays untouched.
+const CLEAN_MARK: u32 = libc::S_ISVTX;
 
 impl Staging {
     /// Opens (creating if needed) the staging directory under `cache_dir`.
@@ -148,6 +153,31 @@ impl Staging {
     }
 
     /// Opens an existing staging file for reading and writing.
+    /// Marks a staging file as a clean copy of published content or
+    /// unmarks it. Recovery deletes a marked leftover instead of keeping it
+    /// aside: the backend has the same data.
+    pub fn mark_clean(&self, id: u64, clean: bool) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.path(id);
+        let marked = std::fs::metadata(&path).and_then(|m| {
+            let mode = m.permissions().mode() & 0o7777;
+            let want = if clean { mode | CLEAN_MARK } else { mode & !CLEAN_MARK };
+            if want == mode {
+                return Ok(());
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(want))
+        });
+        if let Err(e) = marked {
+            tracing::debug!(id, error = %e, "cannot mark a staging file");
+        }
+    }
+
+    /// Whether a staging file carries the clean-copy mark.
+    pub fn is_marked_clean(meta: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::PermissionsExt;
+        meta.permissions().mode() & CLEAN_MARK != 0
+    }
+
     pub fn open_rw(&self, id: u64) -> io::Result<File> {
         OpenOptions::new().read(true).write(true).open(self.path(id))
     }

@@ -233,6 +233,9 @@ fn render_cache(v: &serde_json::Value) -> Option<String> {
     if let Some(p) = c["peak_used_bytes"].as_u64() {
         parts.push(format!("peak {}", human_bytes(p)));
     }
+    if let Some(n) = c["clean_copies"].as_u64().filter(|n| *n > 0) {
+        parts.push(format!("{n} published files kept for rereading"));
+    }
     if let Some(a) = c["disk_available_bytes"].as_u64() {
         let low = if c["disk_low"] == true { " (LOW)" } else { "" };
         parts.push(format!("{} free on the cache disk{low}", human_bytes(a)));

@@ -1669,6 +1669,8 @@ impl Harness {
             "{}: inodes in the overlay vs live objects: {st:?}",
             self.ctx()
         );
+        // Published files' copies are kept a while (keep_clean); unmount drops them.
+        self.fs().drop_clean_copies();
         let staged = self.mount().staging_files();
         assert!(staged.is_empty(), "{}: staging files left: {staged:?}", self.ctx());
     }
