@@ -321,7 +321,7 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
         cache_size: cfg.cache_size,
         xattrs: cfg.xattrs,
     };
-    let fs = recovery::start_fs(&cache, backend, staging, sched.clone(), temps, header, fs_cfg)?;
+    let fs = start_fs_bounded(&cache, backend, staging, sched.clone(), temps, header, fs_cfg, cfg)?;
     if !cfg.journal_sync.is_zero() {
         fs.journal()
             .expect("journaling started")
@@ -397,6 +397,50 @@ impl Running {
         self.sched.shutdown();
         let _ = std::fs::remove_file(&self.socket);
         served.map_err(|e| format!("FUSE session ended with an error: {e}"))
+    }
+}
+
+/// Starts the filesystem (probing the backend and recovering the last run's
+/// journal), waiting at most `request_timeout` for the backend: a hanging
+/// backend (an EFS outage) fails the mount with a message instead of hanging
+/// it, and the journal stays for the next attempt. (The thread left waiting
+/// on the backend ends with the process.)
+#[allow(clippy::too_many_arguments)]
+fn start_fs_bounded(
+    cache: &Path,
+    backend: Arc<dyn Backend>,
+    staging: Staging,
+    sched: Arc<Scheduler>,
+    temps: TempNames,
+    header: Header,
+    fs_cfg: FsConfig,
+    cfg: &Config,
+) -> Result<Arc<Fs>, String> {
+    let (tx, rx) = crossbeam::channel::bounded(1);
+    let dir = cache.to_path_buf();
+    std::thread::Builder::new()
+        .name("efscache-start".into())
+        .spawn(move || {
+            let _ = tx.send(recovery::start_fs(&dir, backend, staging, sched, temps, header, fs_cfg));
+        })
+        .map_err(|e| format!("cannot start: {e}"))?;
+    match rx.recv_timeout(cfg.request_timeout) {
+        Ok(started) => started,
+        Err(_) => Err(format!(
+            "the backend {} did not answer within {} (request_timeout) while the mount was starting; \
+             nothing was mounted and nothing is lost (pending work stays in {}); mount again once the backend answers",
+            cfg.backend.display(),
+            humantime(cfg.request_timeout),
+            cache.display()
+        )),
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
     }
 }
 

@@ -277,3 +277,56 @@ fn permanent_failures_are_reported_and_block_nothing_else() {
         "the kept copy has no .publish.json record"
     );
 }
+
+/// A backend that hangs while a mount starts (an EFS outage during a boot
+/// or a restart after a crash) fails the mount after `request_timeout` with
+/// a message, instead of hanging it; the journal keeps the pending work and
+/// the next mount publishes it.
+#[test]
+fn a_backend_hanging_at_mount_time_fails_the_mount_and_loses_nothing() {
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("backend")).unwrap();
+    let mut m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=1h");
+    std::fs::write(s.path("mnt/pending"), b"acknowledged").unwrap();
+    m.kill9();
+    drop(m);
+    let t = std::time::Instant::now();
+    let out = common::try_mount(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        "fault_stall_after=0,fault_stall=1h,request_timeout=2s",
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the mount succeeded over a hanging backend");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "the mount took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        err.contains("did not answer") && err.contains("nothing is lost"),
+        "{err}"
+    );
+    assert!(!common::is_efscache_mounted(&s.path("mnt")));
+    // The daemon that gave up exits (its thread stuck on the backend with
+    // it) and frees the cache dir: the next mount recovers everything.
+    let t = std::time::Instant::now();
+    while !Command::new("flock")
+        .args(["-n", "-E", "99"])
+        .arg(s.path("cache/lock"))
+        .arg("true")
+        .status()
+        .is_ok_and(|st| st.success())
+    {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "the failed daemon still holds the cache dir"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "");
+    m.sync();
+    m.umount();
+    assert_eq!(std::fs::read(s.path("backend/pending")).unwrap(), b"acknowledged");
+}
