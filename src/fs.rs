@@ -444,6 +444,13 @@ impl Fs {
         let mut ns = self.ns.lock();
         let ino = ns.lookup(parent, name)?.ok_or(FsError::NotFound)?;
         ns.add_lookup(ino);
+        if ns.get(ino)?.writers > 0 {
+            // The kernel applies the attributes of a reply: they must include
+            // what writers wrote through passthrough, past the daemon.
+            drop(ns);
+            self.refresh_from_staging(ino);
+            ns = self.ns.lock();
+        }
         Self::attr_out(&ns, ino)
     }
 
@@ -490,6 +497,12 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: Ino, ch: SetAttr, may_block: bool) -> FsResult<AttrOut> {
+        // The reply's attributes replace the kernel's: a writer's passthrough
+        // writes (whose release may not have arrived yet: it is asynchronous)
+        // must be in them, or a chmod right after a close shows size 0.
+        if self.ns.lock().get(ino)?.writers > 0 {
+            self.refresh_from_staging(ino);
+        }
         if let Some(size) = ch.size {
             self.truncate(ino, size, may_block)?;
         }
@@ -992,7 +1005,7 @@ impl Fs {
             return true;
         }
         let ns = self.ns.lock();
-        ns.lingering_count() > 0 || ns.dirty_files.iter().any(|i| ns.get(*i).is_ok_and(|i| i.writers == 0))
+        ns.lingering_freeable() || ns.dirty_files.iter().any(|i| ns.get(*i).is_ok_and(|i| i.writers == 0))
     }
 
     pub fn cache_status(&self) -> CacheStatus {
@@ -1324,19 +1337,17 @@ impl Fs {
                 ns.file_quiet(ino, Instant::now());
             }
             // A staged copy nobody uses and that is not waiting for a publish
-            // is kept a while, then goes back to being read from the backend.
+            // goes back to being read from the backend (unless it is kept
+            // after its publish: the tick drops it in time).
             if let Content::Staged { id, dirty: false } = content
                 && opens == 0
                 && !ns.get(ino).is_ok_and(|i| i.publish_queued > 0)
+                && !ns.is_lingering(ino)
             {
-                if self.linger().is_zero() || self.over_cache_budget() {
-                    let i = ns.get_mut(ino).expect("exists");
-                    i.content = Content::Remote;
-                    i.xattrs = None;
-                    fx.discard.push(id);
-                } else {
-                    ns.linger(ino, id);
-                }
+                let i = ns.get_mut(ino).expect("exists");
+                i.content = Content::Remote;
+                i.xattrs = None;
+                fx.discard.push(id);
             }
             ns.maybe_free(ino, &mut fx);
         }
@@ -1350,9 +1361,8 @@ impl Fs {
             Handle::Staged { ino, file, .. } => (*ino, file.clone()),
             Handle::Remote { .. } => return Ok(()),
         };
-        // fsync=local waits for the local disk only, which an event-loop
-        // thread may do; fsync=remote waits for the backend.
-        if self.cfg.fsync_remote && !may_block {
+        // Not on an event-loop thread: syncing a big file takes a while.
+        if !may_block {
             return Err(FsError::WouldBlock);
         }
         // The file's name and owner are in the journal: it must be durable

@@ -550,8 +550,10 @@ pub struct Namespace {
     /// A directory moved: the paths of everything below it changed.
     pub moved_dir: bool,
     /// Published files whose staged copy is kept a while for reads and
-    /// rewrites (see `Fs::linger`): staging id, since when.
+    /// rewrites (see `Fs::linger`): staging id, since when (the publish).
     lingering: HashMap<Ino, (u64, Instant)>,
+    /// The same, oldest first (entries no longer in `lingering` are skipped).
+    linger_order: std::collections::VecDeque<(Ino, u64, Instant)>,
     /// Staging files to mark as clean copies (true) or unmark (false); the
     /// mark tells recovery that a leftover is a copy of published content,
     /// safe to delete. Applied by the caller, like `touched`.
@@ -602,6 +604,7 @@ impl Namespace {
             touched: Vec::new(),
             moved_dir: false,
             lingering: HashMap::new(),
+            linger_order: std::collections::VecDeque::new(),
             clean_marks: Vec::new(),
         }
     }
@@ -1445,26 +1448,41 @@ impl Namespace {
         let i = self.inodes.get_mut(&ino)?;
         i.publish_queued = i.publish_queued.saturating_sub(1);
         match i.content {
-            Content::Staged { id, dirty: false }
-                if i.generation == generation && i.opens == 0 && i.publish_queued == 0 =>
-            {
+            // The staged copy is exactly what the backend now holds: it may
+            // be kept (even while open; a conflict or a failed publish never
+            // gets here, so a copy that lost is never kept).
+            Content::Staged { id, dirty: false } if i.generation == generation && i.publish_queued == 0 => {
                 if linger {
                     self.linger(ino, id);
-                    return None;
+                    None
+                } else if i.opens == 0 {
+                    i.content = Content::Remote;
+                    i.xattrs = None; // the published ones, read back when asked
+                    Some(id)
+                } else {
+                    None // dropped at the last close
                 }
-                i.content = Content::Remote;
-                i.xattrs = None; // the published ones, read back when asked
-                Some(id)
             }
             _ => None,
         }
     }
 
-    /// Keeps the clean staged copy `id` of `ino` until `expire_lingering`.
-    pub fn linger(&mut self, ino: Ino, id: u64) {
-        if self.lingering.insert(ino, (id, Instant::now())).is_none() {
-            self.clean_marks.push((id, true));
+    /// Keeps the clean staged copy `id` of `ino` (just published) until
+    /// `expire_lingering`. Its time runs from this first call: a copy is
+    /// never trusted longer than that, however often it is used.
+    fn linger(&mut self, ino: Ino, id: u64) {
+        if self.lingering.get(&ino).is_some_and(|(old, _)| *old == id) {
+            return;
         }
+        let now = Instant::now();
+        self.lingering.insert(ino, (id, now));
+        self.linger_order.push_back((ino, id, now));
+        self.clean_marks.push((id, true));
+    }
+
+    /// Whether `ino`'s staged copy is kept after its publish.
+    pub fn is_lingering(&self, ino: Ino) -> bool {
+        self.lingering.contains_key(&ino)
     }
 
     /// Clean copies kept after their publish.
@@ -1472,32 +1490,45 @@ impl Namespace {
         self.lingering.len()
     }
 
+    /// Whether dropping kept copies would free cache space now (some are not open).
+    pub fn lingering_freeable(&self) -> bool {
+        self.lingering.iter().any(|(ino, (id, _))| {
+            self.inodes
+                .get(ino)
+                .is_some_and(|i| i.opens == 0 && i.content == (Content::Staged { id: *id, dirty: false }))
+        })
+    }
+
     /// Drops the clean copies kept longer than `keep` (all with None) that
-    /// nobody has open: those files read from the backend again.
+    /// nobody has open: those files read from the backend again. One in use
+    /// is looked at again later.
     pub fn expire_lingering(&mut self, keep: Option<Duration>, fx: &mut Effects) {
         let now = Instant::now();
-        let due: Vec<Ino> = self
-            .lingering
-            .iter()
-            .filter(|(_, (_, since))| keep.is_none_or(|k| now.duration_since(*since) >= k))
-            .map(|(ino, _)| *ino)
-            .collect();
-        for ino in due {
-            let (id, _) = self.lingering[&ino];
+        let mut in_use = Vec::new();
+        while let Some(&(ino, id, since)) = self.linger_order.front() {
+            if keep.is_some_and(|k| now.duration_since(since) < k) {
+                break;
+            }
+            self.linger_order.pop_front();
+            if self.lingering.get(&ino) != Some(&(id, since)) {
+                continue; // dirty again or replaced by a newer entry
+            }
             match self.inodes.get_mut(&ino) {
-                Some(i) if i.opens > 0 && i.content == (Content::Staged { id, dirty: false }) => {
-                    continue; // in use: looked at again next time
-                }
-                Some(i) if i.content == (Content::Staged { id, dirty: false }) && i.publish_queued == 0 => {
+                Some(i) if i.content == (Content::Staged { id, dirty: false }) => {
+                    if i.opens > 0 || i.publish_queued > 0 {
+                        in_use.push((ino, id, since));
+                        continue;
+                    }
                     i.content = Content::Remote;
                     i.xattrs = None;
                     fx.discard.push(id);
                 }
-                // Removed (its copy went with it) or changed since (`mark_dirty` unmarked it).
+                // Removed: its copy went with it.
                 _ => {}
             }
             self.lingering.remove(&ino);
         }
+        self.linger_order.extend(in_use);
     }
 
     /// A publish ended without publishing (content changed meanwhile, file

@@ -139,13 +139,26 @@ pub fn start_fs(
     }) = pending
     else {
         fs.start_journal(cache, header, &mut []).map_err(journal_err)?;
-        keep_leftovers(cache, fs.staging(), &fs.staging_in_use());
+        keep_leftovers(cache, fs.staging(), &fs.staging_in_use(), &HashSet::new());
         if let Err(e) = fs.staging().rescan() {
             tracing::warn!(error = %e, "cannot measure the staging area");
         }
         return Ok(fs);
     };
     let started = Instant::now();
+    // Staging files the old journal names are never deleted as clean copies,
+    // even if they cannot be taken back (then they go to lost+found).
+    let named: HashSet<u64> = ops
+        .iter()
+        .filter_map(|op| match &op.action {
+            Action::Publish { staging, .. } => Some(*staging),
+            _ => None,
+        })
+        .chain(states.iter().filter_map(|st| match st {
+            PendingState::File { staging, .. } => Some(*staging),
+            _ => None,
+        }))
+        .collect();
     let mut rb = Rebuild::new(&fs, &old.temp_prefix);
     let total = ops.len();
     let mut queued = Vec::new();
@@ -204,7 +217,7 @@ pub fn start_fs(
     for id in std::mem::take(&mut rb.discard) {
         fs.staging().remove(id);
     }
-    keep_leftovers(cache, fs.staging(), &fs.staging_in_use());
+    keep_leftovers(cache, fs.staging(), &fs.staging_in_use(), &named);
     if let Err(e) = fs.staging().rescan() {
         tracing::warn!(error = %e, "cannot measure the staging area");
     }
@@ -485,9 +498,10 @@ impl<'a> Rebuild<'a> {
 
 /// Moves staging files that nothing refers to aside, before serving
 /// (data a crash could not account for stays inspectable). Only clean
-/// copies kept after their publish (marked, see `Staging::mark_clean`) are
-/// deleted: the backend has their content.
-fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &HashSet<u64>) {
+/// copies kept after their publish (marked, see `Staging::mark_clean`) that
+/// the old journal does not name (`named`) are deleted: the backend has
+/// their content.
+fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &HashSet<u64>, named: &HashSet<u64>) {
     let Ok(rd) = std::fs::read_dir(cache.join("staging")) else {
         return;
     };
@@ -499,7 +513,8 @@ fn keep_leftovers(cache: &Path, staging: &Staging, in_use: &HashSet<u64>) {
         })
         .collect();
     left.retain(|e| {
-        let clean = e.metadata().is_ok_and(|m| m.is_file() && Staging::is_marked_clean(&m));
+        let named = Staging::id_of(&e.file_name()).is_some_and(|id| named.contains(&id));
+        let clean = !named && e.metadata().is_ok_and(|m| m.is_file() && Staging::is_marked_clean(&m));
         !(clean && std::fs::remove_file(e.path()).is_ok())
     });
     if left.is_empty() {

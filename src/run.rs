@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -161,13 +161,17 @@ fn check_cache_dir(cache: &Path, cfg: &Config) -> Result<(), String> {
     if !md.is_dir() {
         return Err(format!("cache_dir {} is not a directory", cache.display()));
     }
+    // Others able to write there could change staged data or the journal,
+    // which this daemon publishes as root: refused, not silently fixed (the
+    // directory may be shared on purpose, and only its owner can tell).
     if md.mode() & 0o022 != 0 {
-        std::fs::set_permissions(cache, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
-            format!(
-                "cache_dir {} is group/world writable and cannot be fixed: {e}",
-                cache.display()
-            )
-        })?;
+        return Err(format!(
+            "cache_dir {} is group/world writable (mode {:04o}): other users could change staged data; \
+             make it private with `chmod 700 {}` or choose another cache_dir",
+            cache.display(),
+            md.mode() & 0o7777,
+            cache.display()
+        ));
     }
     Ok(())
 }

@@ -152,7 +152,6 @@ impl Staging {
         Ok(f)
     }
 
-    /// Opens an existing staging file for reading and writing.
     /// Marks a staging file as a clean copy of published content or
     /// unmarks it. Recovery deletes a marked leftover instead of keeping it
     /// aside: the backend has the same data.
@@ -168,7 +167,7 @@ impl Staging {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(want))
         });
         if let Err(e) = marked {
-            tracing::debug!(id, error = %e, "cannot mark a staging file");
+            tracing::warn!(id, error = %e, "cannot mark or unmark a staging file as a clean copy");
         }
     }
 
@@ -178,6 +177,7 @@ impl Staging {
         meta.permissions().mode() & CLEAN_MARK != 0
     }
 
+    /// Opens an existing staging file for reading and writing.
     pub fn open_rw(&self, id: u64) -> io::Result<File> {
         OpenOptions::new().read(true).write(true).open(self.path(id))
     }

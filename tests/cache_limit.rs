@@ -180,3 +180,39 @@ fn kept_copies_left_by_a_crash_are_deleted_not_kept_aside() {
         assert_eq!(std::fs::read_to_string(s.path(&format!("backend/f{i}"))).unwrap(), want);
     }
 }
+
+/// Reading a kept copy again and again does not keep it longer: it is
+/// trusted for keep_clean after its publish, then the file reads from the
+/// backend again (where another client may have changed it meanwhile).
+#[test]
+fn reads_do_not_extend_how_long_a_copy_is_kept() {
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("backend")).unwrap();
+    let m = Mount::start(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        "keep_clean=1s,attr_ttl=1s,debounce=10ms",
+    );
+    std::fs::write(s.path("mnt/f"), b"ours").unwrap();
+    m.sync();
+    assert_eq!(m.status()["cache"]["clean_copies"], 1);
+    let published = std::time::Instant::now();
+    // Another client rewrites the file in place (same inode): only the kept
+    // copy hides it.
+    std::fs::write(s.path("backend/f"), b"THEIRS").unwrap();
+    let mut seen_theirs = None;
+    while published.elapsed() < std::time::Duration::from_secs(15) {
+        if std::fs::read(s.path("mnt/f")).unwrap() == b"THEIRS" {
+            seen_theirs = Some(published.elapsed());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    m.umount();
+    let after = seen_theirs.expect("the kept copy was served for 15s while being read every 100ms");
+    assert!(
+        after >= std::time::Duration::from_millis(900),
+        "dropped after {after:?}, before keep_clean"
+    );
+}

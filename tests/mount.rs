@@ -401,3 +401,27 @@ fn a_missing_cache_dir_is_created_private() {
     assert!(!inside.exists(), "a refused cache dir was created inside the backend");
     assert!(!is_efscache_mounted(&s.path("mnt")));
 }
+
+#[test]
+fn a_cache_dir_others_can_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    let cache = s.path("shared-cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::create_dir_all(s.path("backend")).unwrap();
+    for mode in [0o777, 0o770, 0o1777] {
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(mode)).unwrap();
+        let out = common::try_mount(&s.path("backend"), &s.path("mnt"), &cache, "");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "mounted with a cache dir of mode {mode:o}");
+        assert!(
+            err.contains("group/world writable") && err.contains("chmod 700"),
+            "{err}"
+        );
+        assert!(!is_efscache_mounted(&s.path("mnt")));
+        let now = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(now, mode, "the cache dir's mode was changed behind the owner's back");
+    }
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
+    Mount::start(&s.path("backend"), &s.path("mnt"), &cache, "").umount();
+}
