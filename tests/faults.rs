@@ -129,16 +129,30 @@ fn backend_enospc_is_retried_not_reported_to_writers() {
 /// (a network partition): rsync still finishes without error, its writes
 /// landing in staging, and the queue drains once the backend answers again.
 #[test]
-fn rsync_through_a_ten_second_backend_stall() {
+fn rsync_through_a_backend_stall() {
     let s = Scratch::new();
     small_files(&s.path("src"), 20, 100, 33);
+    // The stall begins early in the copy and outlasts it by far: the copy
+    // must complete while every backend request hangs.
     let m = Mount::start(
         &s.path("backend"),
         &s.path("mnt"),
         &s.path("cache"),
-        "debounce=0ms,fault_stall_after=300,fault_stall=10s",
+        "debounce=0ms,fault_stall_after=300,fault_stall=45s",
     );
     rsync(&s.path("src"), &s.path("mnt/dst"));
+    let during = backend_requests(&m);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        backend_requests(&m),
+        during,
+        "the backend answered again before rsync returned: the stall did not cover the copy"
+    );
+    assert!(
+        m.status()["pending_files"].as_u64().unwrap_or(0) > 0,
+        "everything was published before the stall: {}",
+        m.status()
+    );
     m.sync();
     assert_eq!(m.status()["failures"], serde_json::json!([]));
     m.umount();
@@ -329,4 +343,48 @@ fn a_backend_hanging_at_mount_time_fails_the_mount_and_loses_nothing() {
     m.sync();
     m.umount();
     assert_eq!(std::fs::read(s.path("backend/pending")).unwrap(), b"acknowledged");
+}
+
+/// A name the backend refuses as too long (ENAMETOOLONG on the publish's
+/// rename) is a permanent failure like EPERM: reported by name, not retried,
+/// and nothing else waits for it.
+#[test]
+fn a_name_too_long_for_the_backend_is_reported_not_retried() {
+    let s = Scratch::new();
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    std::fs::create_dir_all(&backend).unwrap();
+    let m = Mount::start(&backend, &mnt, &cache, "debounce=0ms");
+    std::fs::write(mnt.join("first"), "published").unwrap();
+    m.sync();
+    drop(m);
+    let m = Mount::start(
+        &backend,
+        &mnt,
+        &cache,
+        "debounce=0ms,fault_rate=1.0,fault_ops=rename,fault_errno=ENAMETOOLONG",
+    );
+    std::fs::write(mnt.join("long-name"), "refused").unwrap();
+    std::fs::create_dir(mnt.join("dir")).unwrap();
+    let out = Command::new(common::BIN).arg("sync").arg(&mnt).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "sync succeeded despite a permanent failure");
+    assert!(stderr.contains("long-name"), "sync does not name the file: {stderr}");
+    let failures = m.status()["failures"].clone();
+    assert!(
+        failures
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|f| f["errno"] == libc::ENAMETOOLONG),
+        "{failures}"
+    );
+    let retries = counter(&m, "retries");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(counter(&m, "retries"), retries, "a permanent failure is being retried");
+    assert!(backend.join("dir").is_dir(), "the mkdir waited for the failed publish");
+    assert!(!backend.join("long-name").exists());
+    let _ = Command::new(common::BIN)
+        .args(["umount", "--timeout", "1s"])
+        .arg(&mnt)
+        .output();
 }
