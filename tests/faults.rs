@@ -388,3 +388,73 @@ fn a_name_too_long_for_the_backend_is_reported_not_retried() {
         .arg(&mnt)
         .output();
 }
+
+/// Every kind of request that waits on the backend gives up after
+/// `request_timeout` during a stall (EIO), and its process stays killable:
+/// a directory's first listing, opening a clean file for writing (it is
+/// copied into the cache first) and fsync with `fsync=remote`. New files in
+/// a directory the mount has listed are written meanwhile. (In one it has
+/// not, a create must ask the backend what the name holds: EIO too.)
+#[test]
+fn requests_that_wait_on_a_stalled_backend_fail_in_time() {
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("backend/unlisted")).unwrap();
+    std::fs::write(s.path("backend/unlisted/x"), b"x").unwrap();
+    std::fs::write(s.path("backend/clean"), b"on the backend").unwrap();
+    // The stall starts once the mount is up and has listed its root. No
+    // xattrs, as on EFS (else a create first asks for the directory's
+    // default ACL).
+    let probe = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "noxattr");
+    std::fs::read_dir(s.path("mnt")).unwrap().for_each(drop);
+    let listed = backend_requests(&probe);
+    probe.umount();
+    let _m = Mount::start(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        &format!("noxattr,request_timeout=2s,fsync=remote,fault_stall_after={listed},fault_stall=40s"),
+    );
+    std::fs::read_dir(s.path("mnt")).unwrap().for_each(drop);
+    let t = std::time::Instant::now();
+    let eio = |what: &str, r: std::io::Result<()>| match r {
+        Ok(()) => panic!("{what} succeeded while the backend hung"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}"),
+    };
+    eio(
+        "listing",
+        std::fs::read_dir(s.path("mnt/unlisted")).and_then(|mut d| d.try_for_each(|e| e.map(drop))),
+    );
+    eio(
+        "open for writing",
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(s.path("mnt/clean"))
+            .map(|_| ()),
+    );
+    // A new file is written at once; its fsync waits for the publish.
+    let mut f = std::fs::File::create(s.path("mnt/new")).unwrap();
+    std::io::Write::write_all(&mut f, b"new").unwrap();
+    eio("fsync=remote", f.sync_all());
+    drop(f);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(30),
+        "requests waited {:?} on a backend that hangs for 40 s",
+        t.elapsed()
+    );
+    // A process stuck in such a request dies when killed.
+    let mut ls = Command::new("ls").arg(s.path("mnt/unlisted")).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    ls.kill().unwrap();
+    let killed = std::time::Instant::now();
+    while ls.try_wait().unwrap().is_none() {
+        assert!(
+            killed.elapsed() < std::time::Duration::from_secs(10),
+            "a killed ls stayed stuck"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = Command::new(common::BIN)
+        .args(["umount", "--timeout", "1s"])
+        .arg(s.path("mnt"))
+        .output();
+}
