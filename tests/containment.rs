@@ -9,8 +9,10 @@ use std::process::Command;
 use common::{BIN, Mount, Scratch};
 
 /// Another client replaces a directory efscache has already loaded with a
-/// symlink (to an absolute path outside, and to `../..`). Publishing into it
-/// must fail rather than follow the link: nothing appears outside the backend.
+/// symlink (to an absolute path outside, and a relative one climbing out
+/// with `..`; both name a real, writable directory). Publishing into it, and
+/// renaming there, must fail rather than follow the link: nothing appears
+/// outside the backend.
 #[test]
 fn planted_symlinks_never_lead_a_flush_outside_the_backend() {
     let s = Scratch::new();
@@ -31,12 +33,16 @@ fn planted_symlinks_never_lead_a_flush_outside_the_backend() {
     std::os::unix::fs::symlink(&outside, backend.join("abs")).unwrap();
     std::fs::remove_dir(backend.join("rel")).unwrap();
     std::fs::create_dir(backend.join("sub")).unwrap();
-    std::os::unix::fs::symlink("../outside", backend.join("sub/up")).unwrap();
-    std::os::unix::fs::symlink("../../outside", backend.join("rel")).unwrap();
+    std::os::unix::fs::symlink("../../outside", backend.join("sub/up")).unwrap();
+    std::os::unix::fs::symlink("../outside", backend.join("rel")).unwrap();
+    assert!(backend.join("rel").join(".").is_dir() && backend.join("sub/up").join(".").is_dir());
     // Writes through the mount land in staging; their publish must not follow.
     std::fs::write(s.path("mnt/abs/escaped"), b"must stay inside").unwrap();
     std::fs::write(s.path("mnt/rel/escaped2"), b"must stay inside").unwrap();
     std::fs::create_dir(s.path("mnt/abs/newdir")).unwrap();
+    std::fs::write(s.path("mnt/rel/to-move"), b"must stay inside").unwrap();
+    std::fs::rename(s.path("mnt/rel/to-move"), s.path("mnt/rel/moved")).unwrap();
+    std::fs::rename(s.path("mnt/abs/escaped"), s.path("mnt/abs/renamed")).unwrap();
     let out = Command::new(BIN)
         .args(["sync", "--timeout", "5s"])
         .arg(s.path("mnt"))
@@ -48,7 +54,7 @@ fn planted_symlinks_never_lead_a_flush_outside_the_backend() {
         "sync claimed success for files it cannot have published"
     );
     assert!(
-        err.contains("abs/escaped") || err.contains("timed out"),
+        err.contains("abs/renamed") || err.contains("rel/moved") || err.contains("timed out"),
         "sync output: {err}"
     );
     drop(m);

@@ -65,7 +65,7 @@ impl TempNames {
     pub fn remove(&self, backend: &dyn Backend, path: RelPath) {
         match backend.unlink(&path) {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) if nothing_there(&e) => {}
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "cannot remove temp file; trying again later");
                 self.leftovers.lock().push(path);
@@ -94,7 +94,7 @@ impl TempNames {
         for path in list {
             match backend.unlink(&path) {
                 Ok(()) => removed.push(path.clone()),
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) if nothing_there(&e) => {}
                 Err(e) if crate::flush::is_transient(&e) => {
                     tracing::debug!(path = %path.display(), error = %e, "still cannot remove temp file");
                     continue;
@@ -496,4 +496,11 @@ fn copy_data(src: &File, dst: &File, backend: &dyn Backend) -> io::Result<u64> {
         backend.set_len(dst, len)?; // trailing hole
     }
     Ok(written)
+}
+
+/// The path cannot hold a file of ours: nothing by that name, or its
+/// directory is gone or is no longer a directory (another client replaced it,
+/// with a symlink say, which the path walk refuses to follow).
+fn nothing_there(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
 }
