@@ -405,10 +405,11 @@ impl Running {
 }
 
 /// Starts the filesystem (probing the backend and recovering the last run's
-/// journal), waiting at most `request_timeout` for the backend: a hanging
-/// backend (an EFS outage) fails the mount with a message instead of hanging
-/// it, and the journal stays for the next attempt. (The thread left waiting
-/// on the backend ends with the process.)
+/// journal). A backend that answers nothing for `request_timeout` (an EFS
+/// outage) fails the mount with a message instead of hanging it, and the
+/// journal stays for the next attempt; a long recovery that keeps getting
+/// answers takes as long as it needs. (A thread left waiting on the backend
+/// ends with the process.)
 #[allow(clippy::too_many_arguments)]
 fn start_fs_bounded(
     cache: &Path,
@@ -422,22 +423,40 @@ fn start_fs_bounded(
 ) -> Result<Arc<Fs>, String> {
     let (tx, rx) = crossbeam::channel::bounded(1);
     let dir = cache.to_path_buf();
+    let watched = backend.clone();
     std::thread::Builder::new()
         .name("efscache-start".into())
         .spawn(move || {
             let _ = tx.send(recovery::start_fs(&dir, backend, staging, sched, temps, header, fs_cfg));
         })
         .map_err(|e| format!("cannot start: {e}"))?;
-    match rx.recv_timeout(cfg.request_timeout) {
-        Ok(started) => started,
-        Err(_) => Err(format!(
-            "the backend {} did not answer within {} (request_timeout) while the mount was starting; \
-             nothing was mounted and nothing is lost (pending work stays in {}); mount again once the backend answers",
-            cfg.backend.display(),
-            humantime(cfg.request_timeout),
-            cache.display()
-        )),
+    let mut answered = watched.stats().snapshot().total();
+    loop {
+        match rx.recv_timeout(cfg.request_timeout) {
+            Ok(started) => return started,
+            Err(crossbeam::channel::RecvTimeoutError::Disconnected) => {
+                return Err("the start-up thread ended without a result".into());
+            }
+            Err(crossbeam::channel::RecvTimeoutError::Timeout) => {
+                let now = watched.stats().snapshot().total();
+                if now == answered {
+                    break;
+                }
+                answered = now;
+                tracing::info!(
+                    backend_requests = now,
+                    "still starting: the backend answers, recovery goes on"
+                );
+            }
+        }
     }
+    Err(format!(
+        "the backend {} did not answer within {} (request_timeout) while the mount was starting; \
+         nothing was mounted and nothing is lost (pending work stays in {}); mount again once the backend answers",
+        cfg.backend.display(),
+        humantime(cfg.request_timeout),
+        cache.display()
+    ))
 }
 
 fn humantime(d: Duration) -> String {
