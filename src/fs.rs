@@ -444,14 +444,14 @@ impl Fs {
         let mut ns = self.ns.lock();
         let ino = ns.lookup(parent, name)?.ok_or(FsError::NotFound)?;
         ns.add_lookup(ino);
-        if ns.get(ino)?.writers > 0 {
-            // The kernel applies the attributes of a reply: they must include
-            // what writers wrote through passthrough, past the daemon.
-            drop(ns);
-            self.refresh_from_staging(ino);
-            ns = self.ns.lock();
+        if ns.get(ino)?.writers == 0 {
+            return Self::attr_out(&ns, ino);
         }
-        Self::attr_out(&ns, ino)
+        // The kernel applies the attributes of a reply: they must include
+        // what writers wrote through passthrough, past the daemon.
+        drop(ns);
+        self.refresh_from_staging(ino);
+        Self::attr_out(&self.ns.lock(), ino)
     }
 
     pub fn forget(&self, ino: Ino, n: u64) {
@@ -462,9 +462,7 @@ impl Fs {
     }
 
     pub fn getattr(&self, ino: Ino, may_block: bool) -> FsResult<AttrOut> {
-        if self.ns.lock().get(ino)?.writers > 0 {
-            self.refresh_from_staging(ino);
-        }
+        self.refresh_from_staging(ino);
         self.refresh_blocks(ino);
         let (path, stale) = {
             let ns = self.ns.lock();
@@ -500,9 +498,7 @@ impl Fs {
         // The reply's attributes replace the kernel's: a writer's passthrough
         // writes (whose release may not have arrived yet: it is asynchronous)
         // must be in them, or a chmod right after a close shows size 0.
-        if self.ns.lock().get(ino)?.writers > 0 {
-            self.refresh_from_staging(ino);
-        }
+        self.refresh_from_staging(ino);
         if let Some(size) = ch.size {
             self.truncate(ino, size, may_block)?;
         }
@@ -1052,8 +1048,12 @@ impl Fs {
     }
 
     /// Size and mtime of a file written through passthrough come from its
-    /// staging file: the daemon does not see those writes.
+    /// staging file: the daemon does not see those writes. (Nothing to do
+    /// unless a writer has it open.)
     fn refresh_from_staging(&self, ino: Ino) {
+        if !self.ns.lock().get(ino).is_ok_and(|i| i.writers > 0) {
+            return;
+        }
         let file = self.handles.lock().values().find_map(|h| match h {
             Handle::Staged {
                 ino: i,

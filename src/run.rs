@@ -325,7 +325,11 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
         cache_size: cfg.cache_size,
         xattrs: cfg.xattrs,
     };
-    let fs = start_fs_bounded(&cache, backend, staging, sched.clone(), temps, header, fs_cfg, cfg)?;
+    let fs = {
+        let (dir, watched, sched) = (cache.clone(), backend.clone(), sched.clone());
+        let start = move || recovery::start_fs(&dir, watched, staging, sched, temps, header, fs_cfg);
+        start_fs_bounded(start, &*backend, &cache, cfg)?
+    };
     if !cfg.journal_sync.is_zero() {
         fs.journal()
             .expect("journaling started")
@@ -410,24 +414,17 @@ impl Running {
 /// journal stays for the next attempt; a long recovery that keeps getting
 /// answers takes as long as it needs. (A thread left waiting on the backend
 /// ends with the process.)
-#[allow(clippy::too_many_arguments)]
 fn start_fs_bounded(
+    start: impl FnOnce() -> Result<Arc<Fs>, String> + Send + 'static,
+    watched: &dyn Backend,
     cache: &Path,
-    backend: Arc<dyn Backend>,
-    staging: Staging,
-    sched: Arc<Scheduler>,
-    temps: TempNames,
-    header: Header,
-    fs_cfg: FsConfig,
     cfg: &Config,
 ) -> Result<Arc<Fs>, String> {
     let (tx, rx) = crossbeam::channel::bounded(1);
-    let dir = cache.to_path_buf();
-    let watched = backend.clone();
     std::thread::Builder::new()
         .name("efscache-start".into())
         .spawn(move || {
-            let _ = tx.send(recovery::start_fs(&dir, backend, staging, sched, temps, header, fs_cfg));
+            let _ = tx.send(start());
         })
         .map_err(|e| format!("cannot start: {e}"))?;
     let mut answered = watched.stats().snapshot().total();
@@ -454,17 +451,9 @@ fn start_fs_bounded(
         "the backend {} did not answer within {} (request_timeout) while the mount was starting; \
          nothing was mounted and nothing is lost (pending work stays in {}); mount again once the backend answers",
         cfg.backend.display(),
-        humantime(cfg.request_timeout),
+        crate::status::human_duration(cfg.request_timeout),
         cache.display()
     ))
-}
-
-fn humantime(d: Duration) -> String {
-    if d.subsec_millis() == 0 {
-        format!("{}s", d.as_secs())
-    } else {
-        format!("{}ms", d.as_millis())
-    }
 }
 
 /// Drains (bounded) and unmounts the mount this daemon serves (on SIGTERM).
