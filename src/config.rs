@@ -58,14 +58,17 @@ pub struct Config {
 
 /// Backend fault injection, for tests and failure drills: every backend
 /// request waits `delay`; requests of the kinds in `ops` (all mutating kinds
-/// when empty) fail with `errno` at probability `rate`; after `stall_after`
-/// requests, every request hangs for `stall` (a network partition).
+/// when empty) fail with `errno` at probability `rate`, each failure followed
+/// by `burst - 1` more of those kinds (a full backend stays full a while);
+/// after `stall_after` requests, every request hangs for `stall` (a network
+/// partition).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct FaultConfig {
     pub delay: Duration,
     pub rate: f64,
     pub ops: Vec<String>,
     pub errno: i32,
+    pub burst: u64,
     pub stall_after: Option<u64>,
     pub stall: Duration,
     pub seed: u64,
@@ -80,6 +83,7 @@ impl Default for FaultConfig {
             rate: 0.0,
             ops: Vec::new(),
             errno: libc::EIO,
+            burst: 1,
             stall_after: None,
             stall: Duration::ZERO,
             seed: 1,
@@ -203,6 +207,7 @@ impl Config {
                     self.faults.stall_after = Some(parse_count(key, need(key, val)?, 0, usize::MAX)? as u64)
                 }
                 "fault_stall" => self.faults.stall = parse_duration(key, need(key, val)?)?,
+                "fault_burst" => self.faults.burst = parse_count(key, need(key, val)?, 1, usize::MAX)? as u64,
                 "fault_seed" => self.faults.seed = parse_count(key, need(key, val)?, 0, usize::MAX)? as u64,
                 "fault_reply_lost" => self.faults.reply_lost = parse_bool(key, val)?,
                 "foreground" => self.foreground = parse_bool(key, val)?,

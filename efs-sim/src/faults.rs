@@ -84,6 +84,9 @@ pub struct FaultConfig {
     pub fail_ops: HashSet<OpKind>,
     /// The errno they fail with.
     pub fail_errno: i32,
+    /// Each drawn failure also fails the next `fail_burst - 1` requests of
+    /// its kind (0 and 1: single failures).
+    pub fail_burst: u64,
     /// Seed of the decisions.
     pub seed: u64,
     /// After this many requests a stall starts...
@@ -153,8 +156,11 @@ impl Faults {
         if self.cfg.fail_rate <= 0.0 || !self.cfg.fail_ops.contains(&kind) {
             return None;
         }
-        let draw = unit(mix(self.cfg.seed, kind as u64, kind_seq));
-        (draw < self.cfg.fail_rate).then_some(self.cfg.fail_errno)
+        // The k-th request fails if it, or one of the `fail_burst - 1`
+        // before it of its kind, drew a failure: failures come in runs.
+        let first = kind_seq.saturating_sub(self.cfg.fail_burst.max(1) - 1);
+        let fails = (first..=kind_seq).any(|k| unit(mix(self.cfg.seed, kind as u64, k)) < self.cfg.fail_rate);
+        fails.then_some(self.cfg.fail_errno)
     }
 }
 
@@ -198,6 +204,31 @@ mod tests {
         let again: Vec<bool> = (0..10_000).map(|i| g.inject(OpKind::Create, i).is_some()).collect();
         assert_eq!(fails, again);
         assert_eq!(f.inject(OpKind::Rename, 1), None);
+    }
+
+    #[test]
+    fn bursts_follow_each_drawn_failure() {
+        let single = Faults::new(cfg(0.01, 9));
+        let burst = Faults::new(FaultConfig {
+            fail_burst: 20,
+            ..cfg(0.01, 9)
+        });
+        let drawn: Vec<u64> = (0..5_000)
+            .filter(|i| single.inject(OpKind::Create, *i).is_some())
+            .collect();
+        assert!(!drawn.is_empty());
+        for d in &drawn {
+            for k in *d..*d + 20 {
+                assert!(
+                    burst.inject(OpKind::Create, k).is_some(),
+                    "request {k} after failure {d}"
+                );
+            }
+        }
+        let fails = (0..5_000)
+            .filter(|i| burst.inject(OpKind::Create, *i).is_some())
+            .count();
+        assert!(fails >= drawn.len() * 10, "{fails} failures for {} draws", drawn.len());
     }
 
     #[test]

@@ -98,6 +98,10 @@ struct Cli {
     /// Errno of injected failures: EIO, ENOSPC, ETIMEDOUT, ... or a number.
     #[arg(long, value_name = "ERRNO", default_value = "EIO")]
     fail_errno: String,
+    /// Each injected failure also fails the next N-1 requests of its kind
+    /// (a full or failing server stays so for a while).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    fail_burst: u64,
     /// Seed for the fault decisions.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -217,6 +221,7 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
             fail_rate: cli.fail_rate,
             fail_ops,
             fail_errno: faults::parse_errno(&cli.fail_errno)?,
+            fail_burst: cli.fail_burst,
             seed: cli.seed,
             stall_after: cli.stall_after,
             stall: Duration::from_secs_f64(cli.stall_secs.max(0.0)),

@@ -38,6 +38,8 @@ pub struct FaultBackend {
     cfg: FaultConfig,
     targets: Vec<OpKind>,
     requests: AtomicU64,
+    /// Failures still to come in the current burst (`fault_burst`).
+    burst_left: AtomicU64,
     rng: AtomicU64,
     stall_until: OnceLock<Instant>,
 }
@@ -59,6 +61,7 @@ impl FaultBackend {
             cfg,
             targets,
             requests: AtomicU64::new(0),
+            burst_left: AtomicU64::new(0),
             rng: AtomicU64::new(seed),
             stall_until: OnceLock::new(),
         }
@@ -111,8 +114,17 @@ impl FaultBackend {
         if !self.cfg.delay.is_zero() {
             std::thread::sleep(self.cfg.delay);
         }
-        if self.cfg.rate > 0.0 && self.targets.contains(&kind) && self.random() < self.cfg.rate {
-            return Err(io::Error::from_raw_os_error(self.cfg.errno));
+        if self.cfg.rate > 0.0 && self.targets.contains(&kind) {
+            let in_burst = self
+                .burst_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            if in_burst || self.random() < self.cfg.rate {
+                if !in_burst {
+                    self.burst_left.store(self.cfg.burst - 1, Ordering::Relaxed);
+                }
+                return Err(io::Error::from_raw_os_error(self.cfg.errno));
+            }
         }
         Ok(())
     }
@@ -162,7 +174,11 @@ impl Backend for FaultBackend {
         self.run(attr_kind(attrs), || self.inner.set_attrs(path, attrs, fresh))
     }
     fn stat_file(&self, file: &File) -> io::Result<Stat> {
-        self.run(OpKind::stat, || self.inner.stat_file(file))
+        // Not a request: an NFS client answers fstat of a file it just
+        // opened, created or changed from the attributes that reply brought
+        // (nor do the backend's own counts include it, so `fault_stall_after`
+        // counts what `status` shows).
+        self.inner.stat_file(file)
     }
     fn set_attrs_fd(&self, file: &File, attrs: &AttrSet) -> io::Result<()> {
         self.run(attr_kind(attrs), || self.inner.set_attrs_fd(file, attrs))
