@@ -107,6 +107,16 @@ impl Timespec {
         }
     }
 
+    /// This time as a backend that keeps times to `granularity_ns`
+    /// nanoseconds stores it.
+    pub fn truncated(self, granularity_ns: u32) -> Timespec {
+        let g = granularity_ns.max(1);
+        Timespec {
+            sec: self.sec,
+            nsec: self.nsec / g * g,
+        }
+    }
+
     pub fn now() -> Self {
         let d = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -116,6 +126,45 @@ impl Timespec {
             nsec: d.subsec_nanos(),
         }
     }
+}
+
+/// A backend file as this mount last knew it: its inode number, and the
+/// version of its content (`content_version`; 0: unknown). A publish or
+/// unlink checks both just before it replaces or removes the file, so a file
+/// another client replaced (new inode) or rewrote in place (same inode, new
+/// size or mtime) is not overwritten.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Known {
+    pub ino: u64,
+    pub version: u64,
+}
+
+impl Known {
+    /// Only the inode number is known.
+    pub fn ino(ino: u64) -> Known {
+        Known { ino, version: 0 }
+    }
+
+    /// Whether `st` may be the file this mount knew: the same inode, and the
+    /// same content version where both are known.
+    pub fn matches(&self, st: &Stat) -> bool {
+        let v = st.content_version();
+        st.ino == self.ino && (self.version == 0 || v == 0 || v == self.version)
+    }
+}
+
+/// A fingerprint (never 0) of a file's size and mtime: what any write
+/// changes. `mtime` must be at the backend's time granularity (as stat(2)
+/// reports it there). Stable across versions of efscache: the journal keeps it.
+pub fn content_version(size: u64, mtime: Timespec) -> u64 {
+    // splitmix64 over the three fields.
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let h = mix(mix(mix(size) ^ mtime.sec as u64) ^ u64::from(mtime.nsec));
+    h.max(1)
 }
 
 /// What efscache needs to know about a backend object.
@@ -135,6 +184,25 @@ pub struct Stat {
     pub atime: Timespec,
     pub mtime: Timespec,
     pub ctime: Timespec,
+}
+
+impl Stat {
+    /// See `content_version` (0 for anything but a regular file: only files
+    /// are rewritten in place).
+    pub fn content_version(&self) -> u64 {
+        if self.kind == Kind::File {
+            content_version(self.size, self.mtime)
+        } else {
+            0
+        }
+    }
+
+    pub fn known(&self) -> Known {
+        Known {
+            ino: self.ino,
+            version: self.content_version(),
+        }
+    }
 }
 
 /// Attributes applied to an object on the backend after it was created.
@@ -341,6 +409,9 @@ pub struct Capabilities {
     /// accept; names in any other namespace fail with `EOPNOTSUPP` at the
     /// syscall.
     pub xattrs: XattrCaps,
+    /// The backend keeps file times to this many nanoseconds (None: not
+    /// found out), so this mount knows the mtime a publish leaves there.
+    pub time_granularity_ns: Option<u32>,
 }
 
 /// Which extended attribute namespaces are usable (see `crate::xattr::Class`).
@@ -400,6 +471,35 @@ impl XattrCaps {
     }
 }
 
+/// Sets a file's mtime with every nanosecond digit non-zero and reads it
+/// back: how many nanoseconds the backend keeps (1, 10, ..., 10^9), or None
+/// when it does something else with them (rounds) or the probe fails.
+fn probe_time_granularity(backend: &dyn Backend, f: &File) -> Option<u32> {
+    let probe = Timespec {
+        sec: 1_000_000_000,
+        nsec: 123_456_789,
+    };
+    let times = AttrSet {
+        atime: Some(probe),
+        mtime: Some(probe),
+        ..Default::default()
+    };
+    let kept = backend
+        .set_attrs_fd(f, &times)
+        .and_then(|()| backend.stat_file(f))
+        .map(|st| st.mtime);
+    let found = (0..=9)
+        .map(|e| 10u32.pow(e))
+        .find(|g| kept.as_ref().is_ok_and(|t| *t == probe.truncated(*g)));
+    if found.is_none() {
+        tracing::debug!(
+            ?kept,
+            "backend time granularity unknown: in-place changes by other clients to files this mount published are not detected"
+        );
+    }
+    found
+}
+
 impl Capabilities {
     /// The errno to refuse `kind` with, if the backend refuses it.
     pub fn refuses(&self, kind: Kind) -> Option<i32> {
@@ -436,28 +536,31 @@ impl Capabilities {
         let root_before = backend.stat(&RelPath::root());
         let xattrs = {
             let name = temp_name();
-            let (caps, ours) = match backend.create_exclusive(&RelPath::root(), &name, 0o600) {
+            let (caps, granularity, ours) = match backend.create_exclusive(&RelPath::root(), &name, 0o600) {
                 Ok(f) => {
                     let caps = XattrCaps::probe(|n, v| backend.set_xattr_fd(&f, n, v));
+                    let granularity = probe_time_granularity(backend, &f);
                     let _ = backend.close_file(f);
-                    (caps, true)
+                    (caps, granularity, true)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot probe the backend's extended attributes: refusing them");
                     // (An error may come after the file was made.)
-                    (XattrCaps::default(), e.raw_os_error() != Some(libc::EEXIST))
+                    (XattrCaps::default(), None, e.raw_os_error() != Some(libc::EEXIST))
                 }
             };
             if ours {
                 remove(RelPath::root().join(&name));
             }
-            caps
+            (caps, granularity)
         };
+        let (xattrs, time_granularity_ns) = xattrs;
         let caps = Capabilities {
             devices_refused: try_kind(Kind::CharDev, libc::makedev(1, 3)),
             fifos_refused: try_kind(Kind::Fifo, 0),
             sockets_refused: try_kind(Kind::Socket, 0),
             xattrs,
+            time_granularity_ns,
         };
         // The probe changed the root's times: put them back (the overlay
         // already holds them, and the root is the user's directory).

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::backend::{AttrSet, Kind, RelPath};
+use crate::backend::{AttrSet, Kind, Known, RelPath};
 use crate::namespace::Ino;
 
 /// Names of publish temp files on the backend start with this prefix (see `publish`).
@@ -163,12 +163,12 @@ pub struct FlushOp {
     pub action: Action,
     /// The op's record in the journal, once it has one.
     pub journal_seq: Option<u64>,
-    /// For an unlink: the backend inode number the name must still have (the
-    /// one this mount knew), else another client replaced the file and it is
+    /// For an unlink: the backend file the name must still hold (the one
+    /// this mount knew), else another client replaced or rewrote it and it is
     /// left alone. For a publish: what its first name held when it was
     /// queued (the worker checks the overlay's current knowledge instead).
     /// Journaled, so recovery checks against it too.
-    pub expect_ino: Option<u64>,
+    pub expect: Option<Known>,
 }
 
 impl FlushOp {
@@ -177,8 +177,18 @@ impl FlushOp {
             keys,
             action,
             journal_seq: None,
-            expect_ino: None,
+            expect: None,
         }
+    }
+
+    /// The objects whose mtime this op sets on the backend in place (an
+    /// attribute change with an mtime).
+    fn retimed(&self) -> impl Iterator<Item = Ino> + '_ {
+        let retimes = matches!(&self.action, Action::SetAttr { attrs, .. } if attrs.mtime.is_some());
+        self.keys.iter().filter_map(move |(k, a)| match (k, a) {
+            (Key::Ino(i), Access::Exclusive) if retimes => Some(*i),
+            _ => None,
+        })
     }
 
     /// The directory most of the op's backend work happens in (for spreading
@@ -281,6 +291,9 @@ struct State {
     /// Queued or running ops that change entries of a directory.
     pending_per_dir: HashMap<Ino, usize>,
     pending_publishes: usize,
+    /// Queued or running ops that set a file's mtime on the backend, per
+    /// file (see `retime_pending`).
+    retimes: HashMap<Ino, u32>,
     failures: Vec<Failure>,
     /// Finished ops whose caller has not yet recorded the result in the
     /// namespace (see `settled`): still work in progress for `sync`.
@@ -372,6 +385,9 @@ impl Scheduler {
         if matches!(op.action, Action::Publish { .. }) {
             st.pending_publishes += 1;
         }
+        for i in op.retimed() {
+            *st.retimes.entry(i).or_default() += 1;
+        }
         let home = op.home_dir();
         st.entries.insert(
             seq,
@@ -435,7 +451,7 @@ impl Scheduler {
                 let e = st.entries.get_mut(&seq).expect("ready op exists");
                 let home = e.home;
                 let attempts = e.attempts;
-                let (journal_seq, expect_ino) = (e.op.journal_seq, e.op.expect_ino);
+                let (journal_seq, expect) = (e.op.journal_seq, e.op.expect);
                 let objects =
                     e.op.keys
                         .iter()
@@ -457,7 +473,7 @@ impl Scheduler {
                     action,
                     attempts,
                     journal_seq,
-                    expect_ino,
+                    expect,
                     objects,
                 });
             }
@@ -551,6 +567,14 @@ impl Scheduler {
             }
         }
         let e = st.entries.remove(&seq).expect("finished op exists");
+        for i in e.op.retimed() {
+            if let Some(c) = st.retimes.get_mut(&i) {
+                *c -= 1;
+                if *c == 0 {
+                    st.retimes.remove(&i);
+                }
+            }
+        }
         let ready_before = st.ready_count;
         for d in e.op.changed_dirs() {
             if let Some(c) = st.pending_per_dir.get_mut(&d) {
@@ -662,6 +686,19 @@ impl Scheduler {
             .collect()
     }
 
+    /// Whether an op that sets the mtime of `ino` on the backend is queued
+    /// or running: what the file's content version will be is then not
+    /// known (see `backend::Known`).
+    pub fn retime_pending(&self, ino: Ino) -> bool {
+        self.state.lock().retimes.contains_key(&ino)
+    }
+
+    /// How many ops were ever queued: unchanged over an interval means
+    /// nothing was queued in it.
+    pub fn enqueued_total(&self) -> u64 {
+        self.state.lock().next_seq
+    }
+
     /// Ops running now.
     pub fn in_flight(&self) -> usize {
         self.state.lock().in_flight
@@ -747,8 +784,8 @@ pub struct Lent {
     pub attempts: u32,
     /// The op's journal record (see `FlushOp::journal_seq`).
     pub journal_seq: Option<u64>,
-    /// See `FlushOp::expect_ino`.
-    pub expect_ino: Option<u64>,
+    /// See `FlushOp::expect`.
+    pub expect: Option<Known>,
     /// The overlay objects the op is about (its `Key::Ino` keys).
     pub objects: Vec<Ino>,
 }

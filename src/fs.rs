@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::backend::{Backend, Kind, RelPath, StatFs, Timespec};
+use crate::backend::{Backend, Kind, Known, RelPath, StatFs, Timespec};
 use crate::error::{FsError, FsResult};
 use crate::flush::publish::{self, Published, TempNames};
 use crate::flush::{self, Action, Failure, FlushOp, Outcome, Scheduler};
@@ -315,7 +315,7 @@ impl Fs {
             .collect();
         inos.sort_unstable();
         inos.dedup();
-        let states: Vec<(PendingState, Option<u64>)> = inos
+        let states: Vec<(PendingState, Option<crate::backend::Known>)> = inos
             .into_iter()
             .filter_map(|i| Some((ns.pending_state(i)?, ns.pending_expect(i))))
             .collect();
@@ -394,8 +394,16 @@ impl Fs {
         }
         let (tx, rx) = crossbeam::channel::bounded(1);
         self.sched.enqueue(FlushOp::new(keys, Action::Barrier(tx)));
-        rx.recv()
-            .map_err(|_| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+        // Bounded like the request that waits (its answer is EIO by then,
+        // see `fuse::Watchdog`): the thread must not wait on forever, e.g.
+        // behind the publish of a file another process keeps open.
+        match rx.recv_timeout(self.cfg.request_timeout) {
+            Ok(()) => Ok(()),
+            Err(crossbeam::channel::RecvTimeoutError::Timeout) => Err(FsError::TimedOut),
+            Err(crossbeam::channel::RecvTimeoutError::Disconnected) => {
+                Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+            }
+        }
     }
 
     /// Makes sure `dir`'s listing is loaded and fresh.
@@ -482,12 +490,20 @@ impl Fs {
             return Err(FsError::WouldBlock);
         }
         self.wait_path_stable(ino)?;
+        let queued_before = self.sched.enqueued_total();
         let st = self.backend.stat(&path);
         let mut ns = self.ns.lock();
         if let Ok(st) = st {
             let i = ns.get_mut(ino)?;
             if i.content == Content::Remote && i.backend_ino == Some(st.ino) {
                 i.attr = Attr::from_stat(&st);
+                // A known version that differs: another client's change,
+                // shown from now on. An unknown one becomes known once none
+                // of this mount's own changes can be pending or have run
+                // after the stat.
+                if i.backend_version != 0 || self.sched.enqueued_total() == queued_before {
+                    i.backend_version = st.content_version();
+                }
             }
             i.fetched = Some(Stamp::now());
         }
@@ -598,7 +614,11 @@ impl Fs {
             return Err(FsError::WouldBlock);
         }
         self.wait_path_stable(ino)?;
+        let queued_before = self.sched.enqueued_total();
         let src = self.backend.open_read(&path).map_err(io_err)?;
+        // The version copied (a network file system answers this from the
+        // open's reply): the next publish replaces exactly that.
+        let copied = self.backend.stat_file(&src).map_err(io_err)?;
         let id = self.ns.lock().new_staging_id();
         let dst = self.staging.create(id).map_err(io_err)?;
         copy_up(&*self.backend, &src, &dst).map_err(io_err)?;
@@ -618,6 +638,12 @@ impl Fs {
         let i = ns.get_mut(ino)?;
         stamp_staging(&dst, &i.attr);
         i.content = Content::Staged { id, dirty: false };
+        // (As in `getattr`: an unknown version only once nothing of this
+        // mount's own can have changed the file since.)
+        if i.backend_ino == Some(copied.ino) && (i.backend_version != 0 || self.sched.enqueued_total() == queued_before)
+        {
+            i.backend_version = copied.content_version();
+        }
         Ok(id)
     }
 
@@ -1760,7 +1786,7 @@ impl Fs {
             // passthrough are invisible to the daemon); a change during the
             // copy (a new open bumps the generation) means: copy again.
             let mut published_generation = 0;
-            let mut expect_ino = lent.expect_ino;
+            let mut expect = lent.expect;
             let writer_busy = match &lent.action {
                 Action::Publish { ino, staging, .. } => {
                     let (busy, foreign) = match self.ns.lock().get_with_replaces(*ino) {
@@ -1769,12 +1795,12 @@ impl Fs {
                             // What the first name holds on the backend now:
                             // this file as last published or loaded, or the
                             // older file it was renamed over.
-                            expect_ino = i.backend_ino.or(replaces);
+                            expect = i.known().or(replaces);
                             // A retry may follow a rename that did happen (an
                             // error after it): the name then holds this mount's
                             // own new file. Only a first attempt is checked.
                             if lent.attempts > 0 {
-                                expect_ino = None;
+                                expect = None;
                             }
                             (i.writers > 0, i.foreign_writer)
                         }
@@ -1784,6 +1810,9 @@ impl Fs {
                 }
                 _ => false,
             };
+            // (A version recorded before this mount changed the file's mtime
+            // itself no longer holds.)
+            let expect = expect.map(|k| self.ns.lock().checkable(k));
             let pub_ino = match &lent.action {
                 Action::Publish { ino, .. } => Some(*ino),
                 _ => None,
@@ -1796,9 +1825,9 @@ impl Fs {
                     &*self.backend,
                     &self.temps,
                     &lent.action,
-                    expect_ino,
+                    expect,
                     lent.attempts > 0,
-                    self.capabilities().xattrs,
+                    self.capabilities(),
                     |id| match self.staging.open_read(id) {
                         Ok(f) => Ok(Some(f)),
                         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -1850,13 +1879,16 @@ impl Fs {
             if let (
                 Some(ino),
                 Some(Published {
-                    backend_ino: Some(b),
+                    backend: Some(b),
                     superseded: false,
                     ..
                 }),
             ) = (pub_ino, &published)
             {
-                self.ns.lock().set_backend_ino(ino, *b);
+                // (Its version is not what a queued change of its mtime
+                // will leave.)
+                let version = if self.sched.retime_pending(ino) { 0 } else { b.version };
+                self.ns.lock().set_backend(ino, Known { version, ..*b });
             }
             // Recorded before the op's keys are released: an op that depends
             // on this one can only have run once this one is marked done.
@@ -1882,7 +1914,7 @@ impl Fs {
                     }
                 }
                 if let (Action::Publish { ino, staging, .. }, Some(theirs)) = (&op.action, &conflict_with) {
-                    match ns.publish_conflict(*ino, theirs) {
+                    match ns.publish_conflict(*ino, theirs, self.sched.retime_pending(*ino)) {
                         ConflictOutcome::BackendWins => self.keep_conflicting_copy(*staging, &op.action, false),
                         ConflictOutcome::StillOpen => self.keep_conflicting_copy(*staging, &op.action, true),
                         ConflictOutcome::ChangedAgain => {}

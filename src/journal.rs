@@ -28,7 +28,7 @@
 //! record is the `Header`. A torn tail (a record cut short by a crash) ends
 //! the journal at the last whole record.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -40,7 +40,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{AttrSet, RelPath};
+use crate::backend::{AttrSet, Known, RelPath};
 use crate::flush::{Access, Action, FlushOp, Key};
 use crate::namespace::Ino;
 
@@ -48,7 +48,10 @@ use crate::namespace::Ino;
 /// 3: an op may be followed by `Expect` (versions 1 and 2 read unchanged).
 /// 4: a file's pending state may be followed by `StateExpect` (older
 /// versions read unchanged).
-pub const FORMAT_VERSION: u32 = 4;
+/// 5: `Expect` and `StateExpect` may be followed by the content version
+/// the file had (`ExpectVersion`, `StateExpectVersion`; older versions read
+/// unchanged: their expectations know only the inode number).
+pub const FORMAT_VERSION: u32 = 5;
 const MAGIC: &[u8; 8] = b"EFSCJRNL";
 /// A journal larger than this and four times its live records is rewritten.
 const COMPACT_MIN_BYTES: u64 = 64 << 20;
@@ -110,7 +113,7 @@ enum Record {
         ino: Ino,
     },
     /// Follows the `Op` with this `seq`: the backend inode number its name
-    /// had when the op was queued (`FlushOp::expect_ino`), so a replay still
+    /// had when the op was queued (`FlushOp::expect`), so a replay still
     /// notices another client's change made before it.
     Expect {
         seq: u64,
@@ -123,6 +126,17 @@ enum Record {
     StateExpect {
         ino: Ino,
         backend_ino: u64,
+    },
+    /// Follows an `Expect`: the content version the file had
+    /// (`backend::Known::version`), so an in-place change is noticed too.
+    ExpectVersion {
+        seq: u64,
+        version: u64,
+    },
+    /// Follows a `StateExpect`, as `ExpectVersion` follows an `Expect`.
+    StateExpectVersion {
+        ino: Ino,
+        version: u64,
     },
 }
 
@@ -148,9 +162,15 @@ pub struct Replay {
     pub ops: Vec<FlushOp>,
     /// The latest pending state of each object.
     pub states: Vec<PendingState>,
-    /// For files among `states`: the backend inode number their first name
-    /// held when the state was recorded, where known.
-    pub state_expects: HashMap<Ino, u64>,
+    /// For files among `states`: the backend file their first name held
+    /// when the state was recorded, where known.
+    pub state_expects: HashMap<Ino, Known>,
+    /// Journal seqs of publishes among `ops` whose staged file was open
+    /// for writing again, or closed with another size, after they were
+    /// queued (a later pending state of the same staged file says so): a
+    /// different size then is that later change, not data lost in a crash,
+    /// and the later state (or the file's removal) supersedes the publish.
+    pub rewritten: HashSet<u64>,
     pub records: usize,
     /// A torn tail that was cut off: (offset, bytes dropped).
     pub torn: Option<(u64, u64)>,
@@ -168,12 +188,27 @@ fn frame(rec: &Record, out: &mut Vec<u8>) {
 }
 
 /// A pending state as journaled: its `State` record, then its `StateExpect`.
-fn frame_state(s: PendingState, expect: Option<u64>) -> Vec<u8> {
+fn frame_state(s: PendingState, expect: Option<Known>) -> Vec<u8> {
     let ino = s.ino();
     let mut framed = Vec::new();
     frame(&Record::State(s), &mut framed);
-    if let Some(backend_ino) = expect {
-        frame(&Record::StateExpect { ino, backend_ino }, &mut framed);
+    if let Some(k) = expect {
+        frame(
+            &Record::StateExpect {
+                ino,
+                backend_ino: k.ino,
+            },
+            &mut framed,
+        );
+        if k.version != 0 {
+            frame(
+                &Record::StateExpectVersion {
+                    ino,
+                    version: k.version,
+                },
+                &mut framed,
+            );
+        }
     }
     framed
 }
@@ -210,7 +245,8 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
     let mut header = None;
     let mut ops: BTreeMap<u64, FlushOp> = BTreeMap::new();
     let mut states: HashMap<Ino, PendingState> = HashMap::new();
-    let mut state_expects: HashMap<Ino, u64> = HashMap::new();
+    let mut state_expects: HashMap<Ino, Known> = HashMap::new();
+    let mut rewritten = HashSet::new();
     let mut records = 0;
     let mut torn = None;
     while pos < data.len() {
@@ -233,16 +269,40 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
             }
             Record::Expect { seq, backend_ino } => {
                 if let Some(op) = ops.get_mut(&seq) {
-                    op.expect_ino = Some(backend_ino);
+                    op.expect = Some(Known::ino(backend_ino));
+                }
+            }
+            Record::ExpectVersion { seq, version } => {
+                if let Some(Some(k)) = ops.get_mut(&seq).map(|op| op.expect.as_mut()) {
+                    k.version = version;
                 }
             }
             Record::State(s) => {
+                if let PendingState::File { staging, size, .. } = &s {
+                    for (seq, op) in &ops {
+                        if let Action::Publish {
+                            staging: st,
+                            size: queued,
+                            ..
+                        } = &op.action
+                            && st == staging
+                            && *size != Some(*queued)
+                        {
+                            rewritten.insert(*seq);
+                        }
+                    }
+                }
                 state_expects.remove(&s.ino());
                 states.insert(s.ino(), s);
             }
             Record::StateExpect { ino, backend_ino } => {
                 if states.contains_key(&ino) {
-                    state_expects.insert(ino, backend_ino);
+                    state_expects.insert(ino, Known::ino(backend_ino));
+                }
+            }
+            Record::StateExpectVersion { ino, version } => {
+                if let Some(k) = state_expects.get_mut(&ino) {
+                    k.version = version;
                 }
             }
             Record::Clear { ino } => {
@@ -266,6 +326,7 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
         ops: ops.into_values().collect(),
         states,
         state_expects,
+        rewritten,
         records,
         torn,
     }))
@@ -355,8 +416,23 @@ impl Batch<'_> {
         };
         let start = self.buf.len();
         frame(&rec, &mut self.buf);
-        if let Some(backend_ino) = op.expect_ino {
-            frame(&Record::Expect { seq, backend_ino }, &mut self.buf);
+        if let Some(k) = op.expect {
+            frame(
+                &Record::Expect {
+                    seq,
+                    backend_ino: k.ino,
+                },
+                &mut self.buf,
+            );
+            if k.version != 0 {
+                frame(
+                    &Record::ExpectVersion {
+                        seq,
+                        version: k.version,
+                    },
+                    &mut self.buf,
+                );
+            }
         }
         self.ops.push((seq, start, self.buf.len()));
     }
@@ -364,7 +440,7 @@ impl Batch<'_> {
     /// Records the pending state of `ino` (None: it has none any more), with
     /// the backend object a file's publish replaces when known (`expect`).
     /// Writes nothing when it did not change.
-    pub fn state(&mut self, ino: Ino, state: Option<PendingState>, expect: Option<u64>) {
+    pub fn state(&mut self, ino: Ino, state: Option<PendingState>, expect: Option<Known>) {
         match state {
             Some(s) => {
                 let framed = frame_state(s, expect);
@@ -431,7 +507,7 @@ impl Batch<'_> {
 impl Journal {
     /// Starts a new journal at `<cache>/journal.new` holding `header` and the
     /// given pending state; `install` moves it into place.
-    pub fn create(cache: &Path, header: Header, states: Vec<(PendingState, Option<u64>)>) -> io::Result<Journal> {
+    pub fn create(cache: &Path, header: Header, states: Vec<(PendingState, Option<Known>)>) -> io::Result<Journal> {
         let path = cache.join("journal.new");
         let mut live = HashMap::new();
         for (s, expect) in states {
@@ -741,9 +817,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let j = fresh(d.path());
         let mut tx = j.begin();
-        tx.state(10, Some(file_state(10, "a")), Some(77));
-        tx.state(11, Some(file_state(11, "b")), Some(88));
-        tx.state(12, Some(file_state(12, "c")), Some(99));
+        let k77 = Known { ino: 77, version: 7 };
+        tx.state(10, Some(file_state(10, "a")), Some(k77));
+        tx.state(11, Some(file_state(11, "b")), Some(Known::ino(88)));
+        tx.state(12, Some(file_state(12, "c")), Some(Known::ino(99)));
         tx.commit();
         let mut tx = j.begin();
         tx.state(11, Some(file_state(11, "b2")), None); // unknown now
@@ -752,7 +829,7 @@ mod tests {
         drop(j);
         let r = read(d.path()).unwrap().unwrap();
         assert_eq!(r.states, vec![file_state(10, "a"), file_state(11, "b2")]);
-        assert_eq!(r.state_expects, HashMap::from([(10, 77)]));
+        assert_eq!(r.state_expects, HashMap::from([(10, k77)]));
         // Carried into a new journal (as after a remount), it stays.
         let d2 = tempfile::tempdir().unwrap();
         let states = r.states.into_iter().map(|s| {
@@ -764,23 +841,28 @@ mod tests {
             .install(d2.path())
             .unwrap();
         let r2 = read(d2.path()).unwrap().unwrap();
-        assert_eq!(r2.state_expects, HashMap::from([(10, 77)]));
+        assert_eq!(r2.state_expects, HashMap::from([(10, k77)]));
     }
 
     #[test]
     fn an_ops_expected_backend_inode_is_read_back() {
         let d = tempfile::tempdir().unwrap();
         let j = fresh(d.path());
-        let (mut a, mut b) = (mkdir_op("a"), mkdir_op("b"));
-        a.expect_ino = Some(42);
+        let (mut a, mut b, mut c) = (mkdir_op("a"), mkdir_op("b"), mkdir_op("c"));
+        a.expect = Some(Known::ino(42));
+        c.expect = Some(Known { ino: 43, version: 9 });
         let mut tx = j.begin();
         tx.op(&mut a);
         tx.op(&mut b);
+        tx.op(&mut c);
         tx.commit();
         drop(j);
         let r = read(d.path()).unwrap().unwrap();
-        let got: Vec<_> = r.ops.iter().map(|o| o.expect_ino).collect();
-        assert_eq!(got, vec![Some(42), None]);
+        let got: Vec<_> = r.ops.iter().map(|o| o.expect).collect();
+        assert_eq!(
+            got,
+            vec![Some(Known::ino(42)), None, Some(Known { ino: 43, version: 9 })]
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use smallvec::SmallVec;
 use std::time::{Duration, Instant};
 
-use crate::backend::{AttrSet, Kind, RelPath, Stat, Timespec};
+use crate::backend::{AttrSet, Kind, Known, RelPath, Stat, Timespec};
 use crate::error::{FsError, FsResult};
 use crate::flush::{Access, Action, FlushOp, Key};
 use crate::journal::PendingState;
@@ -241,10 +241,10 @@ pub struct Dentry {
     /// an older object under this name (the file was renamed over it), which
     /// must be removed if this entry goes away before the file is published.
     pub shadows: bool,
-    /// The backend inode number of that older object, when known: a publish
-    /// or unlink that replaces it first checks that it is still the one
-    /// there (another client may have replaced it since).
-    pub shadow_ino: Option<u64>,
+    /// That older object, when known: a publish or unlink that replaces it
+    /// first checks that it is still the one there (another client may have
+    /// replaced or rewritten it since).
+    pub shadow: Option<Known>,
 }
 
 /// What the name index stores per entry (kept small: a cached directory of
@@ -260,9 +260,9 @@ pub struct Dir {
     entries: BTreeMap<Name, Slot>,
     by_cookie: BTreeMap<u64, Name>,
     /// The entries that shadow an older backend object (see
-    /// `Dentry::shadows`), with its backend inode number when known. Rare, so
-    /// kept apart from `entries`.
-    shadows: HashMap<Name, Option<u64>>,
+    /// `Dentry::shadows`), with what this mount knows of it. Rare, so kept
+    /// apart from `entries`.
+    shadows: HashMap<Name, Option<Known>>,
     next_cookie: u64,
     /// When the listing was last loaded from (or known equal to) the backend.
     pub loaded: Option<Instant>,
@@ -272,14 +272,14 @@ pub struct Dir {
 }
 
 impl Dir {
-    fn insert(&mut self, name: Name, ino: Ino, shadows: bool, shadow_ino: Option<u64>) {
+    fn insert(&mut self, name: Name, ino: Ino, shadows: bool, shadow: Option<Known>) {
         self.next_cookie += 1;
         let cookie = self.next_cookie + 2; // 1 and 2 are "." and ".."
         if let Some(old) = self.entries.insert(name.clone(), Slot { ino, cookie }) {
             self.by_cookie.remove(&old.cookie);
         }
         if shadows {
-            self.shadows.insert(name.clone(), shadow_ino);
+            self.shadows.insert(name.clone(), shadow);
         } else {
             self.shadows.remove(&name);
         }
@@ -302,7 +302,7 @@ impl Dir {
             ino: slot.ino,
             cookie: slot.cookie,
             shadows: shadow.is_some(),
-            shadow_ino: shadow.copied().flatten(),
+            shadow: shadow.copied().flatten(),
         })
     }
 
@@ -332,9 +332,8 @@ impl Dir {
     }
 
     /// Forgets that `name` shadows an older backend object (its publish now
-    /// replaces it); returns that object's inode number if it did and it
-    /// was known.
-    fn clear_shadow(&mut self, name: &OsStr) -> Option<u64> {
+    /// replaces it); returns that object if it did and it was known.
+    fn clear_shadow(&mut self, name: &OsStr) -> Option<Known> {
         self.shadows.remove(name).flatten()
     }
 }
@@ -351,6 +350,10 @@ pub struct Inode {
     pub on_backend: bool,
     /// The backend's inode number, once known.
     pub backend_ino: Option<u64>,
+    /// The content version (`backend::content_version`) the backend file
+    /// has once the queued ops ran, if known (0: unknown; e.g. while this
+    /// mount's own change of its mtime is queued).
+    pub backend_version: u64,
     pub content: Content,
     pub dir: Option<Box<Dir>>,
     /// The kernel's lookup count (FUSE forget protocol).
@@ -404,6 +407,7 @@ impl Inode {
             links: Links::new(),
             on_backend: false,
             backend_ino: None,
+            backend_version: 0,
             content: Content::Remote,
             dir: (kind == Kind::Dir).then(Box::default),
             lookups: 0,
@@ -419,6 +423,14 @@ impl Inode {
     }
     /// A directory created through the mount: empty (so loaded), created
     /// on the backend by a queued mkdir with this mode and owner.
+    /// What this mount knows of the backend object, if anything.
+    pub fn known(&self) -> Option<Known> {
+        self.backend_ino.map(|ino| Known {
+            ino,
+            version: self.backend_version,
+        })
+    }
+
     fn new_dir(ino: Ino, perm: u32, uid: u32, gid: u32) -> Inode {
         let mut i = Inode::new(ino, Kind::Dir, Attr::new(perm, uid, gid));
         i.on_backend = true;
@@ -478,7 +490,7 @@ pub struct AdoptedFile {
     /// A process of the dead mount may still write to its staging file.
     pub foreign_writer: bool,
     /// What its first name held on the backend before the crash.
-    pub expect: Option<u64>,
+    pub expect: Option<Known>,
 }
 
 /// What became of a file whose publish lost a conflict.
@@ -527,7 +539,12 @@ pub struct Namespace {
     /// For a file not on the backend yet: the backend inode number of the
     /// older object its first publish replaces (checked before replacing).
     /// Apart from the inodes: few files have one at a time.
-    replaces: HashMap<Ino, u64>,
+    replaces: HashMap<Ino, Known>,
+    /// Backend files (inode numbers) whose mtime this mount set in place
+    /// (utimes of a file it did not rewrite): a content version recorded
+    /// for one of them before that may be stale, so they are checked by
+    /// inode number only (see `checkable`).
+    retimed: HashSet<u64>,
     /// Names a file loaded from the backend has there in directories not
     /// loaded yet (its backend link count less the names loaded so far), so
     /// its `nlink` is right before they are. Only hard-linked files have one.
@@ -594,6 +611,7 @@ impl Namespace {
             by_backend,
             symlinks: HashMap::new(),
             replaces: HashMap::new(),
+            retimed: HashSet::new(),
             unseen_links: HashMap::new(),
             next_synthetic: SYNTHETIC_BASE,
             next_staging: 1,
@@ -658,15 +676,16 @@ impl Namespace {
             .then_some(backend_ino)
     }
 
-    /// Records that a published file now has `backend_ino` on the backend.
-    pub fn set_backend_ino(&mut self, ino: Ino, backend_ino: u64) {
-        if self.own_number(backend_ino) == Some(ino) {
-            self.by_backend.remove(&backend_ino);
+    /// Records that a published file now is `backend` on the backend.
+    pub fn set_backend(&mut self, ino: Ino, backend: Known) {
+        if self.own_number(backend.ino) == Some(ino) {
+            self.by_backend.remove(&backend.ino);
         } else {
-            self.by_backend.insert(backend_ino, ino);
+            self.by_backend.insert(backend.ino, ino);
         }
         if let Some(i) = self.inodes.get_mut(&ino) {
-            i.backend_ino = Some(backend_ino);
+            i.backend_ino = Some(backend.ino);
+            i.backend_version = backend.version;
         }
     }
 
@@ -687,17 +706,26 @@ impl Namespace {
         }
     }
 
+    /// What a conflict check can rely on of `k` (see `retimed`).
+    pub fn checkable(&self, k: Known) -> Known {
+        if self.retimed.contains(&k.ino) {
+            Known::ino(k.ino)
+        } else {
+            k
+        }
+    }
+
     /// See the field.
-    pub fn replaces(&self, ino: Ino) -> Option<u64> {
+    pub fn replaces(&self, ino: Ino) -> Option<Known> {
         self.replaces.get(&ino).copied()
     }
 
     /// The inode with what its first publish replaces (see `replaces`).
-    pub fn get_with_replaces(&self, ino: Ino) -> FsResult<(&Inode, Option<u64>)> {
+    pub fn get_with_replaces(&self, ino: Ino) -> FsResult<(&Inode, Option<Known>)> {
         Ok((self.get(ino)?, self.replaces(ino)))
     }
 
-    fn set_replaces(&mut self, ino: Ino, replaces: Option<u64>) {
+    fn set_replaces(&mut self, ino: Ino, replaces: Option<Known>) {
         match replaces {
             Some(r) => self.replaces.insert(ino, r),
             None => self.replaces.remove(&ino),
@@ -736,6 +764,12 @@ impl Namespace {
                 if i.kind == st.kind && i.content == Content::Remote && i.writers == 0 && !attrs_pending {
                     i.attr = Attr::from_stat(&st);
                     i.fetched = Some(Stamp::at(now));
+                    // Another client's change, shown from now on (unknown
+                    // stays unknown: this mount's own change of the mtime may
+                    // still be queued, or have run after the listing).
+                    if i.backend_version != 0 {
+                        i.backend_version = st.content_version();
+                    }
                     if let Some(d) = i.dir.as_mut() {
                         d.backend_nlink = st.nlink;
                     }
@@ -777,6 +811,7 @@ impl Namespace {
             let mut i = Inode::new(ino, st.kind, Attr::from_stat(st));
             i.on_backend = true;
             i.backend_ino = Some(st.ino);
+            i.backend_version = st.content_version();
             i.fetched = Some(Stamp::at(now));
             i.set_backend_attr(&i.attr.to_set(st.kind));
             if let Some(d) = i.dir.as_mut() {
@@ -1070,16 +1105,16 @@ impl Namespace {
         }
         // The backend object this name has now; unknown while a publish of
         // the file is queued or running (it brings a new one).
-        let (on_backend, backend_ino) = (i.on_backend, i.backend_ino.filter(|_| i.publish_queued == 0));
+        let (on_backend, known) = (i.on_backend, i.known().filter(|_| i.publish_queued == 0));
         let path = self.path_for(parent, name)?;
         let d = self.detach(parent, name)?;
         if on_backend {
             let mut op = self.op(&[(parent, name)], &[ino], Action::Unlink { path })?;
-            op.expect_ino = backend_ino;
+            op.expect = known;
             fx.ops.push(op);
         } else if d.shadows {
             let mut op = self.op(&[(parent, name)], &[], Action::Unlink { path })?;
-            op.expect_ino = d.shadow_ino;
+            op.expect = d.shadow;
             fx.ops.push(op);
         }
         self.get_mut(ino)?.attr.ctime = Timespec::now();
@@ -1135,7 +1170,7 @@ impl Namespace {
             return Err(FsError::Invalid);
         }
         let mut replaced_shadows = false;
-        let mut replaced_ino = None;
+        let mut replaced = None;
         // The backend object the replaced name still has, if it is not the
         // replaced overlay file itself (that one was never published).
         let mut shadowed_on_backend = None;
@@ -1155,13 +1190,13 @@ impl Namespace {
             replaced_shadows = ti.on_backend || tdent.shadows;
             // (Unknown while a publish of the target is queued or running:
             // it brings a new one.)
-            replaced_ino = if ti.on_backend {
-                ti.backend_ino.filter(|_| ti.publish_queued == 0)
+            replaced = if ti.on_backend {
+                ti.known().filter(|_| ti.publish_queued == 0)
             } else {
-                tdent.shadow_ino
+                tdent.shadow
             };
             if !ti.on_backend && tdent.shadows {
-                shadowed_on_backend = tdent.shadow_ino;
+                shadowed_on_backend = tdent.shadow.map(|k| k.ino);
             }
         }
         let src_on_backend = self.get(src)?.on_backend;
@@ -1183,7 +1218,7 @@ impl Namespace {
         {
             let shadows = !src_on_backend && replaced_shadows;
             let d = self.dir_mut(newparent)?;
-            d.insert(newname_shared.clone(), src, shadows, replaced_ino);
+            d.insert(newname_shared.clone(), src, shadows, replaced);
             if src_is_dir {
                 d.subdirs += 1;
             }
@@ -1195,7 +1230,8 @@ impl Namespace {
         let s = self.get_mut(src)?;
         s.links.push((newparent, newname_shared));
         s.attr.ctime = Timespec::now();
-        let src_backend_ino = self.get(src)?.backend_ino;
+        let src_known = self.get(src)?.known();
+        let src_backend_ino = src_known.map(|k| k.ino);
         let src_publishing = self.get(src)?.publish_queued > 0;
         if src_on_backend && !src_publishing && shadowed_on_backend.is_some() && shadowed_on_backend == src_backend_ino
         {
@@ -1204,14 +1240,14 @@ impl Namespace {
             // rename(2) between two links of one file does nothing: drop the
             // old name instead.
             let mut op = FlushOp::new(keys, Action::Unlink { path: from });
-            op.expect_ino = src_backend_ino;
+            op.expect = src_known;
             fx.ops.push(op);
         } else if src_on_backend {
             fx.ops.push(FlushOp::new(keys, Action::Rename { from, to, noreplace }));
         } else if sdent.shadows {
             // The backend's older object under the old name must go.
             let mut op = self.op(&[(parent, name)], &[], Action::Unlink { path: from })?;
-            op.expect_ino = sdent.shadow_ino;
+            op.expect = sdent.shadow;
             fx.ops.push(op);
         }
         self.touch_dir(parent);
@@ -1296,8 +1332,18 @@ impl Namespace {
             if !diff.is_empty() {
                 let path = self.path_of(ino)?;
                 let keys = self.attr_keys(ino)?;
+                let retimed = diff.mtime.is_some();
                 fx.ops.push(FlushOp::new(keys, Action::SetAttr { path, attrs: diff }));
-                self.get_mut(ino)?.set_backend_attr(&attr.to_set(kind));
+                let i = self.get_mut(ino)?;
+                i.set_backend_attr(&attr.to_set(kind));
+                if retimed {
+                    // The backend's mtime will be this mount's own: the
+                    // version it will have is not known exactly.
+                    i.backend_version = 0;
+                    if let Some(b) = i.backend_ino {
+                        self.retimed.insert(b);
+                    }
+                }
             }
         }
         Ok(attr)
@@ -1420,12 +1466,12 @@ impl Namespace {
         // journaled with the op; unknown while an earlier publish of the
         // file is in flight (it brings a new object).
         let expect = if i.publish_queued == 0 {
-            i.backend_ino.or(replaces)
+            i.known().or(replaces)
         } else {
             None
         };
         let mut op = op;
-        op.expect_ino = expect;
+        op.expect = expect;
         i.on_backend = true;
         i.content = Content::Staged { id, dirty: false };
         i.publish_queued += 1;
@@ -1531,12 +1577,16 @@ impl Namespace {
         self.linger_order.extend(in_use);
     }
 
-    /// A publish ended without publishing (content changed meanwhile, file
-    /// removed, or a permanent failure that `status` reports).
-    /// A publish found the file replaced on the backend by another client
-    /// (`theirs`): unless it changed again or is open, the backend's version
+    /// A publish found the file replaced or changed on the backend by another
+    /// client (`theirs`): unless it changed again or is open, the backend's version
     /// wins and the file reads from the backend again.
-    pub fn publish_conflict(&mut self, ino: Ino, theirs: &crate::backend::Stat) -> ConflictOutcome {
+    /// (`retime_pending`: see `Scheduler::retime_pending`.)
+    pub fn publish_conflict(
+        &mut self,
+        ino: Ino,
+        theirs: &crate::backend::Stat,
+        retime_pending: bool,
+    ) -> ConflictOutcome {
         let Some(i) = self.inodes.get_mut(&ino) else {
             return ConflictOutcome::ChangedAgain;
         };
@@ -1552,11 +1602,17 @@ impl Namespace {
         i.attr = Attr::from_stat(theirs);
         i.fetched = Some(Stamp::now());
         self.replaces.remove(&ino);
-        self.set_backend_ino(ino, theirs.ino);
+        let mut known = theirs.known();
+        if retime_pending {
+            known.version = 0;
+        }
+        self.set_backend(ino, known);
         self.touched.push(ino);
         ConflictOutcome::BackendWins
     }
 
+    /// A publish ended without publishing (content changed meanwhile, file
+    /// removed, or a permanent failure that `status` reports).
     pub fn publish_abandoned(&mut self, ino: Ino) {
         if let Some(i) = self.inodes.get_mut(&ino) {
             i.publish_queued = i.publish_queued.saturating_sub(1);
@@ -1659,16 +1715,16 @@ impl Namespace {
     /// pending state, so a publish after a crash still checks against what
     /// was there before the crash, not what another client left since.
     /// (Unknown while a publish of it is in flight: that brings a new one.)
-    pub fn pending_expect(&self, ino: Ino) -> Option<u64> {
+    pub fn pending_expect(&self, ino: Ino) -> Option<Known> {
         let i = self.inodes.get(&ino)?;
         if !self.dirty_files.contains(&ino) || i.publish_queued > 0 {
             return None;
         }
-        if let Some(b) = i.backend_ino.or(self.replaces(ino)) {
+        if let Some(b) = i.known().or(self.replaces(ino)) {
             return Some(b);
         }
         let (p, n) = i.links.first()?;
-        self.dir(*p).ok()?.get(n)?.shadow_ino
+        self.dir(*p).ok()?.get(n)?.shadow
     }
 
     /// After a crash: takes back a file whose staged content was never
@@ -1706,19 +1762,19 @@ impl Namespace {
         i.foreign_writer = foreign_writer;
         self.inodes.insert(ino, Box::new(i));
         for (k, (p, n)) in names.iter().enumerate() {
-            let (shadows, shadow_ino) = match self.lookup(*p, n)? {
+            let (shadows, shadow) = match self.lookup(*p, n)? {
                 Some(old) => {
-                    let old_ino = self.get(old)?.backend_ino;
+                    let old_known = self.get(old)?.known();
                     self.detach(*p, n)?;
                     let mut fx = Effects::default();
                     self.maybe_free(old, &mut fx);
                     discard.append(&mut fx.discard);
-                    (true, if k == 0 { expect.or(old_ino) } else { old_ino })
+                    (true, if k == 0 { expect.or(old_known) } else { old_known })
                 }
                 None => (false, None),
             };
             let n = Name::from(n.as_os_str());
-            self.dir_mut(*p)?.insert(n.clone(), ino, shadows, shadow_ino);
+            self.dir_mut(*p)?.insert(n.clone(), ino, shadows, shadow);
             self.get_mut(ino)?.links.push((*p, n));
         }
         self.next_staging = self.next_staging.max(staging + 1);
@@ -1836,14 +1892,14 @@ impl Namespace {
     }
 
     /// Applies a journaled op of a dead instance to the overlay (every
-    /// directory its paths go through loaded). `expect`: the backend inode
-    /// number its name had when it was queued (journaled for unlinks and
+    /// directory its paths go through loaded). `expect`: the backend file
+    /// its name held when it was queued (journaled for unlinks and
     /// publishes). `staged`: for a publish, its staged copy. Staging ids
     /// that nothing refers to any more are added to `discard`.
     pub fn replay(
         &mut self,
         action: Action,
-        expect: Option<u64>,
+        expect: Option<Known>,
         staged: Option<StagedCopy>,
         discard: &mut Vec<u64>,
     ) -> FsResult<Replayed> {
@@ -1856,7 +1912,7 @@ impl Namespace {
     fn replay_one(
         &mut self,
         action: Action,
-        expect: Option<u64>,
+        expect: Option<Known>,
         staged: Option<StagedCopy>,
         fx: &mut Effects,
     ) -> FsResult<Replayed> {
@@ -1911,9 +1967,9 @@ impl Namespace {
                 // Removes the object the dead mount knew, or else the one
                 // loaded now, only if it is still there (another client may
                 // have replaced it).
-                let loaded = i.backend_ino.filter(|_| i.content == Content::Remote);
+                let loaded = i.known().filter(|_| i.content == Content::Remote);
                 let mut op = self.op(&[(parent, &name)], &[ino], Action::Unlink { path })?;
-                op.expect_ino = expect.or(loaded);
+                op.expect = expect.or(loaded);
                 self.detach(parent, &name)?;
                 self.maybe_free(ino, fx);
                 self.entries_replayed(parent);
@@ -1929,9 +1985,9 @@ impl Namespace {
                 if dst == Some(src) {
                     // Two names of one backend file: rename(2) would do
                     // nothing; the old name goes, as in the live mount.
-                    let expect = self.get(src)?.backend_ino;
+                    let expect = self.get(src)?.known();
                     let mut op = self.op(&[(sp, &sn)], &[src], Action::Unlink { path: from })?;
-                    op.expect_ino = expect;
+                    op.expect = expect;
                     self.detach(sp, &sn)?;
                     self.entries_replayed(sp);
                     return Ok(Replayed::Queue(op));
@@ -2040,6 +2096,12 @@ impl Namespace {
                 let i = self.get_mut(ino)?;
                 i.attr.apply(&attrs);
                 i.merge_backend_attr(&attrs);
+                if attrs.mtime.is_some() {
+                    i.backend_version = 0; // see `set_attrs`
+                    if let Some(b) = i.backend_ino {
+                        self.retimed.insert(b);
+                    }
+                }
                 let keys = self.attr_keys(ino)?;
                 Ok(Replayed::Queue(FlushOp::new(keys, Action::SetAttr { path, attrs })))
             }
@@ -2147,16 +2209,25 @@ impl Namespace {
     }
 
     /// What a replayed publish checks its first name still holds before it
-    /// replaces `old` (loaded from the backend there now): what the dead
-    /// mount expected (`expect`) if that is `old`, or if `old` is not this
-    /// very publish already done (same size and mtime: the crash came
-    /// before its done mark); another client's file then wins the check.
-    fn replaced_by_publish(&self, old: Ino, expect: Option<u64>, size: u64, attrs: &AttrSet) -> FsResult<Option<u64>> {
+    /// replaces `old` (loaded from the backend there now): `old`, if it is
+    /// what the dead mount expected (`expect`) or this very publish already
+    /// done (same size and mtime: the crash came before its done mark);
+    /// otherwise what the dead mount expected, so another client's file wins
+    /// the check.
+    fn replaced_by_publish(
+        &self,
+        old: Ino,
+        expect: Option<Known>,
+        size: u64,
+        attrs: &AttrSet,
+    ) -> FsResult<Option<Known>> {
         let o = self.get(old)?;
-        let loaded = o.backend_ino.filter(|_| o.content == Content::Remote);
+        let loaded = o.known().filter(|_| o.content == Content::Remote);
         let Some(expected) = expect else { return Ok(loaded) };
-        let ours_done = o.attr.size == size && Some(o.attr.mtime) == attrs.mtime;
-        Ok(if loaded == Some(expected) || ours_done {
+        let as_expected =
+            loaded.is_some_and(|l| l.ino == expected.ino && (expected.version == 0 || l.version == expected.version));
+        let ours_done = o.attr.size == size && attrs.mtime.is_some_and(|m| kept_as(o.attr.mtime, m));
+        Ok(if as_expected || ours_done {
             loaded
         } else {
             Some(expected)
@@ -2172,6 +2243,12 @@ impl Namespace {
         let names_ref: Vec<(Ino, &OsStr)> = names.iter().map(|(p, n)| (*p, &**n)).collect();
         self.keys(&names_ref, &[ino])
     }
+}
+
+/// Whether `stored` is the time `set` as a backend keeping times to some
+/// power of ten of nanoseconds stores it.
+fn kept_as(stored: Timespec, set: Timespec) -> bool {
+    (0..=9).any(|e| stored == set.truncated(10u32.pow(e)))
 }
 
 #[cfg(test)]

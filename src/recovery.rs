@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::backend::{Backend, Kind, RelPath, Timespec};
+use crate::backend::{Backend, Kind, Known, RelPath, Timespec};
 use crate::flush::publish::TempNames;
 use crate::flush::{Action, FlushOp, Scheduler};
 use crate::fs::{Fs, FsConfig};
@@ -39,7 +39,9 @@ struct Pending {
     ops: Vec<FlushOp>,
     states: Vec<PendingState>,
     /// See `journal::Replay::state_expects`.
-    state_expects: HashMap<Ino, u64>,
+    state_expects: HashMap<Ino, Known>,
+    /// See `journal::Replay::rewritten`.
+    rewritten: HashSet<u64>,
 }
 /// Reads the journal in `cache` (if any). Refuses one with pending work for
 /// another backend than `current`.
@@ -105,6 +107,7 @@ fn read_pending(cache: &Path, current: &Header) -> Result<Option<Pending>, Strin
         ops,
         states: r.states,
         state_expects: r.state_expects,
+        rewritten: r.rewritten,
     }))
 }
 
@@ -136,6 +139,7 @@ pub fn start_fs(
         ops,
         states,
         state_expects,
+        rewritten,
     }) = pending
     else {
         fs.start_journal(cache, header, &mut []).map_err(journal_err)?;
@@ -167,7 +171,8 @@ pub fn start_fs(
             op.action.name(),
             op.action.path().map(|p| p.display()).unwrap_or_default(),
         );
-        match rb.replay(op.action, op.expect_ino) {
+        let later_rewritten = op.journal_seq.is_some_and(|seq| rewritten.contains(&seq));
+        match rb.replay(op.action, op.expect, later_rewritten) {
             Ok(Some(op)) => queued.push(op),
             Ok(None) => {}
             Err(_) if rb.fatal.is_some() => break,
@@ -364,15 +369,21 @@ impl<'a> Rebuild<'a> {
     }
 
     /// Applies one journaled op to the overlay: the op to queue, or None
-    /// when there is nothing left to do.
-    fn replay(&mut self, action: Action, expect: Option<u64>) -> Result<Option<FlushOp>, String> {
+    /// when there is nothing left to do. `later_rewritten`: see
+    /// `journal::Replay::rewritten`.
+    fn replay(
+        &mut self,
+        action: Action,
+        expect: Option<Known>,
+        later_rewritten: bool,
+    ) -> Result<Option<FlushOp>, String> {
         for p in action.paths() {
             if let Some((dir, _)) = p.split_last() {
                 self.load_dirs(&dir)?;
             }
         }
         let staged = match &action {
-            Action::Publish { staging, size, .. } => match self.staged_copy(*staging, *size)? {
+            Action::Publish { staging, size, .. } => match self.staged_copy(*staging, *size, later_rewritten)? {
                 Some(c) => Some(c),
                 // Superseded (rewritten and published again, or removed):
                 // what the backend has under the name stays.
@@ -395,14 +406,19 @@ impl<'a> Rebuild<'a> {
 
     /// The staged copy of a replayed publish, unless it lost its tail (a
     /// machine crash before the data reached the disk): that is never
-    /// published, the file is kept in lost+found. None: it is gone.
-    fn staged_copy(&mut self, id: u64, size: u64) -> Result<Option<StagedCopy>, String> {
+    /// published, the file is kept in lost+found. None: it is gone, or its
+    /// file was written again after (`later_rewritten`) and has another
+    /// size now: superseded by that later change.
+    fn staged_copy(&mut self, id: u64, size: u64, later_rewritten: bool) -> Result<Option<StagedCopy>, String> {
         use std::os::unix::fs::MetadataExt;
         let md = match std::fs::metadata(self.fs.staging().path(id)) {
             Ok(md) => md,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(self.cache_failed(e)),
         };
+        if md.len() != size && later_rewritten {
+            return Ok(None);
+        }
         if md.len() != size {
             return Err(format!(
                 "staged data has {} bytes, not the {size} it had when closed (lost in a machine crash before fsync?)",
@@ -428,7 +444,7 @@ impl<'a> Rebuild<'a> {
     /// Takes back pending state: a file with unpublished staged content
     /// under its names (`expect`: what its first name held on the backend
     /// when the state was recorded), or a directory's attributes.
-    fn adopt(&mut self, st: &PendingState, expect: Option<u64>) -> Result<(), String> {
+    fn adopt(&mut self, st: &PendingState, expect: Option<Known>) -> Result<(), String> {
         match st {
             PendingState::File {
                 paths,

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::backend::posix::PosixBackend;
-use crate::backend::{Backend, RelPath, Timespec, XattrCaps};
+use crate::backend::{Backend, Capabilities, Known, RelPath, Timespec};
 use crate::flush::Action;
 use crate::flush::publish::{self, TempNames};
 use crate::journal::Header;
@@ -222,9 +222,9 @@ impl KeptCopies {
             &backend,
             &temps,
             &k.meta.action,
-            Some(found.ino),
+            Some(Known::ino(found.ino)),
             false,
-            XattrCaps::default(),
+            Capabilities::default(),
             |_| Ok(Some(data)),
             || true,
         );

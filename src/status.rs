@@ -145,8 +145,14 @@ pub fn render(v: &serde_json::Value) -> String {
         .filter(|(k, _)| x[*k].as_bool() == Some(true))
         .map(|(_, what)| *what)
         .collect();
+        // The time granularity decides whether another client's in-place
+        // change of a file this mount published can be told (SEMANTICS).
+        let times = match c["time_granularity_ns"].as_u64() {
+            Some(g) => format!("times to {g} ns"),
+            None => "time granularity unknown".to_string(),
+        };
         out.push_str(&format!(
-            "backend       refuses {}; extended attributes: {}\n",
+            "backend       refuses {}; extended attributes: {}; {times}\n",
             if refused.is_empty() {
                 "nothing probed".to_string()
             } else {

@@ -1,6 +1,6 @@
-//! Other writers: a file that another client replaced on the backend after
-//! this mount loaded it is neither overwritten nor unlinked by a late publish
-//! or unlink. The backend's version stays, `sync` names the file and fails,
+//! Other writers: a file that another client replaced or rewrote in place on
+//! the backend after this mount loaded it is neither overwritten nor unlinked
+//! by a late publish or unlink. The backend's version stays, `sync` names the file and fails,
 //! and this mount's version is kept in the cache's lost+found.
 
 mod common;
@@ -97,4 +97,100 @@ fn a_file_replaced_by_another_client_is_not_overwritten_or_unlinked() {
     m.sync();
     m.umount();
     assert_eq!(read("d/renamed-over"), "theirs");
+}
+
+/// Another client's write to the file itself (same inode): truncate and
+/// write, as `>`, `cp` onto an existing file or an application's save in
+/// place do.
+fn edit_in_place(path: &Path, data: &str) {
+    let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+    std::fs::write(path, data).unwrap();
+    let after = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+    assert_eq!(ino, after, "the edit must keep the inode");
+}
+
+#[test]
+fn a_file_another_client_rewrote_in_place_is_not_overwritten_or_unlinked() {
+    let s = Scratch::new();
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    std::fs::create_dir(backend.join("d")).unwrap();
+    for name in ["rewritten", "appended", "removed", "seen-first", "retimed"] {
+        std::fs::write(backend.join("d").join(name), "v1").unwrap();
+    }
+    let m = Mount::start(&backend, &mnt, &cache, "debounce=1h,attr_ttl=1h");
+    for name in ["rewritten", "appended", "removed", "seen-first", "retimed"] {
+        assert_eq!(std::fs::read_to_string(mnt.join("d").join(name)).unwrap(), "v1");
+    }
+    let append = |name: &str, data: &str| {
+        let mut f = OpenOptions::new().append(true).open(mnt.join("d").join(name)).unwrap();
+        f.write_all(data.as_bytes()).unwrap();
+    };
+    // A file this mount publishes, so what it expects there next comes from
+    // its own publish (the mtime as the backend keeps it), not from a stat.
+    std::fs::write(mnt.join("d/published"), "ours 1").unwrap();
+    // A file whose mtime only this mount sets (by utimes), then rewrites:
+    // no conflict.
+    let touch = Command::new("touch")
+        .args(["-m", "-d", "2001-02-03 04:05:06.123456789"])
+        .arg(mnt.join("d/retimed"))
+        .status()
+        .unwrap();
+    assert!(touch.success());
+    m.sync();
+    let published_ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(backend.join("d/published")).unwrap());
+
+    // Changed here first, then by the other client before the publish:
+    // the same size ("v2"), so only the mtime tells.
+    std::fs::write(mnt.join("d/rewritten"), "ours").unwrap();
+    edit_in_place(&backend.join("d/rewritten"), "v2");
+    // Copied up (to append) here, then changed there.
+    append("appended", "+ours");
+    edit_in_place(&backend.join("d/appended"), "theirs");
+    // Changed there, then removed here.
+    edit_in_place(&backend.join("d/removed"), "theirs");
+    std::fs::remove_file(mnt.join("d/removed")).unwrap();
+    // Published here, changed there, rewritten here within keep_clean.
+    edit_in_place(&backend.join("d/published"), "theirs 2");
+    std::fs::write(mnt.join("d/published"), "ours 2").unwrap();
+    // Not a conflict: a change there that this mount copies up before
+    // changing the file builds on theirs.
+    edit_in_place(&backend.join("d/seen-first"), "theirs");
+    append("seen-first", "+ours");
+    std::fs::write(mnt.join("d/retimed"), "ours").unwrap();
+
+    let out = Command::new(BIN).arg("sync").arg(&mnt).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("sync: {stderr}");
+    assert!(!out.status.success(), "sync succeeded despite conflicts");
+    for name in ["rewritten", "appended", "removed", "published"] {
+        assert!(
+            stderr.contains(&format!("d/{name}")),
+            "sync does not name d/{name}: {stderr}"
+        );
+    }
+    assert!(stderr.contains("changed in place"), "{stderr}");
+    let failures = m.status()["failures"].as_array().unwrap().len();
+    assert_eq!(failures, 4, "status lists {failures} failures");
+    let out = Command::new(BIN).arg("umount").arg(&mnt).output().unwrap();
+    assert!(!out.status.success() && !common::is_efscache_mounted(&mnt));
+    drop(m);
+
+    let read = |p: &str| std::fs::read_to_string(backend.join(p)).unwrap();
+    assert_eq!(read("d/rewritten"), "v2");
+    assert_eq!(read("d/appended"), "theirs");
+    assert_eq!(read("d/removed"), "theirs");
+    assert_eq!(read("d/published"), "theirs 2");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(backend.join("d/published")).unwrap()),
+        published_ino
+    );
+    assert_eq!(read("d/seen-first"), "theirs+ours");
+    assert_eq!(read("d/retimed"), "ours");
+
+    let mut kept: Vec<String> = std::fs::read_dir(cache.join("lost+found/conflicts"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["ours", "ours 2", "v1+ours"]);
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::backend::{AttrSet, Backend, Kind, RelPath, XattrCaps};
+use crate::backend::{AttrSet, Backend, Capabilities, Kind, Known, RelPath};
 use crate::flush::{Action, TEMP_PREFIX};
 
 /// Makes unique temp names: `.efscache.<host>.<instance>.<n>`. Derived from an
@@ -119,29 +119,38 @@ impl TempNames {
 /// What a publish produced.
 #[derive(Debug, Default)]
 pub struct Published {
-    pub backend_ino: Option<u64>,
+    /// The published file as it is on the backend now.
+    pub backend: Option<Known>,
     pub bytes: u64,
     /// The staged content is gone (the file was removed): nothing to publish.
     pub superseded: bool,
 }
 
 /// Another client replaced the backend object this mount meant to replace
-/// or remove (its inode number is not the one this mount knew).
+/// or remove (its inode number is not the one this mount knew), or rewrote
+/// it in place (its size or mtime is not).
 #[derive(Debug)]
 pub struct Conflict {
-    pub expected_ino: u64,
-    pub found_ino: u64,
+    pub expected: Known,
     /// What the backend has under the name now.
     pub found: crate::backend::Stat,
 }
 
 impl std::fmt::Display for Conflict {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "replaced on the backend by another client since this mount loaded it (inode {} became {})",
-            self.expected_ino, self.found_ino
-        )
+        if self.found.ino == self.expected.ino {
+            write!(
+                f,
+                "changed in place on the backend by another client since this mount last saw it (inode {}: size or mtime differ)",
+                self.found.ino
+            )
+        } else {
+            write!(
+                f,
+                "replaced on the backend by another client since this mount last saw it (inode {} became {})",
+                self.expected.ino, self.found.ino
+            )
+        }
     }
 }
 
@@ -153,29 +162,25 @@ pub fn conflict(e: &io::Error) -> Option<&Conflict> {
 }
 
 /// Fails with a `Conflict` when `path` holds a backend object other than
-/// inode `expected` (absent is fine: nothing of anyone's is replaced). Checked
+/// `expected` (absent is fine: nothing of anyone's is replaced). Checked
 /// just before the change: NFS has no compare-and-swap, so a change in the
 /// instant between check and rename still wins the race.
-fn check_unchanged(backend: &dyn Backend, path: &RelPath, expected: Option<u64>) -> io::Result<()> {
-    let Some(expected_ino) = expected else {
+fn check_unchanged(backend: &dyn Backend, path: &RelPath, expected: Option<Known>) -> io::Result<()> {
+    let Some(expected) = expected else {
         return Ok(());
     };
     match backend.stat(path) {
-        Ok(st) if st.ino != expected_ino => Err(io::Error::other(Conflict {
-            expected_ino,
-            found_ino: st.ino,
-            found: st,
-        })),
+        Ok(st) if !expected.matches(&st) => Err(io::Error::other(Conflict { expected, found: st })),
         Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
         _ => Ok(()),
     }
 }
 
-/// Runs `action`. `expect_ino` (unlink and publish) is the backend inode
-/// number the target name must still have, if this mount knows it.
-/// `xattrs`: the extended attribute namespaces the backend keeps (a
-/// published file gets exactly its staged ones, its ACL included, not one
-/// its backend directory would give it; others are never sent).
+/// Runs `action`. `expect` (unlink and publish) is the backend file the
+/// target name must still hold, if this mount knows it. `caps`: what the
+/// backend keeps; of extended attributes, a published file gets exactly its
+/// staged ones, its ACL included, not one its backend directory would give
+/// it; others are never sent.
 /// `content` opens the staged data of a publish (None: the
 /// staging file is gone, the file was removed meanwhile); `still_current`
 /// says whether the staged content is unchanged since the copy started
@@ -186,9 +191,9 @@ pub fn execute(
     backend: &dyn Backend,
     temps: &TempNames,
     action: &Action,
-    expect_ino: Option<u64>,
+    expect: Option<Known>,
     retry: bool,
-    xattrs: XattrCaps,
+    caps: Capabilities,
     content: impl FnOnce(u64) -> io::Result<Option<File>>,
     still_current: impl FnOnce() -> bool,
 ) -> io::Result<Published> {
@@ -215,7 +220,7 @@ pub fn execute(
         }
         Action::Rmdir { path } => ignore_enoent(backend.rmdir(path)),
         Action::Unlink { path } => {
-            check_unchanged(backend, path, expect_ino)?;
+            check_unchanged(backend, path, expect)?;
             ignore_enoent(backend.unlink(path))
         }
         Action::Rename { from, to, noreplace } => {
@@ -291,7 +296,7 @@ pub fn execute(
                     ..Default::default()
                 });
             };
-            publish_file(backend, temps, &src, paths, attrs, expect_ino, xattrs, still_current)
+            publish_file(backend, temps, &src, paths, attrs, expect, caps, still_current)
         }
         Action::Barrier(tx) => {
             let _ = tx.send(());
@@ -352,8 +357,8 @@ fn publish_file(
     src: &File,
     paths: &[RelPath],
     attrs: &AttrSet,
-    expect_ino: Option<u64>,
-    xattrs: XattrCaps,
+    expect: Option<Known>,
+    caps: Capabilities,
     still_current: impl FnOnce() -> bool,
 ) -> io::Result<Published> {
     let first = paths
@@ -402,7 +407,7 @@ fn publish_file(
     backend.set_attrs_fd(&dst, &post)?;
     // Extended attributes (and ACLs) after the owner: chown drops
     // security.capability. Setting them leaves the times alone.
-    let keep = xattrs;
+    let keep = caps.xattrs;
     // (No local listxattr per publish where the backend keeps none: EFS.)
     let xattrs = if keep.any() {
         crate::staging::file_xattrs(src)?
@@ -429,7 +434,7 @@ fn publish_file(
             ..Default::default()
         });
     }
-    check_unchanged(backend, first, expect_ino)?;
+    check_unchanged(backend, first, expect)?;
     backend.rename(&temp, first, false)?;
     guard.path = None;
     for other in &paths[1..] {
@@ -451,8 +456,17 @@ fn publish_file(
         backend.rename(&t, other, false)?;
         g.path = None;
     }
+    // What the backend has now: this file, with the staged size and the
+    // mtime just set (as the backend keeps it). Unknown if either is.
+    let version = match (attrs.mtime, caps.time_granularity_ns) {
+        (Some(mtime), Some(g)) => crate::backend::content_version(src.metadata()?.len(), mtime.truncated(g)),
+        _ => 0,
+    };
     Ok(Published {
-        backend_ino: Some(backend_ino),
+        backend: Some(Known {
+            ino: backend_ino,
+            version,
+        }),
         bytes,
         superseded: false,
     })
