@@ -212,10 +212,19 @@ pub fn mount_config(
     options: &[String],
     foreground: bool,
 ) -> Result<Config, String> {
-    let mut cfg = Config::new(backend, mountpoint);
+    // Absolute and canonical, as mountinfo shows them: the fsname
+    // (`efscache:BACKEND`), the utab entry that makes umount(8) drain, and
+    // the journal's record of its backend then name the same paths whatever
+    // the working directory was.
+    let absolute = |p: PathBuf| fusemount::absolute_mount_path(&p).unwrap_or(p);
+    let mut cfg = Config::new(absolute(backend), absolute(mountpoint));
     for o in options {
         cfg.apply_options(o)?;
     }
+    // (The background daemon does not keep the working directory.)
+    let relative_to_here = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    cfg.cache_dir = cfg.cache_dir.take().map(relative_to_here);
+    cfg.log_file = cfg.log_file.take().map(relative_to_here);
     cfg.foreground |= foreground;
     Ok(cfg)
 }

@@ -179,6 +179,39 @@ fn fstab_mount_serves_and_plain_umount_drains() {
     );
 }
 
+/// `efscache mount` given relative paths records the mount for umount(8)
+/// under its absolute path (as mountinfo has it), so a plain `umount`
+/// still runs the helper and drains; the daemon, which does not keep the
+/// working directory, uses the cache dir the relative path named.
+#[test]
+fn relative_paths_still_let_a_plain_umount_drain() {
+    install_for_real();
+    let s = Scratch::new();
+    let mp = s.path("mnt");
+    let _guard = HelperMount { mp: mp.clone() };
+    run(Command::new(BIN)
+        .args(["mount", "-o", "cache_dir=cache,debounce=1h", "backend", "mnt"])
+        .current_dir(s.path("")));
+    std::fs::write(mp.join("f"), b"data").unwrap();
+    let canon = |p: &str| std::fs::canonicalize(s.path(p)).unwrap();
+    assert!(
+        canon("cache").join("journal").exists(),
+        "the cache dir is not where the path named"
+    );
+    let utab = std::fs::read_to_string("/run/mount/utab").unwrap_or_default();
+    assert!(
+        utab.contains(&format!("TARGET={} ", canon("mnt").display())),
+        "no absolute utab entry: {utab}"
+    );
+    run(Command::new("umount").arg(&mp));
+    assert_eq!(efscache_mounts_at(&canon("mnt")), 0);
+    assert_eq!(
+        std::fs::read(s.path("backend/f")).unwrap(),
+        b"data",
+        "umount did not drain"
+    );
+}
+
 /// `mount -t efscache` with options on the command line; `umount -v`.
 #[test]
 fn mount_t_efscache_then_umount() {
