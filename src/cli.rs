@@ -236,7 +236,17 @@ pub fn options_string(cfg: &Config) -> String {
     if let Some(c) = &cfg.cache_dir {
         o.push(format!("cache_dir={}", c.display()));
     }
-    let ms = |d: std::time::Duration| format!("{}ms", d.as_millis());
+    // In the largest unit that holds it exactly (`mount -fv` shows these).
+    let ms = |d: std::time::Duration| {
+        let ms = d.as_millis();
+        match ms {
+            0 => "0s".to_string(),
+            _ if ms.is_multiple_of(3_600_000) => format!("{}h", ms / 3_600_000),
+            _ if ms.is_multiple_of(60_000) => format!("{}m", ms / 60_000),
+            _ if ms.is_multiple_of(1000) => format!("{}s", ms / 1000),
+            _ => format!("{ms}ms"),
+        }
+    };
     if cfg.flushers != d.flushers {
         o.push(format!("flushers={}", cfg.flushers));
     }
