@@ -395,7 +395,10 @@ fn publish_file(
     // attributes the create returned, so this costs no round trip (after a
     // write it has to ask).
     let st = backend.stat_file(&dst)?;
-    let bytes = copy_data(src, &dst, backend)?;
+    // The size copied (and so published): the staging file may change once
+    // the publish is past its last `still_current` check.
+    let len = src.metadata()?.len();
+    let bytes = copy_data(src, len, &dst, backend)?;
     let owner_differs = attrs.uid.is_some_and(|u| u != st.uid) || attrs.gid.is_some_and(|g| g != st.gid);
     let post = AttrSet {
         perm: (perm & 0o6000 != 0).then_some(perm),
@@ -459,7 +462,7 @@ fn publish_file(
     // What the backend has now: this file, with the staged size and the
     // mtime just set (as the backend keeps it). Unknown if either is.
     let version = match (attrs.mtime, caps.time_granularity_ns) {
-        (Some(mtime), Some(g)) => crate::backend::content_version(src.metadata()?.len(), mtime.truncated(g)),
+        (Some(mtime), Some(g)) => crate::backend::content_version(len, mtime.truncated(g)),
         _ => 0,
     };
     Ok(Published {
@@ -472,11 +475,10 @@ fn publish_file(
     })
 }
 
-/// Copies the staged data with large reads and writes, skipping holes
-/// (SEEK_DATA/SEEK_HOLE) so sparse files stay sparse.
-fn copy_data(src: &File, dst: &File, backend: &dyn Backend) -> io::Result<u64> {
+/// Copies the first `len` bytes of the staged data with large reads and
+/// writes, skipping holes (SEEK_DATA/SEEK_HOLE) so sparse files stay sparse.
+fn copy_data(src: &File, len: u64, dst: &File, backend: &dyn Backend) -> io::Result<u64> {
     const CHUNK: usize = 1 << 20;
-    let len = src.metadata()?.len();
     let mut buf = vec![0u8; CHUNK.min(len.max(1) as usize)];
     let mut pos: u64 = 0;
     let mut written = 0;
