@@ -249,8 +249,9 @@ struct Entry {
 /// How often a publish waiting for its file's writer looks again.
 const WRITER_POLL: Duration = Duration::from_millis(50);
 
-/// Why a publish did not start: its file is open for writing (the data may
-/// change under a copy). Retried like a transient error.
+/// Why a publish did not start, or did not finish: its file is open for
+/// writing (the data may change under a copy), or changed during the copy.
+/// Tried again soon, without counting as a failed attempt.
 #[derive(Debug)]
 pub struct WriterBusy;
 

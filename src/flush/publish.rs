@@ -184,7 +184,8 @@ fn check_unchanged(backend: &dyn Backend, path: &RelPath, expected: Option<Known
 /// `content` opens the staged data of a publish (None: the
 /// staging file is gone, the file was removed meanwhile); `still_current`
 /// says whether the staged content is unchanged since the copy started
-/// (otherwise the publish fails with EAGAIN and is retried). `retry`: an
+/// (otherwise the publish fails with `WriterBusy` and is tried again once
+/// nobody writes the file). `retry`: an
 /// earlier attempt failed, possibly after it was carried out (a lost reply).
 #[allow(clippy::too_many_arguments)]
 pub fn execute(
@@ -432,10 +433,11 @@ fn publish_file(
     backend.close_file(dst)?;
     let backend_ino = st.ino;
     if !still_current() {
-        return Ok(Published {
-            superseded: true,
-            ..Default::default()
-        });
+        // Changed during the copy (opened for writing, truncated): publish
+        // again once nobody writes it. Not dropped: the ops queued behind
+        // this publish (a rename of the file, a link to it) need the file
+        // there; its next publish would only come after them.
+        return Err(io::Error::other(crate::flush::WriterBusy));
     }
     check_unchanged(backend, first, expect)?;
     backend.rename(&temp, first, false)?;
