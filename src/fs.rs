@@ -414,7 +414,13 @@ impl Fs {
             if self.fresh(d.loaded) {
                 return Ok(());
             }
-            if d.loaded.is_some() && (self.sched.dir_busy(dir) || ns.dirs_with_unqueued_files().contains(&dir)) {
+            // (Its own queued changes count too, e.g. its times, which may
+            // wait behind the publish of a file still open for writing: a
+            // re-listing would wait for them.)
+            let own_ops_queued = || dir != ROOT && ns.read_keys(dir).is_ok_and(|k| self.sched.conflicts(&k));
+            if d.loaded.is_some()
+                && (self.sched.dir_busy(dir) || ns.dirs_with_unqueued_files().contains(&dir) || own_ops_queued())
+            {
                 // Pending changes make the overlay authoritative for now.
                 ns.get_mut(dir)?.dir.as_mut().expect("dir").loaded = Some(Instant::now());
                 return Ok(());
@@ -1787,6 +1793,9 @@ impl Fs {
             // copy (a new open bumps the generation) means: copy again.
             let mut published_generation = 0;
             let mut expect = lent.expect;
+            // A file removed (no name left) while its publish waited: its
+            // content is never published, so no writer is waited for.
+            let mut unnamed = false;
             let writer_busy = match &lent.action {
                 Action::Publish { ino, staging, .. } => {
                     let (busy, foreign) = match self.ns.lock().get_with_replaces(*ino) {
@@ -1802,7 +1811,8 @@ impl Fs {
                             if lent.attempts > 0 {
                                 expect = None;
                             }
-                            (i.writers > 0, i.foreign_writer)
+                            unnamed = i.links.is_empty();
+                            (i.writers > 0 && !unnamed, i.foreign_writer && !unnamed)
                         }
                         Err(_) => (false, false),
                     };
@@ -1818,7 +1828,12 @@ impl Fs {
                 _ => None,
             };
             let started = Instant::now();
-            let result = if writer_busy {
+            let result = if unnamed {
+                Ok(Published {
+                    superseded: true,
+                    ..Default::default()
+                })
+            } else if writer_busy {
                 Err(io::Error::other(flush::WriterBusy))
             } else {
                 publish::execute(

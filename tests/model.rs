@@ -113,7 +113,7 @@ fn mtime_of(t: u32) -> Timespec {
 /// While one is open the properties steer around it (so they stay green and keep
 /// finding other bugs); delete its entry once its regression test passes. Run
 /// with `EFSCACHE_MODEL_AVOID=none` to drive straight into all of them.
-const KNOWN_BUGS: &[Bug] = &[Bug::ReopenedFileBlocksSync];
+const KNOWN_BUGS: &[Bug] = &[];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Bug {
@@ -137,21 +137,16 @@ enum Bug {
     /// A publish queued before its file was reopened for writing retries until
     /// the file is closed, and `sync` waited for it (see
     /// `regression_sync_with_a_reopened_file_whose_publish_is_queued`, which
-    /// passes now: `sync` reports such files and returns). Without the
-    /// steering, long property runs found four bugs, all fixed (see
+    /// passes now: `sync` reports such files and returns). (Fixed.) With the
+    /// steering off, long property runs found five more bugs around such
+    /// files, all fixed (see
     /// `regression_publish_of_a_file_reopened_then_replaced_is_superseded_after_a_crash`,
     /// `regression_retime_queued_behind_a_publish_is_no_conflict`,
     /// `regression_crash_after_utimes_of_a_replaced_hard_link`,
-    /// `regression_rename_after_a_publish_that_lost_its_content_mid_copy`;
+    /// `regression_rename_after_a_publish_that_lost_its_content_mid_copy`,
+    /// `regression_sync_with_a_removed_open_file_whose_publish_is_queued`);
     /// the first "hang" was the harness waiting for a queue that held such
-    /// a publish), and `crash_recovery_keeps_every_acknowledged_change`
-    /// passes 2,000 cases with it off. The steering stays for one more,
-    /// not pinned down yet: `overlay_and_backend_agree_with_model` (steering
-    /// off) saw an rmdir whose parent listing had to be loaded wait in
-    /// `Fs::wait_path_stable` behind queued ops while a file was open for
-    /// writing (a publish waiting for its writer holds its keys), until the
-    /// harness's 10 s `request_timeout` failed it. While listed, the flush
-    /// queue is drained before an existing file is opened.
+    /// a publish. The three properties then passed 2,000 cases each.
     ReopenedFileBlocksSync,
     /// Recovery removes the publish temp files of the dead mount (of the
     /// publishes running at the kill) only after it has replayed the journal,
@@ -3559,6 +3554,28 @@ fn regression_nlink_of_a_link_whose_twin_was_replaced() {
         },
     ];
     run_case(cfg, &ops);
+}
+
+/// A file's publish is queued, the file is opened for writing (and stays
+/// open), then removed: the publish waited for the writer although the
+/// file had no name left, and `sync` never completed (the directory's times
+/// waited behind it, and the file, nameless, was not reported as open).
+/// (Found by the model with the `ReopenedFileBlocksSync` steering off.)
+#[test]
+fn regression_sync_with_a_removed_open_file_whose_publish_is_queued() {
+    let dir = TempDir::new().expect("tempdir");
+    let m = regression_mount(dir.path());
+    let fs = &m.fs;
+    m.sched.set_paused(true);
+    let ino = put(fs, "d", b"");
+    fs.tick(true); // the publish of "d" is queued
+    let opened = fs.open(ino, libc::O_RDWR, true).expect("open");
+    fs.unlink(ROOT, name("d"), true).expect("unlink");
+    m.sched.set_paused(false);
+    let r = fs.sync(Some(Instant::now() + Duration::from_secs(5)));
+    fs.release(opened.fh);
+    assert!(r.complete && r.failures.is_empty(), "sync: {r:?}");
+    assert!(!dir.path().join("d").exists());
 }
 
 /// A file's publish is queued, then its mtime is set (utimes: a queued
