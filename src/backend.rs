@@ -534,7 +534,8 @@ impl Capabilities {
             }
         };
         let root_before = backend.stat(&RelPath::root());
-        let xattrs = {
+        // Extended attributes and time granularity, on one probe file.
+        let (xattrs, time_granularity_ns) = {
             let name = temp_name();
             let (caps, granularity, ours) = match backend.create_exclusive(&RelPath::root(), &name, 0o600) {
                 Ok(f) => {
@@ -554,7 +555,6 @@ impl Capabilities {
             }
             (caps, granularity)
         };
-        let (xattrs, time_granularity_ns) = xattrs;
         let caps = Capabilities {
             devices_refused: try_kind(Kind::CharDev, libc::makedev(1, 3)),
             fifos_refused: try_kind(Kind::Fifo, 0),

@@ -315,7 +315,7 @@ impl Fs {
             .collect();
         inos.sort_unstable();
         inos.dedup();
-        let states: Vec<(PendingState, Option<crate::backend::Known>)> = inos
+        let states: Vec<(PendingState, Option<Known>)> = inos
             .into_iter()
             .filter_map(|i| Some((ns.pending_state(i)?, ns.pending_expect(i))))
             .collect();
@@ -503,13 +503,8 @@ impl Fs {
             let i = ns.get_mut(ino)?;
             if i.content == Content::Remote && i.backend_ino == Some(st.ino) {
                 i.attr = Attr::from_stat(&st);
-                // A known version that differs: another client's change,
-                // shown from now on. An unknown one becomes known once none
-                // of this mount's own changes can be pending or have run
-                // after the stat.
-                if i.backend_version != 0 || self.sched.enqueued_total() == queued_before {
-                    i.backend_version = st.content_version();
-                }
+                // (Settled: nothing was queued since the path was stable.)
+                i.saw_backend(&st, self.sched.enqueued_total() == queued_before);
             }
             i.fetched = Some(Stamp::now());
         }
@@ -644,12 +639,7 @@ impl Fs {
         let i = ns.get_mut(ino)?;
         stamp_staging(&dst, &i.attr);
         i.content = Content::Staged { id, dirty: false };
-        // (As in `getattr`: an unknown version only once nothing of this
-        // mount's own can have changed the file since.)
-        if i.backend_ino == Some(copied.ino) && (i.backend_version != 0 || self.sched.enqueued_total() == queued_before)
-        {
-            i.backend_version = copied.content_version();
-        }
+        i.saw_backend(&copied, self.sched.enqueued_total() == queued_before);
         Ok(id)
     }
 

@@ -247,6 +247,8 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
     let mut states: HashMap<Ino, PendingState> = HashMap::new();
     let mut state_expects: HashMap<Ino, Known> = HashMap::new();
     let mut rewritten = HashSet::new();
+    // The undone publishes of each staging file: (seq, size when queued).
+    let mut publishes: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
     let mut records = 0;
     let mut torn = None;
     while pos < data.len() {
@@ -260,12 +262,22 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
         match rec {
             Record::Header(h) => header = Some(h),
             Record::Op { seq, keys, action } => {
+                if let Action::Publish { staging, size, .. } = &action {
+                    publishes.entry(*staging).or_default().push((seq, *size));
+                }
                 let mut op = FlushOp::new(keys, action);
                 op.journal_seq = Some(seq);
                 ops.insert(seq, op);
             }
             Record::Done { seq } => {
-                ops.remove(&seq);
+                if let Some(FlushOp {
+                    action: Action::Publish { staging, .. },
+                    ..
+                }) = ops.remove(&seq)
+                    && let Some(p) = publishes.get_mut(&staging)
+                {
+                    p.retain(|(s, _)| *s != seq);
+                }
             }
             Record::Expect { seq, backend_ino } => {
                 if let Some(op) = ops.get_mut(&seq) {
@@ -279,18 +291,12 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
             }
             Record::State(s) => {
                 if let PendingState::File { staging, size, .. } = &s {
-                    for (seq, op) in &ops {
-                        if let Action::Publish {
-                            staging: st,
-                            size: queued,
-                            ..
-                        } = &op.action
-                            && st == staging
-                            && *size != Some(*queued)
-                        {
-                            rewritten.insert(*seq);
-                        }
-                    }
+                    let pending = publishes.get(staging).into_iter().flatten();
+                    rewritten.extend(
+                        pending
+                            .filter(|(_, queued)| *size != Some(*queued))
+                            .map(|(seq, _)| *seq),
+                    );
                 }
                 state_expects.remove(&s.ino());
                 states.insert(s.ino(), s);

@@ -423,6 +423,17 @@ impl Inode {
     }
     /// A directory created through the mount: empty (so loaded), created
     /// on the backend by a queued mkdir with this mode and owner.
+    /// `st` was just read from the backend for this object. A known
+    /// version that differs is another client's change, shown from now on.
+    /// An unknown one (this mount's own change of the mtime is queued, or
+    /// ran since) becomes known only if `settled`: none of this mount's
+    /// changes can have run after `st` was read.
+    pub fn saw_backend(&mut self, st: &Stat, settled: bool) {
+        if self.backend_ino == Some(st.ino) && (self.backend_version != 0 || settled) {
+            self.backend_version = st.content_version();
+        }
+    }
+
     /// What this mount knows of the backend object, if anything.
     pub fn known(&self) -> Option<Known> {
         self.backend_ino.map(|ino| Known {
@@ -764,12 +775,7 @@ impl Namespace {
                 if i.kind == st.kind && i.content == Content::Remote && i.writers == 0 && !attrs_pending {
                     i.attr = Attr::from_stat(&st);
                     i.fetched = Some(Stamp::at(now));
-                    // Another client's change, shown from now on (unknown
-                    // stays unknown: this mount's own change of the mtime may
-                    // still be queued, or have run after the listing).
-                    if i.backend_version != 0 {
-                        i.backend_version = st.content_version();
-                    }
+                    i.saw_backend(&st, false);
                     if let Some(d) = i.dir.as_mut() {
                         d.backend_nlink = st.nlink;
                     }

@@ -20,6 +20,39 @@ fn replace_on_backend(path: &Path, data: &str) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// `efscache sync` fails naming `d/NAME` for each of `names`, `status`
+/// lists exactly that many failures, and `efscache umount` reports them
+/// too (exit 1) and unmounts. Returns sync's message.
+fn sync_and_umount_report_conflicts(m: Mount, names: &[&str]) -> String {
+    let mnt = m.mountpoint.clone();
+    let out = Command::new(BIN).arg("sync").arg(&mnt).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("sync: {stderr}");
+    assert!(!out.status.success(), "sync succeeded despite conflicts");
+    for name in names {
+        assert!(
+            stderr.contains(&format!("d/{name}")),
+            "sync does not name d/{name}: {stderr}"
+        );
+    }
+    let failures = m.status()["failures"].as_array().unwrap().len();
+    assert_eq!(failures, names.len(), "status lists {failures} failures");
+    let out = Command::new(BIN).arg("umount").arg(&mnt).output().unwrap();
+    assert!(!out.status.success() && !common::is_efscache_mounted(&mnt));
+    drop(m);
+    stderr
+}
+
+/// The contents of this mount's versions kept in `lost+found/conflicts`, sorted.
+fn kept_conflicts(cache: &Path) -> Vec<String> {
+    let mut kept: Vec<String> = std::fs::read_dir(cache.join("lost+found/conflicts"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    kept.sort();
+    kept
+}
+
 #[test]
 fn a_file_replaced_by_another_client_is_not_overwritten_or_unlinked() {
     let s = Scratch::new();
@@ -59,22 +92,7 @@ fn a_file_replaced_by_another_client_is_not_overwritten_or_unlinked() {
     replace_on_backend(&backend.join("d/removed"), "theirs, new");
     std::fs::remove_file(mnt.join("d/removed")).unwrap();
 
-    let out = Command::new(BIN).arg("sync").arg(&mnt).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("sync: {stderr}");
-    assert!(!out.status.success(), "sync succeeded despite conflicts");
-    for name in ["renamed-over", "in-place", "removed"] {
-        assert!(
-            stderr.contains(&format!("d/{name}")),
-            "sync does not name d/{name}: {stderr}"
-        );
-    }
-    let failures = m.status()["failures"].as_array().unwrap().len();
-    assert_eq!(failures, 3, "status lists {failures} failures");
-    // umount reports the same failures (exit 1) and unmounts.
-    let out = Command::new(BIN).arg("umount").arg(&mnt).output().unwrap();
-    assert!(!out.status.success() && !common::is_efscache_mounted(&mnt));
-    drop(m);
+    sync_and_umount_report_conflicts(m, &["renamed-over", "in-place", "removed"]);
 
     let read = |p: &str| std::fs::read_to_string(backend.join(p)).unwrap();
     assert_eq!(read("d/renamed-over"), "theirs");
@@ -83,12 +101,7 @@ fn a_file_replaced_by_another_client_is_not_overwritten_or_unlinked() {
     assert_eq!(read("d/untouched"), "ours alone");
 
     // This mount's versions are kept, not lost.
-    let mut kept: Vec<String> = std::fs::read_dir(cache.join("lost+found/conflicts"))
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
-    kept.sort();
-    assert_eq!(kept, ["ours", "ours too"]);
+    assert_eq!(kept_conflicts(&cache), ["ours", "ours too"]);
 
     // A new mount shows the backend's versions and has nothing left to do.
     let m = Mount::start(&backend, &mnt, &cache, "");
@@ -158,22 +171,8 @@ fn a_file_another_client_rewrote_in_place_is_not_overwritten_or_unlinked() {
     append("seen-first", "+ours");
     std::fs::write(mnt.join("d/retimed"), "ours").unwrap();
 
-    let out = Command::new(BIN).arg("sync").arg(&mnt).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("sync: {stderr}");
-    assert!(!out.status.success(), "sync succeeded despite conflicts");
-    for name in ["rewritten", "appended", "removed", "published"] {
-        assert!(
-            stderr.contains(&format!("d/{name}")),
-            "sync does not name d/{name}: {stderr}"
-        );
-    }
+    let stderr = sync_and_umount_report_conflicts(m, &["rewritten", "appended", "removed", "published"]);
     assert!(stderr.contains("changed in place"), "{stderr}");
-    let failures = m.status()["failures"].as_array().unwrap().len();
-    assert_eq!(failures, 4, "status lists {failures} failures");
-    let out = Command::new(BIN).arg("umount").arg(&mnt).output().unwrap();
-    assert!(!out.status.success() && !common::is_efscache_mounted(&mnt));
-    drop(m);
 
     let read = |p: &str| std::fs::read_to_string(backend.join(p)).unwrap();
     assert_eq!(read("d/rewritten"), "v2");
@@ -187,10 +186,5 @@ fn a_file_another_client_rewrote_in_place_is_not_overwritten_or_unlinked() {
     assert_eq!(read("d/seen-first"), "theirs+ours");
     assert_eq!(read("d/retimed"), "ours");
 
-    let mut kept: Vec<String> = std::fs::read_dir(cache.join("lost+found/conflicts"))
-        .unwrap()
-        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
-        .collect();
-    kept.sort();
-    assert_eq!(kept, ["ours", "ours 2", "v1+ours"]);
+    assert_eq!(kept_conflicts(&cache), ["ours", "ours 2", "v1+ours"]);
 }
