@@ -1249,7 +1249,12 @@ impl Namespace {
             op.expect = src_known;
             fx.ops.push(op);
         } else if src_on_backend {
-            fx.ops.push(FlushOp::new(keys, Action::Rename { from, to, noreplace }));
+            let mut op = FlushOp::new(keys, Action::Rename { from, to, noreplace });
+            // What a retry finds at the target if an attempt whose reply was
+            // lost did the rename (a queued publish gives the file a new
+            // backend inode first: then it is not known yet).
+            op.expect = src_known.filter(|_| !src_publishing);
+            fx.ops.push(op);
         } else if sdent.shadows {
             // The backend's older object under the old name must go.
             let mut op = self.op(&[(parent, name)], &[], Action::Unlink { path: from })?;
@@ -2010,10 +2015,13 @@ impl Namespace {
                 self.touched.push(src);
                 self.entries_replayed(sp);
                 self.entries_replayed(dp);
-                Ok(Replayed::Queue(FlushOp::new(
-                    keys,
-                    Action::Rename { from, to, noreplace },
-                )))
+                let mut op = FlushOp::new(keys, Action::Rename { from, to, noreplace });
+                // (As in the live mount: unknown while a publish is queued.)
+                let loaded = Some(self.get(src)?)
+                    .filter(|i| i.publish_queued == 0)
+                    .and_then(|i| i.known());
+                op.expect = expect.or(loaded);
+                Ok(Replayed::Queue(op))
             }
             Action::Symlink { path, target, attrs } => {
                 let (parent, name) = self.parent_of(&path)?;

@@ -177,7 +177,8 @@ fn check_unchanged(backend: &dyn Backend, path: &RelPath, expected: Option<Known
 }
 
 /// Runs `action`. `expect` (unlink and publish) is the backend file the
-/// target name must still hold, if this mount knows it. `caps`: what the
+/// target name must still hold, if this mount knows it; for a rename, the
+/// object its source holds (a retry compares it with the target's). `caps`: what the
 /// backend keeps; of extended attributes, a published file gets exactly its
 /// staged ones, its ACL included, not one its backend directory would give
 /// it; others are never sent.
@@ -226,8 +227,21 @@ pub fn execute(
         }
         Action::Rename { from, to, noreplace } => {
             match backend.rename(from, to, *noreplace) {
-                // An earlier attempt did it and only its reply was lost.
-                Err(e) if retry && e.raw_os_error() == Some(libc::ENOENT) && backend.stat(to).is_ok() => {
+                // An earlier attempt did it and only its reply was lost: the
+                // target is there, and is the object the source held (where
+                // this mount knows which one that was). If not, another
+                // client removed the source and put something else at the
+                // target: reported, not taken as done.
+                Err(e) if retry && e.raw_os_error() == Some(libc::ENOENT) => {
+                    let st = backend.stat(to).map_err(|_| e)?;
+                    if let Some(k) = expect
+                        && k.ino != st.ino
+                    {
+                        return Err(io::Error::other(Conflict {
+                            expected: Known::ino(k.ino),
+                            found: st,
+                        }));
+                    }
                     return Ok(Published::default());
                 }
                 r => r?,
@@ -521,4 +535,63 @@ fn copy_data(src: &File, len: u64, dst: &File, backend: &dyn Backend) -> io::Res
 /// with a symlink say, which the path walk refuses to follow).
 fn nothing_there(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::posix::PosixBackend;
+
+    fn rel(name: &str) -> RelPath {
+        RelPath(vec![name.into()])
+    }
+
+    /// A second attempt at renaming `a` to `b`, the first one's outcome unknown.
+    fn retried_rename(backend: &PosixBackend, source: Option<Known>) -> io::Result<Published> {
+        let action = Action::Rename {
+            from: rel("a"),
+            to: rel("b"),
+            noreplace: false,
+        };
+        let temps = TempNames::new("host", "1");
+        execute(
+            backend,
+            &temps,
+            &action,
+            source,
+            true,
+            Capabilities::default(),
+            |_| Ok(None),
+            || true,
+        )
+    }
+
+    #[test]
+    fn a_retried_rename_whose_source_is_gone_is_done_only_if_the_target_is_the_source() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        std::fs::write(at("a"), b"ours").unwrap();
+        let backend = PosixBackend::open(dir.path()).unwrap();
+        let ours = Known::ino(backend.stat(&rel("a")).unwrap().ino);
+
+        // The first attempt renamed; only its reply was lost.
+        std::fs::rename(at("a"), at("b")).unwrap();
+        assert!(retried_rename(&backend, Some(ours)).is_ok());
+        assert!(retried_rename(&backend, None).is_ok());
+
+        // Another client put its own file at the target (made while ours
+        // still exists, so it cannot reuse our inode number).
+        std::fs::write(at("theirs"), b"theirs").unwrap();
+        std::fs::rename(at("theirs"), at("b")).unwrap();
+        let e = retried_rename(&backend, Some(ours)).unwrap_err();
+        assert!(conflict(&e).is_some(), "{e}");
+        assert_eq!(std::fs::read(at("b")).unwrap(), b"theirs");
+        // (Not knowing the source's inode, the target's presence is all there is.)
+        assert!(retried_rename(&backend, None).is_ok());
+
+        // Nothing at either name: the source's ENOENT stands.
+        std::fs::remove_file(at("b")).unwrap();
+        let e = retried_rename(&backend, Some(ours)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
 }
