@@ -266,6 +266,29 @@ impl Fs {
         }
     }
 
+    /// Journals `ino`'s unpublished content as of unknown size before its
+    /// staged data is cut or extended (the size recorded at its last close
+    /// then no longer holds): a crash between the two must not leave a
+    /// journal that takes the new length for data lost in a machine crash.
+    /// The state with the new size follows once the change is made.
+    fn journal_resizing(&self, ns: &Namespace, ino: Ino) {
+        let Some(j) = self.journal.get() else {
+            return;
+        };
+        let Some(mut state) = ns.pending_state(ino) else {
+            return; // nothing unpublished: the journal holds no size for it
+        };
+        let PendingState::File { size, .. } = &mut state else {
+            return;
+        };
+        if size.take().is_none() {
+            return; // open for writing: journaled without a size already
+        }
+        let mut tx = j.begin();
+        tx.state(ino, Some(state), ns.pending_expect(ino));
+        tx.commit();
+    }
+
     /// How long a published file's staged copy is kept, so that reopening,
     /// rewriting or reading it soon after costs no backend trip (a program
     /// that writes a file and opens it again, fio's layout-then-write). The
@@ -565,6 +588,7 @@ impl Fs {
                 continue;
             }
             let f = self.staging.open_rw(id).map_err(io_err)?;
+            self.journal_resizing(&ns, ino);
             f.set_len(size).map_err(io_err)?;
             self.staging.set_size(id, size);
             break (ns, f);
@@ -1167,6 +1191,7 @@ impl Fs {
                 break (ns, file.map_err(io_err)?);
             };
             if trunc {
+                self.journal_resizing(&ns, ino);
                 file.set_len(0).map_err(io_err)?;
                 if let Some(id) = ns.get(ino)?.staged_id() {
                     self.staging.set_size(id, 0);

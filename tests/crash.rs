@@ -569,3 +569,128 @@ fn stacked_recovery_detaches_only_the_dead_efscache_mount() {
     assert_eq!(std::fs::read(lower.join("precious")).unwrap(), b"on efs");
     assert_eq!(std::fs::read(lower.join("new/file")).unwrap(), b"acknowledged");
 }
+
+/// The staging files under `cache`, with their sizes.
+fn staged_sizes(cache: &Path) -> Vec<(PathBuf, u64)> {
+    common::walk(&cache.join("staging"))
+        .into_iter()
+        .filter(|(_, md)| md.is_file())
+        .map(|(p, md)| (cache.join("staging").join(p), md.len()))
+        .collect()
+}
+
+/// `open(O_TRUNC)` (or `truncate(2)`) of a closed file whose publish is
+/// still pending, and the daemon killed just after it cut the staged data
+/// (strace holds it right there): the journal must already say the file's
+/// size is unknown, or recovery takes the shorter staged file for data lost
+/// in a machine crash and refuses it. Needs strace; without it the test says
+/// so and checks nothing, unless EFSCACHE_REQUIRE_TOOLS is set (as .ci/run
+/// does).
+#[test]
+fn kill9_just_after_the_staged_data_was_cut() {
+    let old = b"0123456789";
+    kill9_just_after_cutting(old, &old[..0], |path| {
+        OpenOptions::new().write(true).truncate(true).open(path).map(drop)
+    });
+    kill9_just_after_cutting(old, &old[..3], |path| {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; truncate(2) has no other requirement.
+        match unsafe { libc::truncate(c.as_ptr(), 3) } {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    });
+}
+
+/// A helper process killed and reaped when dropped (also on panic).
+struct Reaped(std::process::Child);
+
+impl Reaped {
+    fn end(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+fn kill9_just_after_cutting(
+    old: &[u8],
+    cut: &[u8],
+    cut_it: impl FnOnce(PathBuf) -> std::io::Result<()> + Send + 'static,
+) {
+    if std::process::Command::new("strace").arg("-V").output().is_err() {
+        assert!(
+            std::env::var_os("EFSCACHE_REQUIRE_TOOLS").is_none(),
+            "strace is not installed (apt-get install strace)"
+        );
+        eprintln!("SKIPPED: strace is not installed (apt-get install strace)");
+        return;
+    }
+    let s = Scratch::new();
+    let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
+    // Nothing is published before the kill.
+    let mut m = Mount::start(&backend, &mnt, &cache, "debounce=1h");
+    std::fs::write(mnt.join("f"), old).unwrap();
+    let staged = staged_sizes(&cache);
+    let staging_file = match &staged[..] {
+        [(p, n)] if *n == old.len() as u64 => p.clone(),
+        _ => panic!("one staging file expected: {staged:?}"),
+    };
+    // Every ftruncate(2) of the daemon is held for 30 s once it is done.
+    let pid = m.pid();
+    let mut strace = Reaped(
+        std::process::Command::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=ftruncate"])
+            .args(["-e", "inject=ftruncate:delay_exit=30000000", "-p", &pid.to_string()])
+            .spawn()
+            .expect("start strace"),
+    );
+    let traced = || {
+        std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().all(|t| {
+            let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap_or_default();
+            status
+                .lines()
+                .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+        })
+    };
+    let t = std::time::Instant::now();
+    while !traced() {
+        assert!(t.elapsed() < Duration::from_secs(10), "strace did not attach");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let path = mnt.join("f");
+    let cutter = std::thread::spawn(move || cut_it(path));
+    let t = std::time::Instant::now();
+    while std::fs::metadata(&staging_file).unwrap().len() != cut.len() as u64 {
+        assert!(t.elapsed() < Duration::from_secs(10), "the staged data was not cut");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SIGKILL first: strace, killed first, would let the daemon go on. (The
+    // daemon's exit reaches its parent once its tracer has seen it.)
+    // SAFETY: kill(2) on the daemon this test started.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+    strace.end();
+    m.kill9();
+    let _ = cutter.join().unwrap(); // (the dead mount answers it with an error)
+    drop(m);
+
+    let m = Mount::start(&backend, &mnt, &cache, "debounce=20ms");
+    let rec = m.recovery();
+    assert_eq!(
+        rec["failed"].as_u64().unwrap_or(0),
+        0,
+        "recovery refused the file: {rec}"
+    );
+    m.sync();
+    // The call never returned: the old content or the cut one are both right.
+    let now = std::fs::read(mnt.join("f")).unwrap();
+    assert!(now == cut || now == old, "{now:?}");
+    assert_eq!(std::fs::read(backend.join("f")).unwrap(), now);
+    m.umount();
+}
