@@ -787,7 +787,8 @@ pub struct Lent {
     pub journal_seq: Option<u64>,
     /// See `FlushOp::expect`.
     pub expect: Option<Known>,
-    /// The overlay objects the op is about (its `Key::Ino` keys).
+    /// The overlay objects the op is about (its exclusive `Key::Ino` keys,
+    /// in the order the op named them: a rename's source first).
     pub objects: Vec<Ino>,
 }
 

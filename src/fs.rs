@@ -1835,6 +1835,14 @@ impl Fs {
                 }
                 _ => false,
             };
+            if let Action::Rename { .. } = &lent.action
+                && expect.is_none()
+                && let Some(src) = lent.objects.first()
+            {
+                // A source renamed while its publish was queued has its
+                // backend inode now: that publish ran first.
+                expect = self.ns.lock().get(*src).ok().and_then(|i| i.known());
+            }
             // (A version recorded before this mount changed the file's mtime
             // itself no longer holds.)
             let expect = expect.map(|k| self.ns.lock().checkable(k));

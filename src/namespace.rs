@@ -1252,7 +1252,8 @@ impl Namespace {
             let mut op = FlushOp::new(keys, Action::Rename { from, to, noreplace });
             // What a retry finds at the target if an attempt whose reply was
             // lost did the rename (a queued publish gives the file a new
-            // backend inode first: then it is not known yet).
+            // backend inode first: then the worker reads it when the rename
+            // runs).
             op.expect = src_known.filter(|_| !src_publishing);
             fx.ops.push(op);
         } else if sdent.shadows {

@@ -81,6 +81,63 @@ fn lost_replies_leave_no_temp_files_behind() {
     );
 }
 
+/// Renames through the mount of files already on the backend, and of files
+/// renamed right after they were written (the rename waits behind their
+/// publish), while half of the backend's renames are carried out but answer
+/// EIO: each retry finds its source gone and the target holding the very
+/// file it renamed, takes the rename as done, and reports no conflict.
+#[test]
+fn renames_whose_replies_are_lost_are_not_taken_for_conflicts() {
+    let s = Scratch::new();
+    let (mnt, backend) = (s.path("mnt"), s.path("backend"));
+    let m = Mount::start(
+        &backend,
+        &mnt,
+        &s.path("cache"),
+        "debounce=0ms,fault_rate=0.5,fault_ops=rename,fault_errno=EIO,fault_reply_lost,fault_seed=3",
+    );
+    std::fs::create_dir(mnt.join("d")).unwrap();
+    for i in 0..30 {
+        std::fs::write(mnt.join(format!("d/a{i}")), format!("published {i}")).unwrap();
+    }
+    m.sync();
+    let retries = counter(&m, "retries");
+    for i in 0..30 {
+        std::fs::write(mnt.join(format!("d/n{i}")), format!("new {i}")).unwrap();
+    }
+    // Their publishes are queued by now, and many wait to retry a rename.
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    for i in 0..30 {
+        std::fs::rename(mnt.join(format!("d/a{i}")), mnt.join(format!("d/b{i}"))).unwrap();
+        std::fs::rename(mnt.join(format!("d/n{i}")), mnt.join(format!("d/m{i}"))).unwrap();
+    }
+    m.sync();
+    assert!(
+        counter(&m, "retries") > retries,
+        "no rename was retried: the test exercised nothing"
+    );
+    assert_eq!(m.status()["failures"], serde_json::json!([]));
+    m.umount();
+    let mut names: Vec<String> = std::fs::read_dir(backend.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (0..30).flat_map(|i| [format!("b{i}"), format!("m{i}")]).collect();
+    want.sort();
+    assert_eq!(names, want);
+    for i in 0..30 {
+        assert_eq!(
+            std::fs::read_to_string(backend.join(format!("d/b{i}"))).unwrap(),
+            format!("published {i}")
+        );
+        assert_eq!(
+            std::fs::read_to_string(backend.join(format!("d/m{i}"))).unwrap(),
+            format!("new {i}")
+        );
+    }
+}
+
 /// A third of the backend's renames and unlinks fail (before they happen): a
 /// publish whose rename fails cannot always remove its temp file at once
 /// either. Such temp files are removed later, before `sync` returns.
