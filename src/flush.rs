@@ -167,7 +167,9 @@ pub struct FlushOp {
     /// this mount knew), else another client replaced or rewrote it and it is
     /// left alone. For a publish: what its first name held when it was
     /// queued (the worker checks the overlay's current knowledge instead).
-    /// Journaled, so recovery checks against it too.
+    /// For a rename: the object its source holds (what a retry must find at
+    /// the target; the worker reads it if unknown when queued). Journaled,
+    /// so recovery checks against it too.
     pub expect: Option<Known>,
 }
 
@@ -358,15 +360,21 @@ impl Scheduler {
 
     /// Queues an op behind every earlier op it conflicts with.
     pub fn enqueue(&self, mut op: FlushOp) {
-        // An op may name one key twice (e.g. shared via two paths): keep the strongest.
-        let mut dedup: HashMap<Key, Access> = HashMap::new();
+        // An op may name one key twice (e.g. shared via two paths): keep the
+        // strongest, in the order the op named them (`Lent::objects`).
+        let mut at: HashMap<Key, usize> = HashMap::new();
+        let mut keys: Vec<(Key, Access)> = Vec::with_capacity(op.keys.len());
         for (k, a) in op.keys.drain(..) {
-            let e = dedup.entry(k).or_insert(a);
-            if a == Access::Exclusive {
-                *e = Access::Exclusive;
+            match at.get(&k) {
+                Some(&i) if a == Access::Exclusive => keys[i].1 = Access::Exclusive,
+                Some(_) => {}
+                None => {
+                    at.insert(k.clone(), keys.len());
+                    keys.push((k, a));
+                }
             }
         }
-        op.keys = dedup.into_iter().collect();
+        op.keys = keys;
         let mut st = self.state.lock();
         let seq = st.next_seq;
         st.next_seq += 1;
@@ -881,6 +889,25 @@ mod tests {
         s.finish(l2, Outcome::Done);
         s.settled();
         assert!(s.wait_idle(Some(Instant::now())));
+    }
+
+    #[test]
+    fn a_lent_ops_objects_keep_the_order_the_op_named_them_in() {
+        let s = sched();
+        // (As a rename over an existing file: source 9, target 3.)
+        s.enqueue(op(vec![
+            (Key::Name(ROOT, "a".into()), Access::Exclusive),
+            (Key::Name(ROOT, "b".into()), Access::Exclusive),
+            (Key::Ino(9), Access::Exclusive),
+            (Key::Ino(3), Access::Shared),
+            (Key::Ino(3), Access::Exclusive),
+            (Key::Ino(ROOT), Access::Shared),
+            (Key::Ino(9), Access::Shared),
+        ]));
+        let l = s.next().unwrap();
+        assert_eq!(l.objects, vec![9, 3]);
+        s.finish(l, Outcome::Done);
+        s.settled();
     }
 
     #[test]

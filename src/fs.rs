@@ -266,27 +266,30 @@ impl Fs {
         }
     }
 
-    /// Journals `ino`'s unpublished content as of unknown size before its
-    /// staged data is cut or extended (the size recorded at its last close
-    /// then no longer holds): a crash between the two must not leave a
-    /// journal that takes the new length for data lost in a machine crash.
-    /// The state with the new size follows once the change is made.
-    fn journal_resizing(&self, ns: &Namespace, ino: Ino) {
+    /// Marks `ino`'s content changed and journals it as of unknown size
+    /// before its staged data is cut or extended: the size the journal
+    /// holds for it (of its last close, or of its queued publish) no longer
+    /// holds then, and a crash between the two must not leave a journal
+    /// that takes the new length for data lost in a machine crash. The
+    /// state with the new size follows once the change is made.
+    fn journal_resizing(&self, ns: &mut Namespace, ino: Ino) -> FsResult<()> {
+        ns.mark_dirty(ino)?;
         let Some(j) = self.journal.get() else {
-            return;
+            return Ok(());
         };
         let Some(mut state) = ns.pending_state(ino) else {
-            return; // nothing unpublished: the journal holds no size for it
+            return Ok(()); // removed: nothing of it is published any more
         };
         let PendingState::File { size, .. } = &mut state else {
-            return;
+            return Ok(());
         };
         if size.take().is_none() {
-            return; // open for writing: journaled without a size already
+            return Ok(()); // open for writing: journaled without a size already
         }
         let mut tx = j.begin();
         tx.state(ino, Some(state), ns.pending_expect(ino));
         tx.commit();
+        Ok(())
     }
 
     /// How long a published file's staged copy is kept, so that reopening,
@@ -583,12 +586,12 @@ impl Fs {
         let (mut ns, staged) = loop {
             let id = self.stage(ino, size > 0, may_block)?;
             // Under the lock, so a publish finishing now cannot drop the staging file.
-            let ns = self.ns.lock();
+            let mut ns = self.ns.lock();
             if ns.get(ino)?.staged_id() != Some(id) {
                 continue;
             }
             let f = self.staging.open_rw(id).map_err(io_err)?;
-            self.journal_resizing(&ns, ino);
+            self.journal_resizing(&mut ns, ino)?;
             f.set_len(size).map_err(io_err)?;
             self.staging.set_size(id, size);
             break (ns, f);
@@ -1191,7 +1194,7 @@ impl Fs {
                 break (ns, file.map_err(io_err)?);
             };
             if trunc {
-                self.journal_resizing(&ns, ino);
+                self.journal_resizing(&mut ns, ino)?;
                 file.set_len(0).map_err(io_err)?;
                 if let Some(id) = ns.get(ino)?.staged_id() {
                     self.staging.set_size(id, 0);
@@ -1205,8 +1208,11 @@ impl Fs {
                 stamp_staging(&file, &i.attr);
             }
             let passthrough = self.passthrough_enabled() && self.open_mode(ino) != Some(false);
-            if write && passthrough {
-                // Writes will bypass the daemon: the content counts as changed now.
+            if write {
+                // The content counts as changed from now: writes through
+                // passthrough bypass the daemon, and one it serves reaches
+                // the staged file before the journal (whose size for a
+                // queued publish of it would no longer hold).
                 ns.mark_dirty(ino)?;
             }
             let i = ns.get_mut(ino)?;

@@ -113,8 +113,9 @@ enum Record {
         ino: Ino,
     },
     /// Follows the `Op` with this `seq`: the backend inode number its name
-    /// had when the op was queued (`FlushOp::expect`), so a replay still
-    /// notices another client's change made before it.
+    /// (a rename's: its source) had when the op was queued
+    /// (`FlushOp::expect`), so a replay still notices another client's
+    /// change made before it.
     Expect {
         seq: u64,
         backend_ino: u64,

@@ -1906,7 +1906,7 @@ impl Namespace {
     /// Applies a journaled op of a dead instance to the overlay (every
     /// directory its paths go through loaded). `expect`: the backend file
     /// its name held when it was queued (journaled for unlinks and
-    /// publishes). `staged`: for a publish, its staged copy. Staging ids
+    /// publishes; for renames, the one its source held). `staged`: for a publish, its staged copy. Staging ids
     /// that nothing refers to any more are added to `discard`.
     pub fn replay(
         &mut self,

@@ -589,17 +589,24 @@ fn staged_sizes(cache: &Path) -> Vec<(PathBuf, u64)> {
 #[test]
 fn kill9_just_after_the_staged_data_was_cut() {
     let old = b"0123456789";
-    kill9_just_after_cutting(old, &old[..0], |path| {
-        OpenOptions::new().write(true).truncate(true).open(path).map(drop)
-    });
-    kill9_just_after_cutting(old, &old[..3], |path| {
+    let open_trunc = |path: PathBuf| OpenOptions::new().write(true).truncate(true).open(path).map(drop);
+    let truncate_to_3 = |path: PathBuf| {
         let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid C string; truncate(2) has no other requirement.
         match unsafe { libc::truncate(c.as_ptr(), 3) } {
             0 => Ok(()),
             _ => Err(std::io::Error::last_os_error()),
         }
-    });
+    };
+    // The file closed, its publish not queued yet (its size is in the
+    // journal's pending state) ...
+    let waiting = "debounce=1h";
+    kill9_just_after_cutting(waiting, old, &old[..0], open_trunc);
+    kill9_just_after_cutting(waiting, old, &old[..3], truncate_to_3);
+    // ... or queued and retrying (its size is in the publish op).
+    let retrying = "debounce=0ms,fault_rate=1.0,fault_ops=create,fault_errno=EIO";
+    kill9_just_after_cutting(retrying, old, &old[..0], open_trunc);
+    kill9_just_after_cutting(retrying, old, &old[..3], truncate_to_3);
 }
 
 /// A helper process killed and reaped when dropped (also on panic).
@@ -619,6 +626,7 @@ impl Drop for Reaped {
 }
 
 fn kill9_just_after_cutting(
+    opts: &str,
     old: &[u8],
     cut: &[u8],
     cut_it: impl FnOnce(PathBuf) -> std::io::Result<()> + Send + 'static,
@@ -634,8 +642,20 @@ fn kill9_just_after_cutting(
     let s = Scratch::new();
     let (backend, mnt, cache) = (s.path("backend"), s.path("mnt"), s.path("cache"));
     // Nothing is published before the kill.
-    let mut m = Mount::start(&backend, &mnt, &cache, "debounce=1h");
+    let mut m = Mount::start(&backend, &mnt, &cache, opts);
     std::fs::write(mnt.join("f"), old).unwrap();
+    // (The close reaches the daemon after close(2) returns.)
+    let t = std::time::Instant::now();
+    while m.status()["open_for_write"].as_u64() != Some(0) {
+        assert!(t.elapsed() < Duration::from_secs(10), "the write's close never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    if opts.contains("fault_rate") {
+        while m.status()["retries"].as_u64().unwrap_or(0) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "the publish was not tried");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let staged = staged_sizes(&cache);
     let staging_file = match &staged[..] {
         [(p, n)] if *n == old.len() as u64 => p.clone(),

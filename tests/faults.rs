@@ -81,13 +81,16 @@ fn lost_replies_leave_no_temp_files_behind() {
     );
 }
 
-/// Renames through the mount of files already on the backend, and of files
-/// renamed right after they were written (the rename waits behind their
-/// publish), while half of the backend's renames are carried out but answer
-/// EIO: each retry finds its source gone and the target holding the very
-/// file it renamed, takes the rename as done, and reports no conflict.
+/// Renames through the mount while half of the backend's renames are
+/// carried out but answer EIO: of files on the backend (`a` to `b`), of
+/// files rewritten just before (`c` to `e`: the rename waits behind their
+/// publish, which gives them a new backend inode) and of new files onto
+/// names whose files are still open (`n` to `t`). Each retry that finds
+/// its source gone and the target holding the file it renamed takes the
+/// rename as done: no conflict is reported, and every name ends up right.
 #[test]
 fn renames_whose_replies_are_lost_are_not_taken_for_conflicts() {
+    const N: usize = 20;
     let s = Scratch::new();
     let (mnt, backend) = (s.path("mnt"), s.path("backend"));
     let m = Mount::start(
@@ -96,20 +99,29 @@ fn renames_whose_replies_are_lost_are_not_taken_for_conflicts() {
         &s.path("cache"),
         "debounce=0ms,fault_rate=0.5,fault_ops=rename,fault_errno=EIO,fault_reply_lost,fault_seed=3",
     );
+    let at = |name: String| mnt.join("d").join(name);
     std::fs::create_dir(mnt.join("d")).unwrap();
-    for i in 0..30 {
-        std::fs::write(mnt.join(format!("d/a{i}")), format!("published {i}")).unwrap();
+    for i in 0..N {
+        for p in ["a", "c", "t"] {
+            std::fs::write(at(format!("{p}{i}")), format!("{p} {i}")).unwrap();
+        }
     }
     m.sync();
     let retries = counter(&m, "retries");
-    for i in 0..30 {
-        std::fs::write(mnt.join(format!("d/n{i}")), format!("new {i}")).unwrap();
+    // (Open, the replaced files stay known to the daemon with their inodes.)
+    let held: Vec<std::fs::File> = (0..N)
+        .map(|i| std::fs::File::open(at(format!("t{i}"))).unwrap())
+        .collect();
+    for i in 0..N {
+        std::fs::write(at(format!("c{i}")), format!("c {i} rewritten")).unwrap();
+        std::fs::write(at(format!("n{i}")), format!("n {i}")).unwrap();
     }
     // Their publishes are queued by now, and many wait to retry a rename.
     std::thread::sleep(std::time::Duration::from_millis(100));
-    for i in 0..30 {
-        std::fs::rename(mnt.join(format!("d/a{i}")), mnt.join(format!("d/b{i}"))).unwrap();
-        std::fs::rename(mnt.join(format!("d/n{i}")), mnt.join(format!("d/m{i}"))).unwrap();
+    for i in 0..N {
+        std::fs::rename(at(format!("a{i}")), at(format!("b{i}"))).unwrap();
+        std::fs::rename(at(format!("c{i}")), at(format!("e{i}"))).unwrap();
+        std::fs::rename(at(format!("n{i}")), at(format!("t{i}"))).unwrap();
     }
     m.sync();
     assert!(
@@ -117,24 +129,23 @@ fn renames_whose_replies_are_lost_are_not_taken_for_conflicts() {
         "no rename was retried: the test exercised nothing"
     );
     assert_eq!(m.status()["failures"], serde_json::json!([]));
+    drop(held);
     m.umount();
     let mut names: Vec<String> = std::fs::read_dir(backend.join("d"))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
     names.sort();
-    let mut want: Vec<String> = (0..30).flat_map(|i| [format!("b{i}"), format!("m{i}")]).collect();
+    let mut want: Vec<String> = (0..N)
+        .flat_map(|i| ["b", "e", "t"].map(|p| format!("{p}{i}")))
+        .collect();
     want.sort();
     assert_eq!(names, want);
-    for i in 0..30 {
-        assert_eq!(
-            std::fs::read_to_string(backend.join(format!("d/b{i}"))).unwrap(),
-            format!("published {i}")
-        );
-        assert_eq!(
-            std::fs::read_to_string(backend.join(format!("d/m{i}"))).unwrap(),
-            format!("new {i}")
-        );
+    let on_backend = |name: String| std::fs::read_to_string(backend.join("d").join(name)).unwrap();
+    for i in 0..N {
+        assert_eq!(on_backend(format!("b{i}")), format!("a {i}"));
+        assert_eq!(on_backend(format!("e{i}")), format!("c {i} rewritten"));
+        assert_eq!(on_backend(format!("t{i}")), format!("n {i}"));
     }
 }
 
