@@ -405,6 +405,22 @@ impl Fs {
 
     // ---- metadata cache -------------------------------------------------
 
+    /// How long the kernel may take a name missing from `dir` for missing:
+    /// as long as this daemon trusts its listing of `dir`, so a name another
+    /// client creates shows up no later than it would in a listing. (The
+    /// rsync receiver's lookup of each file's final name, seconds after its
+    /// generator's, is then answered by the kernel.)
+    pub fn absence_ttl(&self, dir: Ino) -> Duration {
+        let ttl = self.kernel_ttl();
+        if self.cfg.exclusive {
+            return ttl;
+        }
+        let loaded = self.ns.lock().dir(dir).ok().and_then(|d| d.loaded);
+        loaded.map_or(Duration::ZERO, |t| {
+            self.cfg.attr_ttl.saturating_sub(t.elapsed()).min(ttl)
+        })
+    }
+
     fn fresh(&self, loaded: Option<Instant>) -> bool {
         loaded.is_some_and(|t| self.cfg.exclusive || t.elapsed() < self.cfg.attr_ttl)
     }

@@ -52,6 +52,32 @@ pub struct EfsFuse {
     pool: BlockingPool,
     backing: Arc<Backing>,
     watchdog: Arc<Watchdog>,
+    entries: KernelEntries,
+}
+
+/// Tells the kernel to drop its cached entries of names a late result
+/// changed: a create, link, rename or removal that the watchdog answered
+/// EIO and that then happened after all (the kernel may hold the name as
+/// missing, or as the old object, for as long as `Fs::absence_ttl` or the
+/// attribute TTL allowed).
+#[derive(Clone, Default)]
+pub struct KernelEntries(Arc<std::sync::OnceLock<fuser::Notifier>>);
+
+impl KernelEntries {
+    /// Set once the session exists (its notifier writes to the FUSE device).
+    pub fn connect(&self, notifier: fuser::Notifier) {
+        let _ = self.0.set(notifier);
+    }
+
+    fn forget(&self, parent: INodeNo, name: &OsStr) {
+        if let Some(n) = self.0.get()
+            // (ENOENT: the kernel had no entry for it.)
+            && let Err(e) = n.inval_entry(parent, name)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::debug!(error = %e, "cannot invalidate a kernel directory entry");
+        }
+    }
 }
 
 /// Answers requests that waited on the backend longer than the request
@@ -194,10 +220,6 @@ fn file_type(k: Kind) -> FileType {
     }
 }
 
-/// How long the kernel may cache that a name does not exist (at most the
-/// attribute TTL).
-const NEGATIVE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// The entry that tells the kernel a name does not exist (node id 0).
 fn no_entry() -> FileAttr {
     FileAttr {
@@ -260,7 +282,13 @@ impl EfsFuse {
             pool: BlockingPool::new(pool_threads),
             backing: Arc::default(),
             watchdog,
+            entries: KernelEntries::default(),
         }
+    }
+
+    /// See `KernelEntries`.
+    pub fn kernel_entries(&self) -> KernelEntries {
+        self.entries.clone()
     }
 
     /// Runs `op` inline; if it must wait on the backend, runs it again on the
@@ -319,8 +347,15 @@ impl EfsFuse {
         }
     }
 
-    fn entry(&self, reply: ReplyEntry, op: impl Fn(&Fs, bool) -> FsResult<AttrOut> + Send + 'static) {
+    /// Creates `name` in `parent` (mknod, mkdir, symlink, link).
+    fn entry(
+        &self,
+        reply: ReplyEntry,
+        (parent, name): (INodeNo, std::ffi::OsString),
+        op: impl Fn(&Fs, bool) -> FsResult<AttrOut> + Send + 'static,
+    ) {
         let ttl = self.fs.kernel_ttl();
+        let entries = self.entries.clone();
         self.run_undoable(
             reply,
             op,
@@ -328,15 +363,34 @@ impl EfsFuse {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 Err(e) => reply.error(errno(&e)),
             },
-            |fs, a| fs.unlookup(a.ino),
+            move |fs, a| {
+                fs.unlookup(a.ino);
+                entries.forget(parent, &name);
+            },
         );
     }
 
-    fn empty(&self, reply: ReplyEmpty, op: impl Fn(&Fs, bool) -> FsResult<()> + Send + 'static) {
-        self.run(reply, op, |reply, r| match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(&e)),
-        });
+    /// Changes the names `changed` (unlink, rmdir, rename).
+    fn empty(
+        &self,
+        reply: ReplyEmpty,
+        changed: Vec<(INodeNo, std::ffi::OsString)>,
+        op: impl Fn(&Fs, bool) -> FsResult<()> + Send + 'static,
+    ) {
+        let entries = self.entries.clone();
+        self.run_undoable(
+            reply,
+            op,
+            |reply, r| match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(errno(&e)),
+            },
+            move |_, ()| {
+                for (parent, name) in &changed {
+                    entries.forget(*parent, name);
+                }
+            },
+        );
     }
 }
 
@@ -385,20 +439,22 @@ impl fuser::Filesystem for EfsFuse {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let name = name.to_owned();
         let ttl = self.fs.kernel_ttl();
-        let negative_ttl = ttl.min(NEGATIVE_TTL);
+        let fs = self.fs.clone();
         self.run_undoable(
             reply,
             move |fs, b| fs.lookup(parent.0, &name, b),
             move |reply, r| match r {
                 Ok(a) => reply.entry(&ttl, &file_attr(&a), Generation(0)),
                 // A missing name is cached by the kernel (node id 0 means
-                // "none"), briefly: rsync looks up each file's final name
-                // three times before it exists (its generator, its receiver,
-                // the rename), within milliseconds. Briefly, because a create
-                // the watchdog answered EIO may still succeed later.
-                Err(e) if e.errno() == libc::ENOENT && !negative_ttl.is_zero() => {
-                    reply.entry(&negative_ttl, &no_entry(), Generation(0))
-                }
+                // "none") while the listing that lacks it is trusted: rsync
+                // looks up each file's final name before it exists in its
+                // generator and, seconds later, in its receiver. (The
+                // kernel looks up again before a create and a rename onto
+                // it whatever it holds.)
+                Err(e) if e.errno() == libc::ENOENT => match fs.absence_ttl(parent.0) {
+                    t if t.is_zero() => reply.error(errno(&e)),
+                    t => reply.entry(&t, &no_entry(), Generation(0)),
+                },
                 Err(e) => reply.error(errno(&e)),
             },
             |fs, a| fs.unlookup(a.ino),
@@ -471,26 +527,30 @@ impl fuser::Filesystem for EfsFuse {
 
     fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, rdev: u32, reply: ReplyEntry) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
-        self.entry(reply, move |fs, b| {
+        self.entry(reply, (parent, name.clone()), move |fs, b| {
             fs.mknod(parent.0, &name, mode, umask, rdev as u64, uid, gid, b)
         });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
-        self.entry(reply, move |fs, b| {
+        self.entry(reply, (parent, name.clone()), move |fs, b| {
             fs.mkdir(parent.0, &name, mode & 0o7777, umask, uid, gid, b)
         });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.empty(reply, move |fs, b| fs.unlink(parent.0, &name, b));
+        self.empty(reply, vec![(parent, name.clone())], move |fs, b| {
+            fs.unlink(parent.0, &name, b)
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.empty(reply, move |fs, b| fs.rmdir(parent.0, &name, b));
+        self.empty(reply, vec![(parent, name.clone())], move |fs, b| {
+            fs.rmdir(parent.0, &name, b)
+        });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
@@ -500,7 +560,9 @@ impl fuser::Filesystem for EfsFuse {
             req.uid(),
             req.gid(),
         );
-        self.entry(reply, move |fs, b| fs.symlink(parent.0, &name, &target, uid, gid, b));
+        self.entry(reply, (parent, name.clone()), move |fs, b| {
+            fs.symlink(parent.0, &name, &target, uid, gid, b)
+        });
     }
 
     fn rename(
@@ -514,14 +576,17 @@ impl fuser::Filesystem for EfsFuse {
         reply: ReplyEmpty,
     ) {
         let (name, newname) = (name.to_owned(), newname.to_owned());
-        self.empty(reply, move |fs, b| {
+        let changed = vec![(parent, name.clone()), (newparent, newname.clone())];
+        self.empty(reply, changed, move |fs, b| {
             fs.rename(parent.0, &name, newparent.0, &newname, flags.bits(), b)
         });
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let newname = newname.to_owned();
-        self.entry(reply, move |fs, b| fs.link(ino.0, newparent.0, &newname, b));
+        self.entry(reply, (newparent, newname.clone()), move |fs, b| {
+            fs.link(ino.0, newparent.0, &newname, b)
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -606,7 +671,7 @@ impl fuser::Filesystem for EfsFuse {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.empty(reply, move |fs, b| fs.fsync(fh.0, b));
+        self.empty(reply, Vec::new(), move |fs, b| fs.fsync(fh.0, b));
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -668,7 +733,7 @@ impl fuser::Filesystem for EfsFuse {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        self.empty(reply, move |fs, b| fs.fsyncdir(b));
+        self.empty(reply, Vec::new(), move |fs, b| fs.fsyncdir(b));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
@@ -713,12 +778,14 @@ impl fuser::Filesystem for EfsFuse {
         reply: ReplyEmpty,
     ) {
         let (name, value) = (name.to_owned(), value.to_vec());
-        self.empty(reply, move |fs, b| fs.setxattr(ino.0, &name, Some(&value), flags, b));
+        self.empty(reply, Vec::new(), move |fs, b| {
+            fs.setxattr(ino.0, &name, Some(&value), flags, b)
+        });
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let name = name.to_owned();
-        self.empty(reply, move |fs, b| fs.setxattr(ino.0, &name, None, 0, b));
+        self.empty(reply, Vec::new(), move |fs, b| fs.setxattr(ino.0, &name, None, 0, b));
     }
 
     fn fallocate(
@@ -765,6 +832,7 @@ impl fuser::Filesystem for EfsFuse {
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         let ttl = self.fs.kernel_ttl();
         let (fs, backing) = (self.fs.clone(), self.backing.clone());
+        let (entries, created) = (self.entries.clone(), name.clone());
         self.run_undoable(
             reply,
             move |fs, b| fs.create(parent.0, &name, mode & 0o7777, umask, flags, uid, gid, b),
@@ -785,9 +853,10 @@ impl fuser::Filesystem for EfsFuse {
                 }
                 Err(e) => reply.error(errno(&e)),
             },
-            |fs, (a, o)| {
+            move |fs, (a, o)| {
                 fs.release(o.fh);
                 fs.unlookup(a.ino);
+                entries.forget(parent, &created);
             },
         );
     }

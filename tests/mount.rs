@@ -425,3 +425,25 @@ fn a_cache_dir_others_can_write_is_refused() {
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o700)).unwrap();
     Mount::start(&s.path("backend"), &s.path("mnt"), &cache, "").umount();
 }
+
+/// A name another client creates on the backend shows through the mount
+/// within `attr_ttl` of the listing that lacked it, also when it was looked
+/// up (and found missing) late in that listing's life: the kernel caches a
+/// missing name only as long as the daemon trusts the listing.
+#[test]
+fn a_name_another_client_creates_appears_within_attr_ttl_of_the_listing() {
+    use std::time::Instant;
+    let sleep_until = |t: Instant| std::thread::sleep(t.saturating_duration_since(Instant::now()));
+    let s = Scratch::new();
+    std::fs::create_dir(s.path("backend/d")).unwrap();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "attr_ttl=2s");
+    let listed = Instant::now();
+    assert_eq!(std::fs::read_dir(s.path("mnt/d")).unwrap().count(), 0);
+    sleep_until(listed + Duration::from_millis(1500));
+    assert!(!s.path("mnt/d/new").exists());
+    std::fs::write(s.path("backend/d/new"), "theirs").unwrap();
+    sleep_until(listed + Duration::from_millis(3200));
+    let seen = std::fs::read_to_string(s.path("mnt/d/new")).expect("still hidden by the kernel's cached lookup");
+    assert_eq!(seen, "theirs");
+    m.umount();
+}

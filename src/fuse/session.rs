@@ -43,6 +43,7 @@ pub fn mount(
     config.n_threads = Some(event_threads.max(1));
     config.clone_fd = true;
     let fuse = EfsFuse::new(fs, pool_threads);
+    let entries = fuse.kernel_entries();
     let session = match fuser::Session::from_fd(fuse, fd, fuser::SessionACL::All, config) {
         Ok(s) => s,
         Err(e) => {
@@ -50,6 +51,7 @@ pub fn mount(
             return Err(e);
         }
     };
+    entries.connect(session.notifier());
     Ok(Mounted { session })
 }
 
