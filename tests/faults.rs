@@ -533,3 +533,43 @@ fn requests_that_wait_on_a_stalled_backend_fail_in_time() {
         .arg(s.path("mnt"))
         .output();
 }
+
+/// A mkdir that waits on a stalled backend (for its parent's default ACL)
+/// is answered EIO after `request_timeout`, then happens once the backend
+/// is back: the new directory shows through the mount at once, although
+/// the kernel had cached the name as missing just before (the daemon tells
+/// it to forget that).
+#[test]
+fn a_name_made_after_its_request_timed_out_shows_at_once() {
+    let s = Scratch::new();
+    std::fs::create_dir(s.path("backend/d")).unwrap();
+    let look = |mnt: &Path| {
+        std::fs::read_dir(mnt.join("d")).unwrap().for_each(drop);
+        assert!(!mnt.join("d/x").exists());
+    };
+    let probe = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "");
+    look(&s.path("mnt"));
+    let looked = backend_requests(&probe);
+    probe.umount();
+    let m = Mount::start(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        &format!("request_timeout=1s,fault_stall_after={looked},fault_stall=4s"),
+    );
+    look(&s.path("mnt"));
+    let t = std::time::Instant::now();
+    match std::fs::create_dir(s.path("mnt/d/x")) {
+        Ok(()) => panic!("the mkdir did not wait on the stalled backend: the test exercised nothing"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    // The stall ends 4 s after it began; the mkdir then completes.
+    while t.elapsed() < std::time::Duration::from_secs(5) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let md = std::fs::metadata(s.path("mnt/d/x")).expect("still hidden by the kernel's cached lookup");
+    assert!(md.is_dir());
+    m.sync();
+    assert!(s.path("backend/d/x").is_dir());
+    m.umount();
+}
