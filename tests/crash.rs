@@ -13,7 +13,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Mount, Rng, Scratch};
 
@@ -298,6 +298,7 @@ fn rsync_crash_loop_converges_to_the_source() {
     common::make_tree(&src, 3, None);
     common::small_files(&src, 20, 90, 4);
     let opts = "debounce=300ms,flushers=8,fault_delay=1ms";
+    let rsync_log = s.path("rsync.log");
     let rsync = |extra: &[&str]| {
         let mut c = std::process::Command::new("rsync");
         c.args(["-aH", "--numeric-ids"])
@@ -305,7 +306,7 @@ fn rsync_crash_loop_converges_to_the_source() {
             .arg(format!("{}/", src.display()))
             .arg(mnt.join("dst"))
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+            .stderr(File::create(&rsync_log).unwrap());
         c
     };
     let mut rng = Rng(0xc0ffee);
@@ -331,9 +332,26 @@ fn rsync_crash_loop_converges_to_the_source() {
             }
         }
         let mut child = rsync(&[]).spawn().unwrap();
+        // Kill at a random moment, but only once work is pending: on a slow
+        // machine rsync may still be comparing the trees at the first look.
         std::thread::sleep(Duration::from_millis(50 + rng.below(500)));
-        let st = m.status();
-        let pending = st["pending_files"].as_u64().unwrap_or(0) + st["queued_ops"].as_u64().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let pending = loop {
+            let st = m.status();
+            let pending = st["pending_files"].as_u64().unwrap_or(0) + st["queued_ops"].as_u64().unwrap_or(0);
+            if pending > 0 || Instant::now() > deadline {
+                break pending;
+            }
+            if let Some(exit) = child.try_wait().unwrap() {
+                let log = std::fs::read_to_string(&rsync_log).unwrap_or_default();
+                assert!(
+                    exit.success(),
+                    "rsync failed through the mount before the kill: {exit}\n{log}"
+                );
+                break 0;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
         m.kill9();
         let _ = child.kill();
         let _ = child.wait();
