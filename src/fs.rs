@@ -2150,11 +2150,12 @@ impl Fs {
         }
     }
 
-    /// `sync` before an unmount. close(2) returns before the kernel's
-    /// RELEASE of the file reaches the daemon, so a file closed just before
-    /// the drain may still count as open for writing: give such files a
-    /// moment to be released, and sync again.
-    pub fn drain(&self, deadline: Option<Instant>) -> SyncReport {
+    /// `sync` for a caller that may have just closed files (`efscache
+    /// sync` right after a copy, an unmount). close(2) returns before the
+    /// kernel's RELEASE of the file reaches the daemon, so a file closed
+    /// just before may still count as open for writing, and would be left
+    /// unpublished: give such files a moment to be released, and sync again.
+    pub fn sync_after_closes(&self, deadline: Option<Instant>) -> SyncReport {
         let grace = Instant::now() + Duration::from_secs(1);
         loop {
             let report = self.sync(deadline);

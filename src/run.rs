@@ -458,7 +458,7 @@ fn start_fs_bounded(
 
 /// Drains (bounded) and unmounts the mount this daemon serves (on SIGTERM).
 fn drain_and_unmount(fs: &Fs, cfg: &Config) {
-    let report = fs.drain(Some(Instant::now() + cfg.drain_timeout));
+    let report = fs.sync_after_closes(Some(Instant::now() + cfg.drain_timeout));
     if !report.complete {
         tracing::warn!("drain timed out; pending work stays queued until the daemon exits");
     }
@@ -487,11 +487,11 @@ fn control_handler(fs: Arc<Fs>, cfg: Config) -> Arc<dyn Fn(Request) -> serde_jso
         Request::Status => crate::status::collect(&fs, &cfg, started, &fs.recovery_status()),
         Request::Sync { timeout_ms } => {
             let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-            serde_json::to_value(fs.sync(deadline)).expect("report serializes")
+            serde_json::to_value(fs.sync_after_closes(deadline)).expect("report serializes")
         }
         Request::Drain { timeout_ms } => {
             let limit = timeout_ms.map_or(cfg.drain_timeout, Duration::from_millis);
-            serde_json::to_value(fs.drain(Some(Instant::now() + limit))).expect("report serializes")
+            serde_json::to_value(fs.sync_after_closes(Some(Instant::now() + limit))).expect("report serializes")
         }
     })
 }
