@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -201,8 +201,9 @@ fn crash_rounds(s: &Scratch, opts: &str, rounds: usize, seed: u64) -> Rounds {
             "recovery failed for some changes: {rec}"
         );
         let stop = Arc::new(AtomicBool::new(false));
+        let done_steps = Arc::new(AtomicUsize::new(0));
         let writer = {
-            let (mnt, manifest, stop) = (mnt.clone(), manifest.clone(), stop.clone());
+            let (mnt, manifest, stop, done_steps) = (mnt.clone(), manifest.clone(), stop.clone(), done_steps.clone());
             let mut wrng = Rng(rng.next() | 1);
             std::thread::spawn(move || {
                 let mut n = 0;
@@ -211,11 +212,23 @@ fn crash_rounds(s: &Scratch, opts: &str, rounds: usize, seed: u64) -> Rounds {
                         break; // the daemon is gone: this step is in doubt
                     }
                     n += 1;
+                    done_steps.store(n, Ordering::Relaxed);
                 }
                 n
             })
         };
+        // A random moment, but not before the writer got somewhere and left
+        // work pending (a slow machine may need longer than the sleep).
         std::thread::sleep(Duration::from_millis(150 + rng.below(600)));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let st = mount.status();
+            let pending = st["pending_files"].as_u64().unwrap_or(0) + st["queued_ops"].as_u64().unwrap_or(0);
+            if done_steps.load(Ordering::Relaxed) >= 10 && pending > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         mount.kill9();
         stop.store(true, Ordering::Relaxed);
         let steps = writer.join().expect("writer thread");

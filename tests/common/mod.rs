@@ -80,18 +80,21 @@ impl Mount {
             .stdin(Stdio::null())
             .spawn()
             .expect("start efscache");
-        let m = Mount {
+        let mut m = Mount {
             child: Some(child),
             backend: backend.into(),
             mountpoint: mountpoint.into(),
             cache: cache.into(),
         };
+        // Generous: a debug build on a loaded machine rebuilds a large
+        // journal slowly, and the mount appears only after that.
+        let limit = Duration::from_secs(120);
         let t = Instant::now();
         while !is_efscache_mounted(mountpoint) {
-            assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "efscache did not mount within 20s"
-            );
+            if let Some(exit) = m.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("efscache mount exited before mounting: {exit}");
+            }
+            assert!(t.elapsed() < limit, "efscache did not mount within {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
         // The control socket comes up just after the mount appears.
@@ -104,8 +107,8 @@ impl Mount {
             .is_ok_and(|s| s.success())
         {
             assert!(
-                t.elapsed() < Duration::from_secs(20),
-                "efscache's control socket did not answer within 20s"
+                t.elapsed() < limit,
+                "efscache's control socket did not answer within {limit:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
