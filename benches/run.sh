@@ -229,6 +229,9 @@ for i in range(n):
     with open(os.path.join(sub, "f%05d" % i), "wb") as f:
         f.write(os.urandom(rng.randint(1000, 100000)))
 EOF
+# Write the new trees out now, so the kernel's writeback of them does not
+# slow down the calibration copies that come first.
+sync
 
 # More descriptors where allowed: efs-sim keeps up to half of them open (it
 # reopens the others' files by handle), and fio and rsync want some too.
@@ -586,7 +589,7 @@ row "target" "publish" "as NFS" "round trips" "re-sync"
 row "(b) efs-sim direct, rsync -a" "$(med req_b_pub)" "$(med nfs_b_pub)" "$(med trip_b_pub)" "$(med req_b_re)"
 row "(2) tuned rsync" "$(med req_t_pub)" "$(med nfs_t_pub)" "$(med trip_t_pub)" ""
 row "(c) efscache (rsync + sync)" "$(med req_c_pub)" "$(med nfs_c_pub)" "$(med trip_c_pub)" "$(med req_c_re)"
-echo "publish = requests per file as FUSE delivers them to efs-sim; as NFS = those a Linux NFS 4.1 client sends for the same system calls (FUSE adds a lookup before each create and of each rename target, and getattrs the post-operation attributes of an NFS reply answer); round trips = requests that paid a latency (as NFS, less buffered writes and closes without a commit, plus the FUSE-only lookups, which efs-sim still charges)"
+echo "publish = requests per file as FUSE delivers them to efs-sim; as NFS = those a Linux NFS 4.1 client sends for the same system calls (FUSE adds a lookup before each create and of each rename target, and getattrs the post-operation attributes of an NFS reply answer); round trips = requests that paid a latency (as NFS, less buffered writes and closes without a commit; the FUSE-only lookups cost nothing)"
 echo "request mix, rep 1 (efs-sim op kind = count):"
 echo "  (b) publish: ${MIX_B_PUB:-}"
 echo "  (b) re-sync: ${MIX_B_RE:-}"

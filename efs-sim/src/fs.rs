@@ -91,10 +91,9 @@ pub struct Core {
     /// Inodes whose attributes an NFS client would hold fresh from a recent
     /// reply, until when (see [`Core::note_fresh`]).
     fresh: Mutex<HashMap<u64, Instant>>,
-    /// Names whose last lookup answered ENOENT, and when: the kernel looks a
-    /// name up before it creates it or renames onto it, an NFS client does
-    /// not (see [`Core::lookup_not_sent_by_nfs`]).
-    negative: Mutex<HashMap<(u64, OsString), Instant>>,
+    /// Per caller (thread id), the lookup that last answered it ENOENT,
+    /// whose latency it has not paid yet (see [`Core::settle`]).
+    owed: Mutex<HashMap<u32, Owed>>,
     stats_file: Option<PathBuf>,
 }
 
@@ -110,6 +109,18 @@ struct Plan {
     /// client (post-operation attributes): the changed directories, or the
     /// file written to.
     post_op: Vec<u64>,
+    /// The name this request creates or renames onto (parent, name).
+    makes: Option<(u64, OsString)>,
+    /// The name a lookup looks for (parent, name).
+    looks_up: Option<(u64, OsString)>,
+}
+
+/// A lookup that found nothing, answered at once: its caller pays its
+/// latency with its next request, unless that request creates the name.
+struct Owed {
+    parent: u64,
+    name: OsString,
+    latency: Duration,
 }
 
 impl Plan {
@@ -120,7 +131,21 @@ impl Plan {
             bytes: 0,
             dirs: Vec::new(),
             post_op: Vec::new(),
+            makes: None,
+            looks_up: None,
         }
+    }
+
+    /// The request creates `name` in `parent` (or renames onto it).
+    fn makes(mut self, parent: u64, name: &OsStr) -> Plan {
+        self.makes = Some((parent, name.to_owned()));
+        self
+    }
+
+    /// The request looks `name` up in `parent`.
+    fn looks_up(mut self, parent: u64, name: &OsStr) -> Plan {
+        self.looks_up = Some((parent, name.to_owned()));
+        self
     }
 
     fn bytes(mut self, n: u64) -> Plan {
@@ -252,30 +277,40 @@ impl Core {
         }
     }
 
-    /// Remembers that a lookup of `name` in `parent` answered ENOENT.
-    fn note_negative(&self, parent: u64, name: &OsStr) {
-        let mut negative = self.negative.lock();
-        if negative.len() > 100_000 {
-            negative.clear(); // only ever a few in flight; this bounds a leak
+    /// Settles what `pid` owes for a lookup that found nothing, as the
+    /// request described by `plan` arrives: returns the latency to add to it.
+    ///
+    /// The kernel looks a name up before it creates it (create, mkdir, mknod,
+    /// symlink, link) or renames onto it; a Linux NFS client does not
+    /// (`nfs_lookup` returns early for an exclusive create and for
+    /// `LOOKUP_RENAME_TARGET`; an open with `O_CREAT` is one OPEN). Such a
+    /// lookup is free and counted as not sent by NFS. Any other next request
+    /// pays the lookup's latency: the caller, who waited for the lookup's
+    /// reply before sending it, loses the same time as if the lookup had
+    /// paid it (a caller that never sends another request pays nothing).
+    fn settle(&self, pid: u32, plan: &Plan) -> Duration {
+        let Some(owed) = self.owed.lock().remove(&pid) else {
+            return Duration::ZERO;
+        };
+        if plan
+            .makes
+            .as_ref()
+            .is_some_and(|(p, n)| *p == owed.parent && *n == owed.name)
+        {
+            self.stats.not_sent_by_nfs(OpKind::Lookup);
+            return Duration::ZERO;
         }
-        negative.insert((parent, name.to_owned()), Instant::now());
+        self.stats.round_trip(OpKind::Lookup);
+        owed.latency
     }
 
-    /// `name` in `parent` is about to be created or renamed onto. If the
-    /// kernel has just looked it up and found nothing, that lookup is one a
-    /// Linux NFS client does not send (`nfs_lookup` skips exclusive creates
-    /// and `LOOKUP_RENAME_TARGET`): it is counted as such. It was still
-    /// charged a latency, so timings stay on the safe side.
-    fn lookup_not_sent_by_nfs(&self, parent: u64, name: &OsStr) {
-        let key = (parent, name.to_owned());
-        let Some(at) = self.negative.lock().remove(&key) else {
-            return;
-        };
-        // The kernel sends the create right after the lookup's reply; an
-        // older miss was some earlier stat, which an NFS client sends too.
-        if at.elapsed() < Duration::from_secs(5) {
-            self.stats.not_sent_by_nfs(OpKind::Lookup);
+    /// `pid`'s lookup of `name` in `parent` found nothing: it pays later.
+    fn owe(&self, pid: u32, parent: u64, name: OsString, latency: Duration) {
+        let mut owed = self.owed.lock();
+        if owed.len() > 100_000 {
+            owed.clear(); // callers that never came back; this bounds a leak
         }
+        owed.insert(pid, Owed { parent, name, latency });
     }
 
     /// Whether the attributes of `node` would still be fresh on an NFS client.
@@ -297,11 +332,10 @@ impl Core {
 
     /// Waits until a request may be served and has "travelled": stall window,
     /// ops/s cap, directory gate, latency, bytes on the wire.
-    fn admit(&self, plan: &Plan) -> crate::limits::DirPermit<'_> {
+    fn admit(&self, plan: &Plan, latency: Duration) -> crate::limits::DirPermit<'_> {
         self.faults.wait_stall();
         self.ops_pacer.take(metered_ops(plan));
         let permit = self.gates.acquire(&plan.dirs);
-        let latency = self.costs.latency(plan.kind, plan.class);
         if !latency.is_zero() {
             std::thread::sleep(latency);
         }
@@ -366,7 +400,7 @@ impl EfsSim {
             wire: Pacer::new(costs.bandwidth),
             gates: DirGates::new(costs.dir_concurrency),
             fresh: Mutex::new(HashMap::new()),
-            negative: Mutex::new(HashMap::new()),
+            owed: Mutex::new(HashMap::new()),
             refusals: settings.refusals,
             faults: Faults::new(settings.faults),
             stats,
@@ -393,10 +427,22 @@ impl EfsSim {
         if arrived.crash {
             self.core.crash();
         }
+        // (Here, in arrival order: a caller sends its next request only
+        // after the reply to its lookup, and the lookup recorded what it owes
+        // before replying.)
+        let owed = if caller.pid == 0 {
+            Duration::ZERO
+        } else {
+            self.core.settle(caller.pid, &plan)
+        };
         let core = self.core.clone();
         self.pool.submit(move || {
-            let permit = core.admit(&plan);
-            if plan.class != Class::Free {
+            let latency = core.costs.latency(plan.kind, plan.class);
+            // A lookup's latency waits until its answer is known: one that
+            // finds nothing is answered at once and paid for later.
+            let defer = plan.looks_up.is_some() && caller.pid != 0;
+            let permit = core.admit(&plan, owed + if defer { Duration::ZERO } else { latency });
+            if plan.class != Class::Free && !defer {
                 core.stats.round_trip(plan.kind);
             }
             let result = match core.faults.inject(plan.kind, arrived.kind_seq) {
@@ -406,6 +452,21 @@ impl EfsSim {
                     Err(e) => Err((Errno::from(e), Outcome::Failed)),
                 },
             };
+            if defer {
+                match (&result, &plan.looks_up) {
+                    (Err((e, Outcome::Failed)), Some((parent, name))) if *e == Errno::ENOENT => {
+                        core.owe(caller.pid, *parent, name.clone(), latency)
+                    }
+                    _ => {
+                        core.stats.round_trip(plan.kind);
+                        if !latency.is_zero() {
+                            std::thread::sleep(latency);
+                            // A partition that opened meanwhile holds it too.
+                            core.faults.wait_stall();
+                        }
+                    }
+                }
+            }
             drop(permit);
             let outcome = match &result {
                 Ok(_) => {
@@ -461,15 +522,11 @@ impl Filesystem for EfsSim {
         let name = name.to_owned();
         self.submit(
             caller(req),
-            Plan::new(OpKind::Lookup, Class::Read),
+            Plan::new(OpKind::Lookup, Class::Read).looks_up(parent.0, &name),
             reply,
             move |core| {
                 let dir = core.inode(parent.0)?;
-                let found = core.lookup_entry(&dir, &name);
-                if matches!(&found, Err(e) if e.raw_os_error() == Some(libc::ENOENT)) {
-                    core.note_negative(parent.0, &name);
-                }
-                found
+                core.lookup_entry(&dir, &name)
             },
         );
     }
@@ -570,12 +627,13 @@ impl Filesystem for EfsSim {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        self.core.lookup_not_sent_by_nfs(parent.0, name);
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         let refuse_devices = self.core.refusals.devices;
         self.submit(
             caller(req),
-            Plan::new(OpKind::Mknod, Class::Meta).dirs(&[parent.0]),
+            Plan::new(OpKind::Mknod, Class::Meta)
+                .dirs(&[parent.0])
+                .makes(parent.0, &name),
             reply,
             move |core| {
                 let fmt = mode & libc::S_IFMT;
@@ -592,11 +650,12 @@ impl Filesystem for EfsSim {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        self.core.lookup_not_sent_by_nfs(parent.0, name);
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.submit(
             caller(req),
-            Plan::new(OpKind::Mkdir, Class::Meta).dirs(&[parent.0]),
+            Plan::new(OpKind::Mkdir, Class::Meta)
+                .dirs(&[parent.0])
+                .makes(parent.0, &name),
             reply,
             move |core| {
                 let dir = core.inode(parent.0)?;
@@ -635,12 +694,13 @@ impl Filesystem for EfsSim {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        self.core.lookup_not_sent_by_nfs(parent.0, link_name);
         let (name, uid, gid) = (link_name.to_owned(), req.uid(), req.gid());
         let target: OsString = target.as_os_str().to_owned();
         self.submit(
             caller(req),
-            Plan::new(OpKind::Symlink, Class::Meta).dirs(&[parent.0]),
+            Plan::new(OpKind::Symlink, Class::Meta)
+                .dirs(&[parent.0])
+                .makes(parent.0, link_name),
             reply,
             move |core| {
                 let dir = core.inode(parent.0)?;
@@ -662,11 +722,12 @@ impl Filesystem for EfsSim {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        self.core.lookup_not_sent_by_nfs(newparent.0, newname);
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.submit(
             caller(req),
-            Plan::new(OpKind::Rename, Class::Meta).dirs(&[parent.0, newparent.0]),
+            Plan::new(OpKind::Rename, Class::Meta)
+                .dirs(&[parent.0, newparent.0])
+                .makes(newparent.0, &newname),
             reply,
             move |core| {
                 let from = core.inode(parent.0)?;
@@ -683,11 +744,12 @@ impl Filesystem for EfsSim {
     }
 
     fn link(&self, req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        self.core.lookup_not_sent_by_nfs(newparent.0, newname);
         let newname = newname.to_owned();
         self.submit(
             caller(req),
-            Plan::new(OpKind::Link, Class::Meta).dirs(&[newparent.0]),
+            Plan::new(OpKind::Link, Class::Meta)
+                .dirs(&[newparent.0])
+                .makes(newparent.0, &newname),
             reply,
             move |core| {
                 let inode = core.inode(ino.0)?;
@@ -967,11 +1029,12 @@ impl Filesystem for EfsSim {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        self.core.lookup_not_sent_by_nfs(parent.0, name);
         let (name, uid, gid) = (name.to_owned(), req.uid(), req.gid());
         self.submit(
             caller(req),
-            Plan::new(OpKind::Create, Class::Meta).dirs(&[parent.0]),
+            Plan::new(OpKind::Create, Class::Meta)
+                .dirs(&[parent.0])
+                .makes(parent.0, &name),
             reply,
             move |core| {
                 let dir = core.inode(parent.0)?;

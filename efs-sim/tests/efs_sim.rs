@@ -128,6 +128,37 @@ fn counts_requests_as_an_nfs_client_sends_them() {
     assert_eq!(stats.top("nfs_requests") + not_nfs, stats.top("requests"));
 }
 
+/// A lookup that finds nothing is answered at once. If the caller's next
+/// request creates that name (the kernel's lookup before a create, which an
+/// NFS client does not send) the lookup costs nothing; any other next request
+/// pays the lookup's latency on top of its own.
+#[test]
+fn a_missing_name_is_paid_for_unless_it_is_created_next() {
+    if !can_mount() {
+        return;
+    }
+    let mut sim = Sim::start(&["--profile", "local", "--read-latency-ms", "300"]);
+    fs::create_dir(sim.path("d")).expect("mkdir"); // its lookup: free
+    let t = Instant::now();
+    assert!(fs::symlink_metadata(sim.path("d/missing")).is_err());
+    // This lookup pays for the one before: at least 300 ms in all.
+    assert!(fs::symlink_metadata(sim.path("d/missing2")).is_err());
+    let two_misses = t.elapsed();
+    // This lookup pays for missing2; the create after it owes nothing.
+    fs::write(sim.path("d/new"), b"x").expect("create");
+    let (stats, _) = sim.stop();
+    assert!(
+        two_misses >= Duration::from_millis(300),
+        "the first miss was never paid for: {two_misses:?}"
+    );
+    assert_eq!(stats.op("lookup", "not_nfs"), 2, "the lookups before mkdir and create");
+    assert_eq!(stats.op("lookup", "round_trips"), 2, "missing and missing2");
+    assert!(
+        stats.op("lookup", "max_ms") >= 300,
+        "the debt was not added to the next request"
+    );
+}
+
 fn create_many(sim: &Sim, dir: &str, n: usize) -> Vec<Option<i32>> {
     fs::create_dir(sim.path(dir)).expect("mkdir");
     (0..n)
