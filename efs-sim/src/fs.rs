@@ -7,8 +7,11 @@
 //! gate), sleeps the latency, pays for the bytes on the wire, then either
 //! injects a fault or does the real syscall, records the outcome and replies
 //! from its own thread. Many requests are in flight at once, so 64 parallel
-//! stats cost about one latency, not 64. Reply payloads and attribute
-//! conversion live in `reply`.
+//! stats cost about one latency, not 64. A lookup waits its latency only once
+//! it knows its answer: a miss is answered at once and paid for by the
+//! caller's next request, unless that request creates the name (the kernel's
+//! lookup before a create, which an NFS client does not send; see
+//! [`Core::settle`]). Reply payloads and attribute conversion live in `reply`.
 //!
 //! Permissions are checked by the server, as on NFS: the mount has no
 //! `default_permissions`, and each request runs with its caller's filesystem
