@@ -86,7 +86,7 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let t = std::time::Instant::now();
     while !done() {
         assert!(
-            t.elapsed() < std::time::Duration::from_secs(20),
+            t.elapsed() < std::time::Duration::from_secs(60),
             "timed out waiting for {what}"
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
