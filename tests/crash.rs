@@ -169,6 +169,13 @@ fn check_manifest(root: &Path, m: &Manifest, what: &str) {
     }
 }
 
+/// Files waiting to be published plus backend ops queued: what a kill
+/// leaves for the next mount's recovery.
+fn pending_work(m: &Mount) -> u64 {
+    let st = m.status();
+    st["pending_files"].as_u64().unwrap_or(0) + st["queued_ops"].as_u64().unwrap_or(0)
+}
+
 /// What a series of crash rounds saw.
 struct Rounds {
     manifest: Manifest,
@@ -222,9 +229,7 @@ fn crash_rounds(s: &Scratch, opts: &str, rounds: usize, seed: u64) -> Rounds {
         std::thread::sleep(Duration::from_millis(150 + rng.below(600)));
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
-            let st = mount.status();
-            let pending = st["pending_files"].as_u64().unwrap_or(0) + st["queued_ops"].as_u64().unwrap_or(0);
-            if done_steps.load(Ordering::Relaxed) >= 10 && pending > 0 {
+            if done_steps.load(Ordering::Relaxed) >= 10 && pending_work(&mount) > 0 {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
@@ -350,8 +355,7 @@ fn rsync_crash_loop_converges_to_the_source() {
         std::thread::sleep(Duration::from_millis(50 + rng.below(500)));
         let deadline = Instant::now() + Duration::from_secs(30);
         let pending = loop {
-            let st = m.status();
-            let pending = st["pending_files"].as_u64().unwrap_or(0) + st["queued_ops"].as_u64().unwrap_or(0);
+            let pending = pending_work(&m);
             if pending > 0 || Instant::now() > deadline {
                 break pending;
             }
