@@ -72,6 +72,20 @@ impl Inode {
     }
 }
 
+/// Whether `inode` is still the object whose handle is `handle` (None: no
+/// handle to compare; then whether `inode`'s object still exists).
+fn same_object(inode: &Inode, handle: Option<&sys::Handle>) -> bool {
+    match (&inode.handle, handle) {
+        (Some(old), Some(new)) => old == new,
+        // Without handles the inode keeps its fd open: a removed object has
+        // no links left.
+        _ => match &*inode.fd.lock() {
+            Some(fd) => sys::fstat(fd.as_fd()).is_ok_and(|st| st.st_nlink > 0),
+            None => false,
+        },
+    }
+}
+
 impl std::fmt::Debug for Inode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Inode").field("nodeid", &self.nodeid).finish()
@@ -188,11 +202,23 @@ impl Inodes {
 
     /// Registers one kernel lookup of the object behind `fd` (attributes `st`)
     /// and returns its inode; `fd` is kept if the object was new.
+    ///
+    /// An inode number the backing filesystem gave again to a new object
+    /// (the old one was removed behind our back, e.g. directly in the backing
+    /// directory, as another NFS client would) gets a new node id: the old
+    /// one stays stale (ESTALE) for the kernel's references to it, as an NFS
+    /// file handle, which carries the inode's generation, does.
     pub fn lookup(&self, fd: OwnedFd, st: &libc::stat) -> Arc<Inode> {
         let key = (st.st_dev, st.st_ino);
+        // Objects on other filesystems (mounted inside the backing
+        // directory) keep their fds: handles open on the root's.
+        let handle = (self.cache.handles && key.0 == self.root_key.0)
+            .then(|| sys::handle_of(fd.as_fd()).ok())
+            .flatten();
         let mut t = self.tables.lock();
         if let Some(&id) = t.by_key.get(&key)
             && let Some(slot) = t.by_id.get_mut(&id)
+            && same_object(&slot.inode, handle.as_ref())
         {
             slot.nlookup += 1;
             return slot.inode.clone();
@@ -204,11 +230,6 @@ impl Inodes {
             t.next_synthetic += 1;
             id
         };
-        // Objects on other filesystems (mounted inside the backing
-        // directory) keep their fds: handles open on the root's.
-        let handle = (self.cache.handles && key.0 == self.root_key.0)
-            .then(|| sys::handle_of(fd.as_fd()).ok())
-            .flatten();
         let evictable = handle.is_some();
         let inode = Arc::new(Inode {
             nodeid,
@@ -313,6 +334,32 @@ mod tests {
         }
         let gone = inodes[0].0.fd().map(|_| ()).map_err(|e| e.raw_os_error());
         assert_eq!(gone, Err(Some(libc::ESTALE)), "a removed file is stale, as on NFS");
+    }
+
+    /// An inode number given again to a new object (here: the same key
+    /// presented with another object's fd) is a new node; the old node id
+    /// still names the old object.
+    #[test]
+    fn a_recycled_inode_number_is_a_new_node() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("old")).unwrap();
+        std::fs::create_dir(dir.path().join("new")).unwrap();
+        let (root, rst) = open(dir.path());
+        let table = Inodes::new(root, &rst, 1000);
+        let (old_fd, old_st) = open(&dir.path().join("old"));
+        let old = table.lookup(old_fd, &old_st);
+        std::fs::remove_dir(dir.path().join("old")).unwrap();
+        // The backing filesystem reuses old's inode number for "new".
+        let (new_fd, _) = open(&dir.path().join("new"));
+        let new = table.lookup(new_fd, &old_st);
+        assert_ne!(new.nodeid, old.nodeid, "the removed directory's node id was reused");
+        assert!(table.get(old.nodeid).is_some(), "the kernel still holds the old one");
+        let (again_fd, _) = open(&dir.path().join("new"));
+        let again = table.lookup(again_fd, &old_st);
+        assert!(Arc::ptr_eq(&new, &again), "the next lookup finds the new node");
+        table.forget(old.nodeid, 1);
+        let (third_fd, _) = open(&dir.path().join("new"));
+        assert!(Arc::ptr_eq(&new, &table.lookup(third_fd, &old_st)));
     }
 
     #[test]

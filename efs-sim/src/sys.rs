@@ -623,7 +623,7 @@ fn process_groups(pid: u32) -> Vec<libc::gid_t> {
 
 /// A file handle (`name_to_handle_at`): a `struct file_handle` with its
 /// bytes, kept as u32s for the struct's alignment.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct Handle(Box<[u32]>);
 
 /// Room for the largest handle the kernel gives (MAX_HANDLE_SZ).
