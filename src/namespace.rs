@@ -1557,9 +1557,12 @@ impl Namespace {
         })
     }
 
-    /// Drops the clean copies kept longer than `keep` (all with None) that
-    /// nobody has open: those files read from the backend again. One in use
-    /// is looked at again later.
+    /// Drops the clean copies kept longer than `keep` that nobody has open:
+    /// those files read from the backend again. One in use is looked at again
+    /// later. With None (the FUSE session has ended) every clean copy not
+    /// waiting for a publish goes, open or not: no handle can be used any
+    /// more, and the kernel's releases of the last closes may not have
+    /// arrived before the session ended.
     pub fn expire_lingering(&mut self, keep: Option<Duration>, fx: &mut Effects) {
         let now = Instant::now();
         let mut in_use = Vec::new();
@@ -1573,7 +1576,7 @@ impl Namespace {
             }
             match self.inodes.get_mut(&ino) {
                 Some(i) if i.content == (Content::Staged { id, dirty: false }) => {
-                    if i.opens > 0 || i.publish_queued > 0 {
+                    if (i.opens > 0 && keep.is_some()) || i.publish_queued > 0 {
                         in_use.push((ino, id, since));
                         continue;
                     }
