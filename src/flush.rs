@@ -274,6 +274,16 @@ pub struct Failure {
     pub error: String,
 }
 
+/// A backend op waiting to be tried again, and why (`status` shows the
+/// latest, so an op that keeps failing is visible, not only counted).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Retrying {
+    pub op: String,
+    pub path: String,
+    pub error: String,
+    pub attempts: u32,
+}
+
 #[derive(Debug, Default)]
 struct State {
     next_seq: u64,
@@ -298,6 +308,8 @@ struct State {
     /// file (see `retime_pending`).
     retimes: HashMap<Ino, u32>,
     failures: Vec<Failure>,
+    /// The most recent backend error that sent an op back to wait and retry.
+    last_retry: Option<Retrying>,
     /// Finished ops whose caller has not yet recorded the result in the
     /// namespace (see `settled`): still work in progress for `sync`.
     settling: usize,
@@ -551,7 +563,19 @@ impl Scheduler {
                 e.attempts += 1;
                 e.waiting_for_writer = false;
                 let backoff = backoff(self.retry, e.attempts, seq);
-                tracing::debug!(op = e.op.action.name(), attempts = e.attempts, ?backoff, error = %err, "backend op failed, will retry");
+                let path = e.op.action.path().map(|p| p.display().to_string()).unwrap_or_default();
+                if e.attempts >= 8 && e.attempts.is_power_of_two() {
+                    // Backoff caps at `retry.max`: this is a few minutes in.
+                    tracing::warn!(op = e.op.action.name(), path = %path, attempts = e.attempts, error = %err, "backend op still failing; retrying (efscache status shows the latest error)");
+                } else {
+                    tracing::debug!(op = e.op.action.name(), attempts = e.attempts, ?backoff, error = %err, "backend op failed, will retry");
+                }
+                st.last_retry = Some(Retrying {
+                    op: e.op.action.name().to_string(),
+                    path,
+                    error: err.to_string(),
+                    attempts: e.attempts,
+                });
                 self.stats.retries.fetch_add(1, Ordering::Relaxed);
                 st.retry.push((Instant::now() + backoff, seq));
                 self.work.notify_one();
@@ -720,6 +744,12 @@ impl Scheduler {
             in_flight: st.in_flight,
             pending_publishes: st.pending_publishes,
             retry_waiting: st.retry.len(),
+            // Only while something waits to retry: afterwards it is history.
+            last_retry: if st.retry.is_empty() {
+                None
+            } else {
+                st.last_retry.clone()
+            },
             failures: st.failures.clone(),
         }
     }
@@ -806,6 +836,8 @@ pub struct SchedSnapshot {
     pub in_flight: usize,
     pub pending_publishes: usize,
     pub retry_waiting: usize,
+    /// The latest error that sent an op to retry, while any op waits to.
+    pub last_retry: Option<Retrying>,
     pub failures: Vec<Failure>,
 }
 

@@ -40,6 +40,7 @@ pub fn collect(fs: &Fs, cfg: &Config, started: Instant, recovery: &serde_json::V
         "queued_ops": sched.queued_ops,
         "in_flight": sched.in_flight,
         "retry_waiting": sched.retry_waiting,
+        "last_retry": sched.last_retry,
         "published_files": s.files_published.load(Ordering::Relaxed),
         "published_bytes": s.bytes_published.load(Ordering::Relaxed),
         "ops_done": s.ops_done.load(Ordering::Relaxed),
@@ -60,6 +61,22 @@ pub fn collect(fs: &Fs, cfg: &Config, started: Instant, recovery: &serde_json::V
         "recovery": recovery,
         "config": cfg,
     })
+}
+
+/// The latest error that sent a backend op to retry, while one waits to
+/// (empty otherwise): an op that keeps failing shows what the backend says.
+fn retrying_line(v: &serde_json::Value) -> String {
+    let r = &v["last_retry"];
+    if !r.is_object() {
+        return String::new();
+    }
+    format!(
+        "  RETRYING {} {}: {} (attempt {}; efscache retries until the backend accepts it)\n",
+        r["op"].as_str().unwrap_or("?"),
+        r["path"].as_str().unwrap_or("?"),
+        r["error"].as_str().unwrap_or("?"),
+        r["attempts"].as_u64().unwrap_or(0)
+    )
 }
 
 /// Human-readable rendering of `collect`'s output.
@@ -87,6 +104,7 @@ pub fn render(v: &serde_json::Value) -> String {
         n("retries"),
         n("failed")
     ));
+    out.push_str(&retrying_line(v));
     if let Some(fails) = v["failures"].as_array() {
         for f in fails.iter().take(20) {
             out.push_str(&format!(
@@ -363,6 +381,7 @@ pub fn render_watch(v: &serde_json::Value, rates: &Rates) -> String {
         n("retries"),
         n("failed")
     ));
+    out.push_str(&retrying_line(v));
     if let Some(c) = render_cache(v) {
         out.push_str(&c);
     }

@@ -598,3 +598,41 @@ fn a_name_made_after_its_request_timed_out_shows_at_once() {
     assert!(s.path("backend/d/x").is_dir());
     m.umount();
 }
+
+/// An op the backend keeps refusing with a transient error is retried, and
+/// `efscache status` names it and the backend's error while it waits (not
+/// only a growing retry count).
+#[test]
+fn status_names_the_op_that_keeps_being_retried() {
+    let s = Scratch::new();
+    let mut m = Mount::start(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        "debounce=0ms,fault_rate=1.0,fault_ops=mkdir,fault_errno=ESTALE",
+    );
+    assert!(m.status()["last_retry"].is_null(), "{}", m.status());
+    std::fs::create_dir(s.path("mnt/stuck")).unwrap();
+    let t = std::time::Instant::now();
+    while counter(&m, "retries") < 2 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "no retries: {}",
+            m.status()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let r = &m.status()["last_retry"];
+    assert_eq!(r["op"], "mkdir", "{r}");
+    assert!(r["path"].as_str().unwrap().ends_with("stuck"), "{r}");
+    assert!(r["error"].as_str().unwrap().contains("Stale file handle"), "{r}");
+    assert!(r["attempts"].as_u64().unwrap() >= 1, "{r}");
+    let text = run(Command::new(common::BIN).arg("status").arg(s.path("mnt")));
+    assert!(text.contains("RETRYING mkdir") && text.contains("stuck"), "{text}");
+    m.kill9();
+    drop(m);
+    assert!(
+        !s.path("backend/stuck").exists(),
+        "the refused mkdir reached the backend"
+    );
+}
