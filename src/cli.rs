@@ -32,6 +32,11 @@ pub enum Cmd {
 itself: efscache opens it before mounting on top.\n\nOptions (-o, comma separated):\n  \
 cache_dir=PATH       staging and state on local disk (default /var/cache/efscache/<id>)\n  \
 flushers=N           parallel publish workers (default 32)\n  \
+flush_nice=N         how many nice steps below the application's requests publishing runs,\n                       \
+so a busy CPU answers rsync first (default 10; 0: same priority)\n  \
+fuse_cpus=LIST       confine the threads that answer the kernel to these CPUs (0, 0-1, 0:2);\n                       \
+run the writer there too (taskset -c 0 rsync ...): on small VMs a request\n                       \
+answered on the writer's own CPU costs a fraction of one that wakes another\n  \
 dir_concurrency=N    publishes in flight per backend directory (default 4)\n  \
 debounce=DUR         quiet time after close before a file is published (default 500ms)\n  \
 attr_ttl=DUR         how long cached metadata is trusted (default 30s)\n  \
@@ -249,6 +254,12 @@ pub fn options_string(cfg: &Config) -> String {
     };
     if cfg.flushers != d.flushers {
         o.push(format!("flushers={}", cfg.flushers));
+    }
+    if cfg.flush_nice != d.flush_nice {
+        o.push(format!("flush_nice={}", cfg.flush_nice));
+    }
+    if !cfg.fuse_cpus.is_empty() {
+        o.push(format!("fuse_cpus={}", crate::config::cpu_list_string(&cfg.fuse_cpus)));
     }
     if cfg.dir_concurrency != d.dir_concurrency {
         o.push(format!("dir_concurrency={}", cfg.dir_concurrency));
@@ -527,7 +538,7 @@ mod tests {
         let cfg = mount_config(
             "/b".into(),
             "/m".into(),
-            &["cache_dir=/c,flushers=7,exclusive,fsync=remote,debounce=3s,fault_delay=5ms,fault_rate=0.05,fault_ops=write:rename,fault_errno=ENOSPC,fault_stall_after=100,fault_stall=2s,fault_seed=9,cache_size=64M,request_timeout=5s".into()],
+            &["cache_dir=/c,flushers=7,flush_nice=3,fuse_cpus=0-1:3,exclusive,fsync=remote,debounce=3s,fault_delay=5ms,fault_rate=0.05,fault_ops=write:rename,fault_errno=ENOSPC,fault_stall_after=100,fault_stall=2s,fault_seed=9,cache_size=64M,request_timeout=5s".into()],
             false,
         )
         .unwrap();

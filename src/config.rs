@@ -20,6 +20,12 @@ pub struct Config {
     pub cache_dir: Option<PathBuf>,
     /// Parallel flush workers.
     pub flushers: usize,
+    /// How many nice steps below the threads that answer applications the
+    /// flush workers run (0: the same CPU priority).
+    pub flush_nice: usize,
+    /// CPUs the threads that answer the kernel's requests are confined to
+    /// (empty: wherever the scheduler puts them).
+    pub fuse_cpus: Vec<usize>,
     /// Publishes allowed in flight per backend directory.
     pub dir_concurrency: usize,
     /// Quiet time after the last close before a file is published.
@@ -117,6 +123,8 @@ impl Config {
             mountpoint,
             cache_dir: None,
             flushers: 32,
+            flush_nice: 10,
+            fuse_cpus: Vec::new(),
             dir_concurrency: 4,
             debounce: Duration::from_millis(500),
             attr_ttl: Duration::from_secs(30),
@@ -151,6 +159,8 @@ impl Config {
             match key {
                 "cache_dir" => self.cache_dir = Some(PathBuf::from(need(key, val)?)),
                 "flushers" => self.flushers = parse_count(key, need(key, val)?, 1, 1024)?,
+                "flush_nice" => self.flush_nice = parse_count(key, need(key, val)?, 0, 19)?,
+                "fuse_cpus" => self.fuse_cpus = parse_cpu_list(key, need(key, val)?)?,
                 "dir_concurrency" => self.dir_concurrency = parse_count(key, need(key, val)?, 1, 1024)?,
                 "meta_parallel" => self.meta_parallel = parse_count(key, need(key, val)?, 1, 1024)?,
                 "threads" => self.threads = parse_count(key, need(key, val)?, 1, 64)?,
@@ -218,6 +228,11 @@ impl Config {
                 "defaults" | "rw" | "_netdev" | "nofail" | "noauto" | "auto" | "user" | "nouser" | "nosuid"
                 | "nodev" | "exec" | "noexec" | "relatime" | "noatime" => {}
                 k if k.starts_with("x-systemd.") || k.starts_with("x-") || k.starts_with("comment=") => {}
+                k if !k.is_empty() && k.chars().all(|c| c.is_ascii_digit() || c == '-') => {
+                    return Err(format!(
+                        "unknown option '{key}': CPU lists separate their CPUs with ':' (fuse_cpus=0:2), since ',' separates options"
+                    ));
+                }
                 _ => {
                     return Err(format!(
                         "unknown option '{key}' (see `efscache mount --help` for the list)"
@@ -237,6 +252,48 @@ fn parse_count(key: &str, v: &str, min: usize, max: usize) -> Result<usize, Stri
         return Err(format!("option {key}={v}: must be between {min} and {max}"));
     }
     Ok(n)
+}
+
+/// Parses a CPU list as taskset(1) writes it, with `:` instead of `,` (commas
+/// separate mount options): `0`, `0-3`, `0:2:4-5`. Sorted, without repeats.
+pub fn parse_cpu_list(key: &str, v: &str) -> Result<Vec<usize>, String> {
+    let err = || format!("option {key}={v}: expected CPU numbers like 0, 0-3 or 0:2:4-5");
+    let mut cpus = Vec::new();
+    for part in v.split(':') {
+        let (lo, hi): (usize, usize) = match part.split_once('-') {
+            Some((a, b)) => (a.parse().map_err(|_| err())?, b.parse().map_err(|_| err())?),
+            None => {
+                let n = part.parse().map_err(|_| err())?;
+                (n, n)
+            }
+        };
+        if lo > hi || hi >= libc::CPU_SETSIZE as usize {
+            return Err(err());
+        }
+        cpus.extend(lo..=hi);
+    }
+    cpus.sort_unstable();
+    cpus.dedup();
+    Ok(cpus)
+}
+
+/// Renders a CPU list the way `parse_cpu_list` reads it.
+pub fn cpu_list_string(cpus: &[usize]) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    parts.join(":")
 }
 
 fn parse_bool(key: &str, v: Option<&str>) -> Result<bool, String> {
@@ -299,11 +356,13 @@ mod tests {
     fn parses_options_and_ignores_generic_ones() {
         let mut c = cfg();
         c.apply_options(
-            "cache_dir=/var/c,flushers=8,debounce=250ms,attr_ttl=1m,exclusive,fsync=remote,_netdev,x-systemd.automount",
+            "cache_dir=/var/c,flushers=8,flush_nice=0,debounce=250ms,attr_ttl=1m,exclusive,fsync=remote,_netdev,x-systemd.automount",
         )
         .unwrap();
         assert_eq!(c.cache_dir, Some(PathBuf::from("/var/c")));
         assert_eq!(c.flushers, 8);
+        assert_eq!(c.flush_nice, 0);
+        assert!(c.fuse_cpus.is_empty());
         assert_eq!(c.debounce, Duration::from_millis(250));
         assert_eq!(c.attr_ttl, Duration::from_secs(60));
         assert!(c.exclusive);
@@ -324,10 +383,32 @@ mod tests {
     }
 
     #[test]
+    fn cpu_lists_parse_as_taskset_writes_them_and_render_back() {
+        for (text, cpus, rendered) in [
+            ("0", vec![0], "0"),
+            ("0-3", vec![0, 1, 2, 3], "0-3"),
+            ("4:0-1:1", vec![0, 1, 4], "0-1:4"),
+            ("2:3:5", vec![2, 3, 5], "2-3:5"),
+        ] {
+            let got = parse_cpu_list("fuse_cpus", text).unwrap();
+            assert_eq!(got, cpus, "{text}");
+            assert_eq!(cpu_list_string(&got), rendered, "{text}");
+        }
+        let mut c = cfg();
+        c.apply_options("fuse_cpus=1:0").unwrap();
+        assert_eq!(c.fuse_cpus, vec![0, 1]);
+    }
+
+    #[test]
     fn rejects_bad_options_with_a_clear_message() {
         for (opt, needle) in [
             ("flushers=0", "between 1 and 1024"),
             ("flushers=x", "whole number"),
+            ("flush_nice=20", "between 0 and 19"),
+            ("fuse_cpus=", "CPU numbers"),
+            ("fuse_cpus=3-1", "CPU numbers"),
+            ("fuse_cpus=0,1", "separate their CPUs with ':'"),
+            ("fuse_cpus=99999", "CPU numbers"),
             ("debounce=fast", "duration"),
             ("fsync=maybe", "fsync=local or fsync=remote"),
             ("bogus", "unknown option 'bogus'"),

@@ -337,9 +337,13 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
     }
     for i in 0..cfg.flushers {
         let fs = fs.clone();
+        let nice = cfg.flush_nice;
         std::thread::Builder::new()
             .name(format!("efscache-flush-{i}"))
-            .spawn(move || fs.run_worker())
+            .spawn(move || {
+                lower_thread_priority(nice);
+                fs.run_worker()
+            })
             .map_err(|e| e.to_string())?;
     }
     {
@@ -356,8 +360,15 @@ fn start(cfg: &Config, ready: &mut Option<OwnedFd>) -> Result<Running, String> {
             .map_err(|e| e.to_string())?;
     }
     let socket = control::socket_path(&cfg.mountpoint);
-    let mounted = session::mount(fs.clone(), &cfg.backend, &cfg.mountpoint, cfg.io_threads, cfg.threads)
-        .map_err(|e| format!("cannot mount {}: {e}", cfg.mountpoint.display()))?;
+    let mounted = session::mount(
+        fs.clone(),
+        &cfg.backend,
+        &cfg.mountpoint,
+        cfg.io_threads,
+        cfg.threads,
+        &cfg.fuse_cpus,
+    )
+    .map_err(|e| format!("cannot mount {}: {e}", cfg.mountpoint.display()))?;
     let handler = control_handler(fs.clone(), cfg.clone());
     control::serve(&socket, handler).map_err(|e| format!("control socket {}: {e}", socket.display()))?;
     signal_thread(sigset, fs.clone(), cfg.clone());
@@ -406,6 +417,34 @@ impl Running {
         let _ = std::fs::remove_file(&self.socket);
         served.map_err(|e| format!("FUSE session ended with an error: {e}"))
     }
+}
+
+/// Lowers the calling thread's CPU priority by `steps` nice steps (Linux
+/// keeps a nice value per thread). The flush workers run behind the threads
+/// that answer applications: on a machine with few cores, rsync and the FUSE
+/// threads get the CPU first and publishing uses what is left. With 2 cores
+/// that made both the copy and the time until it was on the backend shorter
+/// (docs/BENCHMARKS.md, "Publishing at a lower CPU priority").
+fn lower_thread_priority(steps: usize) {
+    if steps == 0 {
+        return;
+    }
+    // SAFETY: getpriority/setpriority on the calling thread's own id; errno
+    // is cleared first because -1 is also a valid priority.
+    let (now, err) = unsafe {
+        let tid = libc::gettid() as libc::id_t;
+        *libc::__errno_location() = 0;
+        let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+        let err = *libc::__errno_location();
+        if err == 0 {
+            let want = (now + steps as i32).min(19);
+            if libc::setpriority(libc::PRIO_PROCESS, tid, want) == 0 {
+                return;
+            }
+        }
+        (now, std::io::Error::last_os_error())
+    };
+    tracing::warn!(nice = now, %err, "cannot lower the flush worker's CPU priority; publishing competes with applications for CPU");
 }
 
 /// Starts the filesystem (probing the backend and recovering the last run's

@@ -285,6 +285,10 @@ fn bad_input_is_refused_clearly() {
         (vec!["-o".into(), "nosuchoption".into()], "unknown option"),
         (vec!["-o".into(), "debounce=soon".into()], "duration"),
         (
+            vec!["-o".into(), "fuse_cpus=1023".into()],
+            "CPU 1023 is not one this daemon may run on",
+        ),
+        (
             vec!["-o".into(), format!("cache_dir={}", s.path("backend/cache").display())],
             "inside the backend",
         ),
@@ -472,4 +476,121 @@ fn sync_right_after_a_close_publishes_the_closed_file() {
         "sync returned without the file closed while it ran"
     );
     m.umount();
+}
+
+/// The nice value of each of the daemon's threads, by thread name.
+fn thread_nice(pid: u32) -> Vec<(String, i64)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(t.path().join("comm")),
+            std::fs::read_to_string(t.path().join("stat")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        // Fields after the parenthesised name start with field 3 (state);
+        // nice is field 19.
+        let after = &stat[stat.rfind(')').unwrap() + 2..];
+        let nice = after.split(' ').nth(16).unwrap().parse().unwrap();
+        out.push((comm.trim().to_string(), nice));
+    }
+    out
+}
+
+/// CONFIGURATION.md `flush_nice`: publishing runs 10 nice steps below the
+/// threads that answer applications by default; `flush_nice=0` keeps it level.
+#[test]
+fn flush_workers_run_at_a_lower_cpu_priority() {
+    for (opts, steps) in [("", 10), ("flush_nice=0", 0)] {
+        let s = Scratch::new();
+        let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), opts);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let (base, flush) = loop {
+            let threads = thread_nice(m.pid());
+            let base = threads.iter().find(|(n, _)| n == "efscache").expect("main thread").1;
+            let flush: Vec<i64> = threads
+                .iter()
+                .filter(|(n, _)| n.starts_with("efscache-flush"))
+                .map(|t| t.1)
+                .collect();
+            let want = (base + steps).min(19);
+            if flush.len() == 32 && flush.iter().all(|&n| n == want) || std::time::Instant::now() > deadline {
+                break (base, flush);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(flush.len(), 32, "flush workers found ({opts:?})");
+        assert!(
+            flush.iter().all(|&n| n == (base + steps).min(19)),
+            "{opts:?}: flush workers' nice {flush:?}, daemon's {base}"
+        );
+        let fuse: Vec<i64> = thread_nice(m.pid())
+            .into_iter()
+            .filter(|(n, _)| !n.starts_with("efscache-flush"))
+            .map(|t| t.1)
+            .collect();
+        assert!(
+            fuse.iter().all(|&n| n == base),
+            "{opts:?}: other threads' nice {fuse:?}"
+        );
+        m.umount();
+    }
+}
+
+/// Each of the daemon's threads, by name, with the CPUs it may run on as
+/// /proc writes them (`0`, `0-1`).
+fn thread_cpus(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let (Ok(comm), Ok(status)) = (
+            std::fs::read_to_string(t.path().join("comm")),
+            std::fs::read_to_string(t.path().join("status")),
+        ) else {
+            continue; // the thread ended meanwhile
+        };
+        let cpus = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .expect("Cpus_allowed_list")
+            .trim()
+            .to_string();
+        out.push((comm.trim().to_string(), cpus));
+    }
+    out
+}
+
+/// CONFIGURATION.md `fuse_cpus`: the threads that answer the kernel's
+/// requests run only on the listed CPUs; every other thread keeps the CPUs
+/// the daemon was started with, and requests are still answered.
+#[test]
+fn fuse_cpus_confines_the_request_threads_and_nothing_else() {
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    let own = own
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let s = Scratch::new();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "fuse_cpus=0");
+    std::fs::write(s.path("mnt/answered"), b"yes").unwrap();
+    assert_eq!(std::fs::read(s.path("mnt/answered")).unwrap(), b"yes");
+    let threads = thread_cpus(m.pid());
+    let fuse: Vec<&(String, String)> = threads.iter().filter(|(n, _)| n.starts_with("fuser-")).collect();
+    assert_eq!(fuse.len(), 4, "event loops: {threads:?}");
+    assert!(fuse.iter().all(|(_, c)| c == "0"), "event loops not on CPU 0: {fuse:?}");
+    let flush: Vec<&(String, String)> = threads
+        .iter()
+        .filter(|(n, _)| n.starts_with("efscache-flush") || n.starts_with("efscache-io"))
+        .collect();
+    assert!(flush.len() >= 64, "flush and io threads: {threads:?}");
+    assert!(
+        flush.iter().all(|(_, c)| *c == own),
+        "flush and io threads should keep the daemon's CPUs ({own}): {flush:?}"
+    );
+    m.umount();
+    let out = try_mount(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "fuse_cpus=0,1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("fuse_cpus=0:2"), "{err}");
+    assert!(!is_efscache_mounted(&s.path("mnt")));
 }

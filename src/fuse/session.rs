@@ -20,6 +20,8 @@ pub fn fsname(backend: &Path) -> String {
 /// A mounted, not yet serving, FUSE session.
 pub struct Mounted {
     session: fuser::Session<EfsFuse>,
+    /// CPUs the event loops are confined to (empty: not confined).
+    cpus: Vec<usize>,
 }
 
 /// Mounts `fs` at `mountpoint`. Returns once the kernel handshake is done, so
@@ -30,7 +32,9 @@ pub fn mount(
     mountpoint: &Path,
     pool_threads: usize,
     event_threads: usize,
+    cpus: &[usize],
 ) -> io::Result<Mounted> {
+    check_cpus(cpus)?;
     let spec = fusemount::MountSpec {
         fsname: fsname(backend),
         subtype: SUBTYPE.into(),
@@ -52,12 +56,83 @@ pub fn mount(
         }
     };
     entries.connect(session.notifier());
-    Ok(Mounted { session })
+    Ok(Mounted {
+        session,
+        cpus: cpus.to_vec(),
+    })
 }
 
 impl Mounted {
-    /// Serves requests until the filesystem is unmounted.
+    /// Serves requests until the filesystem is unmounted. With `cpus`, the
+    /// event loops (threads started here, which inherit this thread's CPU
+    /// mask) run only there; this thread gets its mask back afterwards.
     pub fn serve(self) -> io::Result<()> {
-        self.session.run()
+        if self.cpus.is_empty() {
+            return self.session.run();
+        }
+        let before = thread_cpus()?;
+        set_thread_cpus(&cpu_set(&self.cpus))?;
+        let served = self.session.run();
+        if let Err(e) = set_thread_cpus(&before) {
+            tracing::warn!(error = %e, "cannot restore the main thread's CPU mask");
+        }
+        served
     }
+}
+
+/// Fails, before anything is mounted, when `cpus` names a CPU this process
+/// may not run on (offline, or outside a taskset/cgroup mask).
+fn check_cpus(cpus: &[usize]) -> io::Result<()> {
+    if cpus.is_empty() {
+        return Ok(());
+    }
+    let allowed = thread_cpus()?;
+    // SAFETY: CPU_ISSET reads a bit of an initialised cpu_set_t; parse_cpu_list
+    // keeps every number below CPU_SETSIZE.
+    let usable: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &allowed) })
+        .collect();
+    match cpus.iter().find(|c| !usable.contains(c)) {
+        None => Ok(()),
+        Some(c) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "fuse_cpus: CPU {c} is not one this daemon may run on (it may: {}); pick from those",
+                crate::config::cpu_list_string(&usable)
+            ),
+        )),
+    }
+}
+
+fn cpu_set(cpus: &[usize]) -> libc::cpu_set_t {
+    // SAFETY: cpu_set_t is plain bits; zeroed is the empty set. Every number is
+    // below CPU_SETSIZE (parse_cpu_list).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        set
+    }
+}
+
+/// The calling thread's CPU mask.
+fn thread_cpus() -> io::Result<libc::cpu_set_t> {
+    // SAFETY: sched_getaffinity(0) fills a cpu_set_t of the size passed.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(set)
+    }
+}
+
+/// Sets the calling thread's CPU mask (threads it starts later inherit it).
+fn set_thread_cpus(set: &libc::cpu_set_t) -> io::Result<()> {
+    // SAFETY: sched_setaffinity(0) on the calling thread with a valid set.
+    if unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
