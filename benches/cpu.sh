@@ -9,7 +9,8 @@
 # sync` waits until it is all on the backend. Each repetition runs, back to
 # back and in turns: rsync to local disk (unpinned, then on CPU 0), then
 # efscache in each variant. It prints every run, then the medians: seconds
-# until rsync returned, and until the copy was durable on the backend.
+# until rsync returned, until the copy was durable on the backend, and of
+# the first no-change re-sync after it (rsync's quick check).
 #
 # Usage: benches/cpu.sh [--files N] [--reps N] [--profile NAME] [--dir PATH]
 #                       [--variant "LABEL;MOUNT OPTIONS;RSYNC CPU"]...
@@ -81,7 +82,9 @@ for r in $(seq "$REPS"); do
     sync; t0=$(now)
     pin "$cpu" rsync -a "$W/src/" "$W/local/r$r/"
     t1=$(now); echo "$(secs "$t0" "$t1")" >> "$W/local.$cpu"
-    line="$line local$([ "$cpu" = - ] || echo " (rsync on CPU $cpu)") $(secs "$t0" "$t1")"
+    pin "$cpu" rsync -a "$W/src/" "$W/local/r$r/"
+    t2=$(now); echo "$(secs "$t1" "$t2")" >> "$W/local-resync.$cpu"
+    line="$line local$([ "$cpu" = - ] || echo " (rsync on CPU $cpu)") $(secs "$t0" "$t1") re-sync $(secs "$t1" "$t2")"
     rm -rf "$W/local/r$r"
   done
   for v in $(seq 0 $((${#VARIANTS[@]} - 1))); do
@@ -93,19 +96,24 @@ for r in $(seq "$REPS"); do
     t1=$(now)
     "$E" sync "$W/ec"
     t2=$(now)
+    pin "$cpu" rsync -a "$W/src/" "$W/ec/r$r-$v/"
+    t3=$(now)
     "$E" umount "$W/ec"
     echo "$(secs "$t0" "$t1")" >> "$W/ret.$v"; echo "$(secs "$t0" "$t2")" >> "$W/dur.$v"
-    line="$line | $label: returns $(secs "$t0" "$t1") durable $(secs "$t0" "$t2")"
+    echo "$(secs "$t2" "$t3")" >> "$W/resync.$v"
+    line="$line | $label: returns $(secs "$t0" "$t1") durable $(secs "$t0" "$t2") re-sync $(secs "$t2" "$t3")"
     rm -rf "$W/back/r$r-$v"
   done
   echo "$line"
 done
 local_any=$(median < "$W/local.-") local0=$(median < "$W/local.0")
-echo "medians of $REPS: local disk $local_any (rsync on CPU 0: $local0)"
+resync_any=$(median < "$W/local-resync.-") resync0=$(median < "$W/local-resync.0")
+echo "medians of $REPS: local disk $local_any, re-sync $resync_any (rsync on CPU 0: $local0, re-sync $resync0)"
 for v in $(seq 0 $((${#VARIANTS[@]} - 1))); do
   IFS=';' read -r label opts cpu <<< "${VARIANTS[$v]}"
-  ret=$(median < "$W/ret.$v") dur=$(median < "$W/dur.$v")
+  ret=$(median < "$W/ret.$v") dur=$(median < "$W/dur.$v") rs=$(median < "$W/resync.$v")
   [ "$cpu" = - ] && cpu=any
-  printf '  %-14s -o %-22s rsync on CPU %-3s: returns %s (%sx local), durable %s\n' "$label" "${opts:-(defaults)}" "$cpu" "$ret" \
-    "$(awk -v a="$ret" -v b="$local_any" 'BEGIN{printf "%.2f", a/b}')" "$dur"
+  printf '  %-14s -o %-22s rsync on CPU %-3s: returns %s (%sx local), durable %s, first re-sync %s (%sx local)\n' \
+    "$label" "${opts:-(defaults)}" "$cpu" "$ret" "$(awk -v a="$ret" -v b="$local_any" 'BEGIN{printf "%.2f", a/b}')" "$dur" \
+    "$rs" "$(awk -v a="$rs" -v b="$resync_any" 'BEGIN{printf "%.2f", a/b}')"
 done

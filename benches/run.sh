@@ -153,9 +153,9 @@ verify() { # verify SRC DST LABEL [extra rsync flags] : dry-run checksum compare
   fi
 }
 
-ec_mount() { # ec_mount BACKEND MP CACHE
+ec_mount() { # ec_mount BACKEND MP CACHE [MORE OPTIONS]
   mkdir -p "$2" "$3"
-  if ! timeout 60 "$EFSCACHE" mount "$1" "$2" -o "cache_dir=$3,debounce=100ms" > "$W/ecmount.out" 2>&1; then
+  if ! timeout 60 "$EFSCACHE" mount "$1" "$2" -o "cache_dir=$3,debounce=100ms${4:+,$4}" > "$W/ecmount.out" 2>&1; then
     fail "efscache mount $2: $(cat "$W/ecmount.out")"; return 1
   fi
   EC_MPS+=("$2")
@@ -163,11 +163,13 @@ ec_mount() { # ec_mount BACKEND MP CACHE
 ec_sync() { timeout 1800 "$EFSCACHE" sync "$1"; }
 # ec_copy SRC DST MP RET DUR WHAT: rsync -a SRC/ DST/ into the efscache mount
 # MP, then efscache sync; records the time until rsync returned as metric RET
-# and until sync returned (durable) as DUR.
+# and until sync returned (durable) as DUR. rsync runs under "${RSYNC_PIN[@]}"
+# (empty, or taskset -c 0 for the fuse_cpus row).
+RSYNC_PIN=()
 ec_copy() {
   local t0 t1 t2
   t0=$(now)
-  rsync -a "$1/" "$2/" > "$W/last.out" 2>&1 || fail "rsync into efscache ($6): $(tail -3 "$W/last.out")"
+  "${RSYNC_PIN[@]}" rsync -a "$1/" "$2/" > "$W/last.out" 2>&1 || fail "rsync into efscache ($6): $(tail -3 "$W/last.out")"
   t1=$(now)
   ec_sync "$3" > "$W/last.out" 2>&1 || fail "efscache sync ($6): $(tail -3 "$W/last.out")"
   t2=$(now)
@@ -372,6 +374,23 @@ for r in $(seq 1 "$REPS"); do
     record req_c_umount "$(sim_delta c2.$r c3.$r)"
   fi
   rm -rf "$W/cache$r"
+
+  # (c') the same with the FUSE event loops on CPU 0 and rsync started
+  # there (OPERATIONS.md, "CPU placement"): each request is answered on the
+  # CPU that made it.
+  if [ "$(nproc)" -ge 2 ]; then
+    EC=$W/ecp$r
+    sim_restart
+    if ec_mount "$SIM_MP" "$EC" "$W/cachep$r" fuse_cpus=0; then
+      RSYNC_PIN=(taskset -c 0)
+      ec_copy "$W/src" "$EC/ecp-r$r" "$EC" w1_p_ret w1_p_dur "copy, fuse_cpus=0"
+      verify "$W/src" "$W/back/ecp-r$r" "(c') efscache fuse_cpus=0 rep $r"
+      ec_copy "$W/src" "$EC/ecp-r$r" "$EC" w3_p w3_p_dur "re-sync, fuse_cpus=0"
+      RSYNC_PIN=()
+      ec_umount "$EC"
+    fi
+    rm -rf "$W/cachep$r"
+  fi
 done
 
 # optional tools
@@ -556,6 +575,8 @@ row "(f) FUSE floor: no-delay FUSE passthrough" "$F_RET" "$F_RET" "$(div "$F_RET
 row "(b) efs-sim direct, rsync -a" "$B_RET" "$B_RET" "$(simdiv "$B_RET" "$C_DUR")" "$(simdiv "$B_RET" "$C_RET")"
 row "(2) efs-sim direct, tuned rsync (non-atomic)" "$T_RET" "$T_RET" "$(simdiv "$T_RET" "$C_DUR")" "$(simdiv "$T_RET" "$C_RET")"
 row "(c) efscache over efs-sim" "$C_RET" "$C_DUR" "1.00" "1.00"
+P_RET=$(med w1_p_ret) P_DUR=$(med w1_p_dur)
+row "(c') the same, fuse_cpus=0, rsync on CPU 0" "$P_RET" "$P_DUR" "$(div "$P_DUR" "$C_DUR")" "$(div "$P_RET" "$C_RET")"
 if [ -z "$FPSYNC_NOTE" ]; then F=$(med w1_fp); row "(d) fpsync -n 8" "$F" "$F" "$(simdiv "$F" "$C_DUR")" "$(simdiv "$F" "$C_RET")"
 else row "(d) fpsync -n 8" "$FPSYNC_NOTE" "" "" ""; fi
 if [ -z "$RCLONE_NOTE" ]; then R=$(med w1_rc_ret) RD=$(med w1_rc_dur)
@@ -563,6 +584,7 @@ if [ -z "$RCLONE_NOTE" ]; then R=$(med w1_rc_ret) RD=$(med w1_rc_dur)
 else row "(d) rclone mount --vfs-cache-mode writes" "$RCLONE_NOTE" "" "" ""; fi
 echo "x(c)dur = row time / (c) time to durable; x(c)ret = row time / (c) time until rsync returns"
 echo "(c)/(a) rsync returns: $(div "$C_RET" "$A_RET")x   (c)/(a) durable vs local: $(div "$C_DUR" "$A_RET")x   (c)/(f) rsync returns vs the FUSE floor: $(div "$C_RET" "$F_RET")x"
+echo "(c')/(a) rsync returns: $(div "$P_RET" "$A_RET")x   (b)/(c') durable: $(simdiv "$B_RET" "$P_DUR")x"
 echo
 if [ -n "$TREE" ]; then
   TA=$(med tr_a) TC=$(med tr_c_ret) TCD=$(med tr_c_dur)
@@ -581,7 +603,9 @@ row "(a) local disk" "$A3" "" "$(div "$A3" "$C3")" ""
 row "(b) efs-sim direct" "$B3" "" "$(simdiv "$B3" "$C3")" ""
 row "(c) efscache over efs-sim (warm mount)" "$C3" "$C3D" "1.00" ""
 row "(c) the same again" "$C3B" "" "$(div "$C3B" "$C3")" ""
-echo "(b)/(c): $(simdiv "$B3" "$C3")x   (c)/(a): $(div "$C3" "$A3")x   (c) again/(a): $(div "$C3B" "$A3")x"
+P3=$(med w3_p) P3D=$(med w3_p_dur)
+row "(c') fuse_cpus=0, rsync on CPU 0" "$P3" "$P3D" "$(div "$P3" "$C3")" ""
+echo "(b)/(c): $(simdiv "$B3" "$C3")x   (c)/(a): $(div "$C3" "$A3")x   (c) again/(a): $(div "$C3B" "$A3")x   (c')/(a): $(div "$P3" "$A3")x"
 echo "(the first re-sync after the copy asks efscache for each file's attributes: the kernel drops a file's cached ctime when rsync renames it into place; later ones are answered by the kernel)"
 echo
 echo "== workload 4: efs-sim requests per file (median of $REPS)"
