@@ -236,10 +236,18 @@ impl Fs {
     fn apply(&self, ns: &mut Namespace, mut fx: Effects) {
         let mut touched = std::mem::take(&mut ns.touched);
         let moved_dir = std::mem::replace(&mut ns.moved_dir, false);
+        let retimed = std::mem::take(&mut ns.retimed_now);
         if let Some(j) = self.journal.get()
-            && (!fx.ops.is_empty() || !touched.is_empty())
+            && (!fx.ops.is_empty() || !touched.is_empty() || !retimed.is_empty())
         {
             let mut tx = j.begin();
+            // Before the op that retimes them (in this batch): what a replay
+            // of the ops that expect them may check (see `Namespace::retimed`).
+            for b in retimed {
+                for seq in self.sched.expect_ino_only(b) {
+                    tx.expect_ino_only(seq, b);
+                }
+            }
             for op in &mut fx.ops {
                 tx.op(op);
             }

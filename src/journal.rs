@@ -403,6 +403,8 @@ pub struct Batch<'a> {
     journal: &'a Journal,
     buf: Vec<u8>,
     ops: Vec<(u64, usize, usize)>,
+    /// Records that amend an op journaled earlier: (its seq, range in buf).
+    amends: Vec<(u64, usize, usize)>,
     states: Vec<(Ino, Option<(usize, usize)>)>,
     inner: parking_lot::MutexGuard<'a, Inner>,
 }
@@ -442,6 +444,19 @@ impl Batch<'_> {
             }
         }
         self.ops.push((seq, start, self.buf.len()));
+    }
+
+    /// The queued op `seq` may find its expected backend object
+    /// (`backend_ino`) with another content version than the one journaled
+    /// with it (this mount is about to set that object's mtime in place):
+    /// its replay checks the inode number only. No-op for an op already done.
+    pub fn expect_ino_only(&mut self, seq: u64, backend_ino: u64) {
+        if !self.inner.ops.contains_key(&seq) {
+            return;
+        }
+        let start = self.buf.len();
+        frame(&Record::Expect { seq, backend_ino }, &mut self.buf);
+        self.amends.push((seq, start, self.buf.len()));
     }
 
     /// Records the pending state of `ino` (None: it has none any more), with
@@ -496,6 +511,13 @@ impl Batch<'_> {
         for (seq, a, b) in self.ops.drain(..) {
             inner.live_bytes += (b - a) as u64;
             inner.ops.insert(seq, self.buf[a..b].to_vec());
+        }
+        // Kept with the op's records, so a compaction keeps them too.
+        for (seq, a, b) in self.amends.drain(..) {
+            if let Some(framed) = inner.ops.get_mut(&seq) {
+                inner.live_bytes += (b - a) as u64;
+                framed.extend_from_slice(&self.buf[a..b]);
+            }
         }
         for (ino, range) in self.states.drain(..) {
             if let Some(old) = inner.states.remove(&ino) {
@@ -586,6 +608,7 @@ impl Journal {
             journal: self,
             buf: Vec::new(),
             ops: Vec::new(),
+            amends: Vec::new(),
             states: Vec::new(),
             inner: self.inner.lock(),
         }

@@ -575,6 +575,10 @@ pub struct Namespace {
     /// Objects whose pending state (see `pending_state`) may have changed
     /// since the caller last journaled it.
     pub touched: Vec<Ino>,
+    /// Backend objects whose mtime this mount just set in place: queued ops
+    /// journaled expecting one of their content versions must be journaled
+    /// again expecting the inode number only (see `retimed`).
+    pub retimed_now: Vec<u64>,
     /// A directory moved: the paths of everything below it changed.
     pub moved_dir: bool,
     /// Published files whose staged copy is kept a while for reads and
@@ -631,6 +635,7 @@ impl Namespace {
             dirty_dir_attrs: HashSet::new(),
             root_backend_ino: root.ino,
             touched: Vec::new(),
+            retimed_now: Vec::new(),
             moved_dir: false,
             lingering: HashMap::new(),
             linger_order: std::collections::VecDeque::new(),
@@ -1354,6 +1359,17 @@ impl Namespace {
                     i.backend_version = 0;
                     if let Some(b) = i.backend_ino {
                         self.retimed.insert(b);
+                        self.retimed_now.push(b);
+                        // Files whose publish will replace it (another name
+                        // of it was replaced) have a pending state journaled
+                        // with its old version: journal them again.
+                        let replacing: Vec<Ino> = self
+                            .replaces
+                            .iter()
+                            .filter(|(_, k)| k.ino == b)
+                            .map(|(i, _)| *i)
+                            .collect();
+                        self.touched.extend(replacing);
                     }
                 }
             }
@@ -1482,8 +1498,10 @@ impl Namespace {
         } else {
             None
         };
+        let retimed = expect.is_some_and(|k| self.retimed.contains(&k.ino));
         let mut op = op;
-        op.expect = expect;
+        op.expect = expect.map(|k| if retimed { Known::ino(k.ino) } else { k });
+        let i = self.get_mut(ino)?;
         i.on_backend = true;
         i.content = Content::Staged { id, dirty: false };
         i.publish_queued += 1;
@@ -1730,16 +1748,17 @@ impl Namespace {
     /// pending state, so a publish after a crash still checks against what
     /// was there before the crash, not what another client left since.
     /// (Unknown while a publish of it is in flight: that brings a new one.)
+    /// (What a check can rely on: see `checkable`.)
     pub fn pending_expect(&self, ino: Ino) -> Option<Known> {
         let i = self.inodes.get(&ino)?;
         if !self.dirty_files.contains(&ino) || i.publish_queued > 0 {
             return None;
         }
         if let Some(b) = i.known().or(self.replaces(ino)) {
-            return Some(b);
+            return Some(self.checkable(b));
         }
         let (p, n) = i.links.first()?;
-        self.dir(*p).ok()?.get(n)?.shadow
+        self.dir(*p).ok()?.get(n)?.shadow.map(|k| self.checkable(k))
     }
 
     /// After a crash: takes back a file whose staged content was never

@@ -4120,3 +4120,56 @@ fn regression_recovered_symlink_keeps_its_inode() {
     };
     run_case(cfg, &ops);
 }
+
+/// (Fixed.) `ln c b` (published), then rsync replaces `c` (temp file
+/// renamed over it) and `b`'s mtime is set in place, and the daemon is
+/// killed before `c`'s publish: the publish after recovery expected the
+/// content version `b`/`c` had before the utimes (journaled with it or with
+/// `c`'s pending state), took this mount's own utimes for another client's
+/// change, and kept the old file at `c` (found by proptest, shrunk). The
+/// running daemon checked the inode number only (`Namespace::retimed`); the
+/// journal now says so too. With `c`'s publish queued before the utimes or
+/// after it (at the kill).
+#[test]
+fn regression_utimes_of_a_link_whose_other_name_was_replaced_survives_a_crash() {
+    let (b, c) = (p(&["b"]), p(&["c"]));
+    let put = |path: &P| Op::RsyncPut {
+        path: path.clone(),
+        data: vec![],
+        perm: 0o644,
+        t: 0,
+    };
+    // Still open, (false, false): `c`'s pending state expects what
+    // its directory entry shadowed, and the utimes does not find it there to
+    // journal it again (that needs the retimed inode numbers in the journal).
+    for (queued_before, queue_at_kill) in [(false, true), (true, false), (true, true)] {
+        let mut ops = vec![
+            put(&c),
+            Op::Link {
+                from: c.clone(),
+                to: b.clone(),
+            },
+            Op::Tick,
+            put(&c),
+        ];
+        if queued_before {
+            ops.push(Op::Tick);
+        }
+        ops.push(Op::Utimes { path: b.clone(), t: 1 });
+        ops.push(Op::Crash(Crash {
+            queue: queue_at_kill,
+            run_us: None,
+            lose_done: false,
+            temps: false,
+        }));
+        let cfg = Cfg {
+            debounce_zero: true,
+            exclusive: false,
+            workers: 1,
+            plus: false,
+            eager_forget: false,
+            free_running: false,
+        };
+        run_case(cfg, &ops);
+    }
+}
