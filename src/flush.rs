@@ -719,24 +719,6 @@ impl Scheduler {
             .collect()
     }
 
-    /// Queued or running ops that expect the backend object `backend_ino`
-    /// with a particular content version: they now check its inode number
-    /// only (this mount is setting its mtime in place). Their journal seqs.
-    pub fn expect_ino_only(&self, backend_ino: u64) -> Vec<u64> {
-        let mut st = self.state.lock();
-        let mut seqs = Vec::new();
-        for e in st.entries.values_mut() {
-            if let Some(k) = e.op.expect.as_mut()
-                && k.ino == backend_ino
-                && k.version != 0
-            {
-                k.version = 0;
-                seqs.extend(e.op.journal_seq);
-            }
-        }
-        seqs
-    }
-
     /// Whether an op that sets the mtime of `ino` on the backend is queued
     /// or running: what the file's content version will be is then not
     /// known (see `backend::Known`).

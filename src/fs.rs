@@ -241,12 +241,10 @@ impl Fs {
             && (!fx.ops.is_empty() || !touched.is_empty() || !retimed.is_empty())
         {
             let mut tx = j.begin();
-            // Before the op that retimes them (in this batch): what a replay
-            // of the ops that expect them may check (see `Namespace::retimed`).
+            // With the op that retimes them: a replay checks what was
+            // expected of them by inode number only (see `Namespace::retimed`).
             for b in retimed {
-                for seq in self.sched.expect_ino_only(b) {
-                    tx.expect_ino_only(seq, b);
-                }
+                tx.retimed(b);
             }
             for op in &mut fx.ops {
                 tx.op(op);

@@ -51,7 +51,8 @@ use crate::namespace::Ino;
 /// 5: `Expect` and `StateExpect` may be followed by the content version
 /// the file had (`ExpectVersion`, `StateExpectVersion`; older versions read
 /// unchanged: their expectations know only the inode number).
-pub const FORMAT_VERSION: u32 = 5;
+/// 6: `Retimed` (older versions read unchanged).
+pub const FORMAT_VERSION: u32 = 6;
 const MAGIC: &[u8; 8] = b"EFSCJRNL";
 /// A journal larger than this and four times its live records is rewritten.
 const COMPACT_MIN_BYTES: u64 = 64 << 20;
@@ -133,6 +134,14 @@ enum Record {
     ExpectVersion {
         seq: u64,
         version: u64,
+    },
+    /// This mount set the mtime of the backend file `backend_ino` in place
+    /// (a utimes of a file it did not rewrite): every expectation of that
+    /// file's content version in the journal, earlier or later, is stale,
+    /// and a replay checks its inode number only (as the running mount did:
+    /// `Namespace::retimed`).
+    Retimed {
+        backend_ino: u64,
     },
     /// Follows a `StateExpect`, as `ExpectVersion` follows an `Expect`.
     StateExpectVersion {
@@ -247,6 +256,7 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
     let mut ops: BTreeMap<u64, FlushOp> = BTreeMap::new();
     let mut states: HashMap<Ino, PendingState> = HashMap::new();
     let mut state_expects: HashMap<Ino, Known> = HashMap::new();
+    let mut retimed: HashSet<u64> = HashSet::new();
     let mut rewritten = HashSet::new();
     // The undone publishes of each staging file: (seq, size when queued).
     let mut publishes: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
@@ -316,6 +326,9 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
                 states.remove(&ino);
                 state_expects.remove(&ino);
             }
+            Record::Retimed { backend_ino } => {
+                retimed.insert(backend_ino);
+            }
         }
     }
     let Some(header) = header else {
@@ -326,6 +339,13 @@ pub fn read(cache: &Path) -> Result<Option<Replay>, JournalError> {
         f.set_len(off).map_err(ioerr)?;
         f.sync_all().map_err(ioerr)?;
     }
+    let ino_only = |k: &mut Known| {
+        if retimed.contains(&k.ino) {
+            k.version = 0;
+        }
+    };
+    ops.values_mut().filter_map(|op| op.expect.as_mut()).for_each(ino_only);
+    state_expects.values_mut().for_each(ino_only);
     let mut states: Vec<PendingState> = states.into_values().collect();
     states.sort_by_key(|s| s.ino());
     Ok(Some(Replay {
@@ -367,6 +387,9 @@ struct Inner {
     /// Live records, framed: pending ops by seq, pending state by object.
     ops: BTreeMap<u64, Vec<u8>>,
     states: HashMap<Ino, Vec<u8>>,
+    /// Backend files retimed in place (`Record::Retimed`), framed: kept
+    /// while the journal has live records, which may expect them.
+    retimed: BTreeMap<u64, Vec<u8>>,
     live_bytes: u64,
     /// Records appended so far (for group commit).
     appended: u64,
@@ -403,8 +426,8 @@ pub struct Batch<'a> {
     journal: &'a Journal,
     buf: Vec<u8>,
     ops: Vec<(u64, usize, usize)>,
-    /// Records that amend an op journaled earlier: (its seq, range in buf).
-    amends: Vec<(u64, usize, usize)>,
+    /// `Retimed` records: (backend inode number, range in buf).
+    retimed: Vec<(u64, usize, usize)>,
     states: Vec<(Ino, Option<(usize, usize)>)>,
     inner: parking_lot::MutexGuard<'a, Inner>,
 }
@@ -446,17 +469,15 @@ impl Batch<'_> {
         self.ops.push((seq, start, self.buf.len()));
     }
 
-    /// The queued op `seq` may find its expected backend object
-    /// (`backend_ino`) with another content version than the one journaled
-    /// with it (this mount is about to set that object's mtime in place):
-    /// its replay checks the inode number only. No-op for an op already done.
-    pub fn expect_ino_only(&mut self, seq: u64, backend_ino: u64) {
-        if !self.inner.ops.contains_key(&seq) {
+    /// Records that this mount sets the mtime of the backend file
+    /// `backend_ino` in place (see `Record::Retimed`).
+    pub fn retimed(&mut self, backend_ino: u64) {
+        if self.inner.retimed.contains_key(&backend_ino) {
             return;
         }
         let start = self.buf.len();
-        frame(&Record::Expect { seq, backend_ino }, &mut self.buf);
-        self.amends.push((seq, start, self.buf.len()));
+        frame(&Record::Retimed { backend_ino }, &mut self.buf);
+        self.retimed.push((backend_ino, start, self.buf.len()));
     }
 
     /// Records the pending state of `ino` (None: it has none any more), with
@@ -512,12 +533,8 @@ impl Batch<'_> {
             inner.live_bytes += (b - a) as u64;
             inner.ops.insert(seq, self.buf[a..b].to_vec());
         }
-        // Kept with the op's records, so a compaction keeps them too.
-        for (seq, a, b) in self.amends.drain(..) {
-            if let Some(framed) = inner.ops.get_mut(&seq) {
-                inner.live_bytes += (b - a) as u64;
-                framed.extend_from_slice(&self.buf[a..b]);
-            }
+        for (backend_ino, a, b) in self.retimed.drain(..) {
+            inner.retimed.insert(backend_ino, self.buf[a..b].to_vec());
         }
         for (ino, range) in self.states.drain(..) {
             if let Some(old) = inner.states.remove(&ino) {
@@ -552,6 +569,7 @@ impl Journal {
             next_seq: 1,
             ops: BTreeMap::new(),
             states: live,
+            retimed: BTreeMap::new(),
             live_bytes,
             appended: 0,
             compact: true,
@@ -596,6 +614,7 @@ impl Journal {
             next_seq: u64::MAX / 2,
             ops: BTreeMap::new(),
             states: HashMap::new(),
+            retimed: BTreeMap::new(),
             live_bytes: 0,
             appended: 0,
             compact: false,
@@ -608,7 +627,7 @@ impl Journal {
             journal: self,
             buf: Vec::new(),
             ops: Vec::new(),
-            amends: Vec::new(),
+            retimed: Vec::new(),
             states: Vec::new(),
             inner: self.inner.lock(),
         }
@@ -730,7 +749,17 @@ impl Journal {
     fn rewrite(&self, inner: &mut Inner) -> io::Result<()> {
         let dir = inner.path.parent().expect("journal is in a directory").to_path_buf();
         let tmp = dir.join("journal.compact");
-        let buf = contents(&self.header, inner.states.values().chain(inner.ops.values()));
+        if inner.ops.is_empty() && inner.states.is_empty() {
+            inner.retimed.clear(); // nothing left that could expect them
+        }
+        let buf = contents(
+            &self.header,
+            inner
+                .states
+                .values()
+                .chain(inner.ops.values())
+                .chain(inner.retimed.values()),
+        );
         let file = write_file(&tmp, &buf)?;
         std::fs::rename(&tmp, &inner.path)?;
         sync_dir(&dir)?;
@@ -892,6 +921,45 @@ mod tests {
         assert_eq!(
             got,
             vec![Some(Known::ino(42)), None, Some(Known { ino: 43, version: 9 })]
+        );
+    }
+
+    /// A file retimed in place by this mount: the expectations of its
+    /// content version, journaled before or after, are read back by inode
+    /// number only, also after a compaction; others keep their version.
+    #[test]
+    fn a_retimed_file_is_expected_by_inode_number_only() {
+        let d = tempfile::tempdir().unwrap();
+        let j = fresh(d.path());
+        let (k7, k8) = (Known { ino: 7, version: 70 }, Known { ino: 8, version: 80 });
+        let (mut before, mut other) = (mkdir_op("a"), mkdir_op("b"));
+        before.expect = Some(k7);
+        other.expect = Some(k8);
+        let mut tx = j.begin();
+        tx.op(&mut before);
+        tx.op(&mut other);
+        tx.state(10, Some(file_state(10, "x")), Some(k7));
+        tx.commit();
+        let mut tx = j.begin();
+        tx.retimed(7);
+        tx.commit();
+        let mut after = mkdir_op("c");
+        after.expect = Some(Known { ino: 7, version: 71 });
+        let mut tx = j.begin();
+        tx.op(&mut after);
+        tx.state(11, Some(file_state(11, "y")), Some(Known { ino: 7, version: 72 }));
+        tx.commit();
+        {
+            let mut inner = j.inner.lock();
+            j.rewrite(&mut inner).unwrap();
+        }
+        drop(j);
+        let r = read(d.path()).unwrap().unwrap();
+        let got: Vec<_> = r.ops.iter().map(|o| o.expect).collect();
+        assert_eq!(got, vec![Some(Known::ino(7)), Some(k8), Some(Known::ino(7))]);
+        assert_eq!(
+            r.state_expects,
+            HashMap::from([(10, Known::ino(7)), (11, Known::ino(7))])
         );
     }
 

@@ -575,9 +575,8 @@ pub struct Namespace {
     /// Objects whose pending state (see `pending_state`) may have changed
     /// since the caller last journaled it.
     pub touched: Vec<Ino>,
-    /// Backend objects whose mtime this mount just set in place: queued ops
-    /// journaled expecting one of their content versions must be journaled
-    /// again expecting the inode number only (see `retimed`).
+    /// Backend objects whose mtime this mount just set in place, for the
+    /// journal (`Record::Retimed`; see `retimed`).
     pub retimed_now: Vec<u64>,
     /// A directory moved: the paths of everything below it changed.
     pub moved_dir: bool,
@@ -1360,16 +1359,6 @@ impl Namespace {
                     if let Some(b) = i.backend_ino {
                         self.retimed.insert(b);
                         self.retimed_now.push(b);
-                        // Files whose publish will replace it (another name
-                        // of it was replaced) have a pending state journaled
-                        // with its old version: journal them again.
-                        let replacing: Vec<Ino> = self
-                            .replaces
-                            .iter()
-                            .filter(|(_, k)| k.ino == b)
-                            .map(|(i, _)| *i)
-                            .collect();
-                        self.touched.extend(replacing);
                     }
                 }
             }

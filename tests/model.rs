@@ -4128,8 +4128,9 @@ fn regression_recovered_symlink_keeps_its_inode() {
 /// `c`'s pending state), took this mount's own utimes for another client's
 /// change, and kept the old file at `c` (found by proptest, shrunk). The
 /// running daemon checked the inode number only (`Namespace::retimed`); the
-/// journal now says so too. With `c`'s publish queued before the utimes or
-/// after it (at the kill).
+/// journal now says so too (`Retimed`). With `c`'s publish queued before the
+/// utimes or after it (at the kill), or not queued (its pending state
+/// expects what the name held).
 #[test]
 fn regression_utimes_of_a_link_whose_other_name_was_replaced_survives_a_crash() {
     let (b, c) = (p(&["b"]), p(&["c"]));
@@ -4139,10 +4140,7 @@ fn regression_utimes_of_a_link_whose_other_name_was_replaced_survives_a_crash() 
         perm: 0o644,
         t: 0,
     };
-    // Still open, (false, false): `c`'s pending state expects what
-    // its directory entry shadowed, and the utimes does not find it there to
-    // journal it again (that needs the retimed inode numbers in the journal).
-    for (queued_before, queue_at_kill) in [(false, true), (true, false), (true, true)] {
+    for (queued_before, queue_at_kill) in [(false, true), (false, false), (true, false), (true, true)] {
         let mut ops = vec![
             put(&c),
             Op::Link {
