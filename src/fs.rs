@@ -352,8 +352,12 @@ impl Fs {
             .filter_map(|i| Some((ns.pending_state(i)?, ns.pending_expect(i))))
             .collect();
         let j = Arc::new(Journal::create(cache, header, states)?);
-        if !carried_ops.is_empty() {
+        if !carried_ops.is_empty() || !ns.retimed_now.is_empty() {
             let mut tx = j.begin();
+            // Files the replayed ops retime in place (see `apply`).
+            for b in ns.retimed_now.drain(..) {
+                tx.retimed(b);
+            }
             for op in carried_ops.iter_mut() {
                 tx.op(op);
             }

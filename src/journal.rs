@@ -387,8 +387,9 @@ struct Inner {
     /// Live records, framed: pending ops by seq, pending state by object.
     ops: BTreeMap<u64, Vec<u8>>,
     states: HashMap<Ino, Vec<u8>>,
-    /// Backend files retimed in place (`Record::Retimed`), framed: kept
-    /// while the journal has live records, which may expect them.
+    /// Backend files this mount retimed in place (`Record::Retimed`),
+    /// framed: kept through compactions, as the mount keeps checking them
+    /// by inode number only (`Namespace::retimed`) for as long as it runs.
     retimed: BTreeMap<u64, Vec<u8>>,
     live_bytes: u64,
     /// Records appended so far (for group commit).
@@ -534,7 +535,9 @@ impl Batch<'_> {
             inner.ops.insert(seq, self.buf[a..b].to_vec());
         }
         for (backend_ino, a, b) in self.retimed.drain(..) {
-            inner.retimed.insert(backend_ino, self.buf[a..b].to_vec());
+            if inner.retimed.insert(backend_ino, self.buf[a..b].to_vec()).is_none() {
+                inner.live_bytes += (b - a) as u64;
+            }
         }
         for (ino, range) in self.states.drain(..) {
             if let Some(old) = inner.states.remove(&ino) {
@@ -749,9 +752,6 @@ impl Journal {
     fn rewrite(&self, inner: &mut Inner) -> io::Result<()> {
         let dir = inner.path.parent().expect("journal is in a directory").to_path_buf();
         let tmp = dir.join("journal.compact");
-        if inner.ops.is_empty() && inner.states.is_empty() {
-            inner.retimed.clear(); // nothing left that could expect them
-        }
         let buf = contents(
             &self.header,
             inner

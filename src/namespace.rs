@@ -1487,10 +1487,8 @@ impl Namespace {
         } else {
             None
         };
-        let retimed = expect.is_some_and(|k| self.retimed.contains(&k.ino));
         let mut op = op;
-        op.expect = expect.map(|k| if retimed { Known::ino(k.ino) } else { k });
-        let i = self.get_mut(ino)?;
+        op.expect = expect;
         i.on_backend = true;
         i.content = Content::Staged { id, dirty: false };
         i.publish_queued += 1;
@@ -1737,17 +1735,16 @@ impl Namespace {
     /// pending state, so a publish after a crash still checks against what
     /// was there before the crash, not what another client left since.
     /// (Unknown while a publish of it is in flight: that brings a new one.)
-    /// (What a check can rely on: see `checkable`.)
     pub fn pending_expect(&self, ino: Ino) -> Option<Known> {
         let i = self.inodes.get(&ino)?;
         if !self.dirty_files.contains(&ino) || i.publish_queued > 0 {
             return None;
         }
         if let Some(b) = i.known().or(self.replaces(ino)) {
-            return Some(self.checkable(b));
+            return Some(b);
         }
         let (p, n) = i.links.first()?;
-        self.dir(*p).ok()?.get(n)?.shadow.map(|k| self.checkable(k))
+        self.dir(*p).ok()?.get(n)?.shadow
     }
 
     /// After a crash: takes back a file whose staged content was never
@@ -2126,6 +2123,7 @@ impl Namespace {
                     i.backend_version = 0; // see `set_attrs`
                     if let Some(b) = i.backend_ino {
                         self.retimed.insert(b);
+                        self.retimed_now.push(b);
                     }
                 }
                 let keys = self.attr_keys(ino)?;
