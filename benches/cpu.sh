@@ -48,19 +48,7 @@ cleanup() {
 trap cleanup EXIT
 mkdir -p "$W/src" "$W/back" "$W/sim" "$W/local" "$W/ec"
 
-python3 - "$W/src" "$FILES" 100 <<'EOF'
-import os, random, sys
-root, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rng = random.Random(42)
-blob = rng.randbytes(64 * 1024)
-for i in range(d):
-    os.makedirs(os.path.join(root, "d%03d" % i), exist_ok=True)
-for i in range(n):
-    size = int(1024 * 2 ** rng.uniform(0, 6))
-    off = rng.randrange(0, 64 * 1024 - size + 1)
-    with open(os.path.join(root, "d%03d" % (i % d), "f%06d.dat" % i), "wb") as f:
-        f.write(blob[off:off + size] + i.to_bytes(8, "little"))
-EOF
+python3 "$ROOT/benches/gen-tree.py" "$W/src" "$FILES" 100
 
 "$S" --profile "$PROFILE" --daemon "$W/back" "$W/sim" > "$W/sim.out" 2> "$W/sim.err" &
 for _ in $(seq 100); do

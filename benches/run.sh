@@ -200,20 +200,7 @@ SIM_MP=$W/sim
 STATS=$W/sim-stats.json
 
 log "generating $FILES files in $DIRS dirs (1-64 KiB) under $W/src"
-python3 - "$W/src" "$FILES" "$DIRS" <<'EOF' || { echo "FAIL: tree generation" >&2; exit 1; }
-import os, random, sys
-root, n, d = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-rng = random.Random(42)
-blob = rng.randbytes(64 * 1024) if hasattr(rng, "randbytes") else os.urandom(64 * 1024)
-for i in range(d):
-    os.makedirs(os.path.join(root, "d%03d" % i), exist_ok=True)
-for i in range(n):
-    # log-uniform 1..64 KiB: most files small, a tail of larger ones
-    size = int(1024 * 2 ** rng.uniform(0, 6))
-    off = rng.randrange(0, 64 * 1024 - size + 1)
-    with open(os.path.join(root, "d%03d" % (i % d), "f%06d.dat" % i), "wb") as f:
-        f.write(blob[off:off + size] + i.to_bytes(8, "little"))
-EOF
+python3 "$ROOT/benches/gen-tree.py" "$W/src" "$FILES" "$DIRS" || { echo "FAIL: tree generation" >&2; exit 1; }
 SRC_BYTES=$(du -sb "$W/src" | cut -f1)
 
 # The calibration tree is shaped like the one in the only public end-to-end

@@ -478,23 +478,33 @@ fn sync_right_after_a_close_publishes_the_closed_file() {
     m.umount();
 }
 
-/// The nice value of each of the daemon's threads, by thread name.
-fn thread_nice(pid: u32) -> Vec<(String, i64)> {
+/// Each of the daemon's threads: its name and the contents of its
+/// `/proc/PID/task/TID/<file>`.
+fn daemon_threads(pid: u32, file: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let (Ok(comm), Ok(stat)) = (
+        let (Ok(comm), Ok(text)) = (
             std::fs::read_to_string(t.path().join("comm")),
-            std::fs::read_to_string(t.path().join("stat")),
+            std::fs::read_to_string(t.path().join(file)),
         ) else {
             continue; // the thread ended meanwhile
         };
-        // Fields after the parenthesised name start with field 3 (state);
-        // nice is field 19.
-        let after = &stat[stat.rfind(')').unwrap() + 2..];
-        let nice = after.split(' ').nth(16).unwrap().parse().unwrap();
-        out.push((comm.trim().to_string(), nice));
+        out.push((comm.trim().to_string(), text));
     }
     out
+}
+
+/// The nice value of each of the daemon's threads, by thread name.
+fn thread_nice(pid: u32) -> Vec<(String, i64)> {
+    daemon_threads(pid, "stat")
+        .into_iter()
+        .map(|(name, stat)| {
+            // Fields after the parenthesised name start with field 3 (state);
+            // nice is field 19.
+            let after = &stat[stat.rfind(')').unwrap() + 2..];
+            (name, after.split(' ').nth(16).unwrap().parse().unwrap())
+        })
+        .collect()
 }
 
 /// CONFIGURATION.md `flush_nice`: publishing runs 10 nice steps below the
@@ -540,23 +550,18 @@ fn flush_workers_run_at_a_lower_cpu_priority() {
 /// Each of the daemon's threads, by name, with the CPUs it may run on as
 /// /proc writes them (`0`, `0-1`).
 fn thread_cpus(pid: u32) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
-        let (Ok(comm), Ok(status)) = (
-            std::fs::read_to_string(t.path().join("comm")),
-            std::fs::read_to_string(t.path().join("status")),
-        ) else {
-            continue; // the thread ended meanwhile
-        };
-        let cpus = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
-            .expect("Cpus_allowed_list")
-            .trim()
-            .to_string();
-        out.push((comm.trim().to_string(), cpus));
-    }
-    out
+    daemon_threads(pid, "status")
+        .into_iter()
+        .map(|(name, status)| {
+            let cpus = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .expect("Cpus_allowed_list")
+                .trim()
+                .to_string();
+            (name, cpus)
+        })
+        .collect()
 }
 
 /// CONFIGURATION.md `fuse_cpus`: the threads that answer the kernel's
