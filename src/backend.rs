@@ -259,7 +259,10 @@ pub trait Backend: Send + Sync {
     fn mkdir(&self, path: &RelPath, perm: u32) -> io::Result<()>;
     fn rmdir(&self, path: &RelPath) -> io::Result<()>;
     fn unlink(&self, path: &RelPath) -> io::Result<()>;
-    fn rename(&self, from: &RelPath, to: &RelPath, noreplace: bool) -> io::Result<()>;
+    /// A plain rename(2): NFS refuses every rename flag (the Linux client
+    /// answers EINVAL without asking the server), so `RENAME_NOREPLACE` is
+    /// checked in the overlay and never sent.
+    fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()>;
     fn symlink(&self, target: &OsStr, path: &RelPath) -> io::Result<()>;
     fn link(&self, existing: &RelPath, new: &RelPath) -> io::Result<()>;
     fn mknod(&self, path: &RelPath, kind: Kind, perm: u32, rdev: u64) -> io::Result<()>;

@@ -62,6 +62,8 @@ pub enum Action {
     Rename {
         from: RelPath,
         to: RelPath,
+        /// RENAME_NOREPLACE, checked by the overlay when the op was made
+        /// (kept for the journal's format; the backend gets a plain rename).
         noreplace: bool,
     },
     Symlink {

@@ -725,6 +725,11 @@ impl Filesystem for EfsSim {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        if self.core.refusals.rename_flags && flags.bits() != 0 {
+            // The NFS client refuses these without asking the server.
+            reply.error(Errno::EINVAL);
+            return;
+        }
         let (name, newname) = (name.to_owned(), newname.to_owned());
         self.submit(
             caller(req),

@@ -88,6 +88,10 @@ struct Cli {
     /// Allow block/char device nodes even where the profile refuses them.
     #[arg(long)]
     devices: bool,
+    /// Allow rename flags (RENAME_NOREPLACE, RENAME_EXCHANGE) even where the
+    /// profile refuses them, as the Linux NFS client does.
+    #[arg(long)]
+    rename_flags: bool,
 
     /// Probability that a request of a --fail-ops kind fails.
     #[arg(long, value_name = "P", default_value_t = 0.0)]
@@ -199,6 +203,9 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
     }
     if cli.devices {
         refusals.devices = false;
+    }
+    if cli.rename_flags {
+        refusals.rename_flags = false;
     }
     if !(0.0..=1.0).contains(&cli.fail_rate) {
         return Err("--fail-rate must be between 0 and 1".into());

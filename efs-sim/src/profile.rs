@@ -67,6 +67,10 @@ pub struct Refusals {
     pub xattrs: bool,
     /// Block and character device nodes are refused.
     pub devices: bool,
+    /// rename(2) flags (RENAME_NOREPLACE, RENAME_EXCHANGE, RENAME_WHITEOUT)
+    /// are refused with EINVAL: the Linux NFS client refuses any flags
+    /// itself (`nfs_rename` in fs/nfs/dir.c), before a request is sent.
+    pub rename_flags: bool,
 }
 
 const MS: f64 = 1e-3;
@@ -179,7 +183,7 @@ impl Costs {
             .collect();
         per_op.sort();
         format!(
-            "{{\"read_latency_ms\": {:.3}, \"meta_latency_ms\": {:.3}, \"setattr_latency_ms\": {:.3}, \"commit_latency_ms\": {:.3}, \"op_latency_ms\": {{{}}}, \"mibps_cap\": {:.1}, \"ops_cap\": {:.1}, \"max_inflight\": {}, \"dir_concurrency\": {}, \"attr_ttl_ms\": {:.0}, \"xattrs\": {}, \"devices\": {}}}",
+            "{{\"read_latency_ms\": {:.3}, \"meta_latency_ms\": {:.3}, \"setattr_latency_ms\": {:.3}, \"commit_latency_ms\": {:.3}, \"op_latency_ms\": {{{}}}, \"mibps_cap\": {:.1}, \"ops_cap\": {:.1}, \"max_inflight\": {}, \"dir_concurrency\": {}, \"attr_ttl_ms\": {:.0}, \"xattrs\": {}, \"devices\": {}, \"rename_flags\": {}}}",
             ms(self.read_latency),
             ms(self.meta_latency),
             ms(self.setattr_latency),
@@ -192,6 +196,7 @@ impl Costs {
             ms(self.attr_ttl),
             !refusals.xattrs,
             !refusals.devices,
+            !refusals.rename_flags,
         )
     }
 }
@@ -204,10 +209,12 @@ impl Refusals {
             ProfileName::EfsTypical | ProfileName::CrossAz => Refusals {
                 xattrs: true,
                 devices: true,
+                rename_flags: true,
             },
             ProfileName::Local => Refusals {
                 xattrs: false,
                 devices: false,
+                rename_flags: false,
             },
         }
     }

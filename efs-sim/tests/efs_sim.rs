@@ -240,7 +240,7 @@ fn stall_hangs_requests_then_clears() {
 }
 
 #[test]
-fn efs_typical_refuses_xattrs_and_devices() {
+fn efs_typical_refuses_xattrs_devices_and_rename_flags() {
     if !can_mount() {
         return;
     }
@@ -271,6 +271,22 @@ fn efs_typical_refuses_xattrs_and_devices() {
             .file_type()
             .is_fifo()
     );
+    // Rename flags: EINVAL, as from the Linux NFS client; a plain rename works.
+    let g = cpath(&sim.path("g"));
+    // SAFETY: valid paths.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            cf.as_ptr(),
+            libc::AT_FDCWD,
+            g.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    assert_eq!(rc, -1);
+    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EINVAL));
+    assert!(f.exists() && !sim.path("g").exists());
+    fs::rename(&f, sim.path("g")).expect("plain rename");
 }
 
 #[test]

@@ -158,8 +158,8 @@ impl Backend for FaultBackend {
     fn unlink(&self, path: &RelPath) -> io::Result<()> {
         self.run(OpKind::unlink, || self.inner.unlink(path))
     }
-    fn rename(&self, from: &RelPath, to: &RelPath, noreplace: bool) -> io::Result<()> {
-        self.run(OpKind::rename, || self.inner.rename(from, to, noreplace))
+    fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
+        self.run(OpKind::rename, || self.inner.rename(from, to))
     }
     fn symlink(&self, target: &OsStr, path: &RelPath) -> io::Result<()> {
         self.run(OpKind::symlink, || self.inner.symlink(target, path))

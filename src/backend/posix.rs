@@ -353,13 +353,12 @@ impl Backend for PosixBackend {
         })
     }
 
-    fn rename(&self, from: &RelPath, to: &RelPath, noreplace: bool) -> io::Result<()> {
+    fn rename(&self, from: &RelPath, to: &RelPath) -> io::Result<()> {
         self.stats.count(OpKind::rename);
-        let flags = if noreplace { libc::RENAME_NOREPLACE } else { 0 };
         self.at_parent(from, |fd_from, name_from| {
             self.at_parent(to, |fd_to, name_to| {
                 // SAFETY: both dir fds are open and names valid.
-                check(unsafe { libc::renameat2(fd_from, name_from.as_ptr(), fd_to, name_to.as_ptr(), flags) }).map(drop)
+                check(unsafe { libc::renameat(fd_from, name_from.as_ptr(), fd_to, name_to.as_ptr()) }).map(drop)
             })
         })
     }

@@ -225,8 +225,9 @@ pub fn execute(
             check_unchanged(backend, path, expect)?;
             ignore_enoent(backend.unlink(path))
         }
-        Action::Rename { from, to, noreplace } => {
-            match backend.rename(from, to, *noreplace) {
+        // `noreplace` was the overlay's to check (Backend::rename).
+        Action::Rename { from, to, .. } => {
+            match backend.rename(from, to) {
                 // An earlier attempt did it and only its reply was lost: the
                 // target is there, and is the object the source held (where
                 // this mount knows which one that was). If not, another
@@ -454,7 +455,7 @@ fn publish_file(
         return Err(io::Error::other(crate::flush::WriterBusy));
     }
     check_unchanged(backend, first, expect)?;
-    backend.rename(&temp, first, false)?;
+    backend.rename(&temp, first)?;
     guard.path = None;
     for other in &paths[1..] {
         let (odir, _) = other
@@ -472,7 +473,7 @@ fn publish_file(
             }
             return Err(e);
         }
-        backend.rename(&t, other, false)?;
+        backend.rename(&t, other)?;
         g.path = None;
     }
     // What the backend has now: this file, with the staged size and the
