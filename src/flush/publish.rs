@@ -263,9 +263,19 @@ pub fn execute(
             match backend.symlink(target, path) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                    // Idempotent retry: replace whatever is there with our link.
-                    let _ = backend.unlink(path);
-                    backend.symlink(target, path)?;
+                    // A retry after the link was made (its reply lost), or
+                    // something put at the name since this mount looked:
+                    // replaced (as a publish replaces a file another client
+                    // created there), unless it is the object this mount
+                    // expected to be gone and it changed. An error here is
+                    // retried like any other, never taken for done.
+                    let st = backend.stat(path)?;
+                    let ours = st.kind == Kind::Symlink && backend.read_link(path)? == *target;
+                    if !ours {
+                        check_unchanged(backend, path, expect)?;
+                        backend.unlink(path)?;
+                        backend.symlink(target, path)?;
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -594,5 +604,72 @@ mod tests {
         std::fs::remove_file(at("b")).unwrap();
         let e = retried_rename(&backend, Some(ours)).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    }
+
+    fn make_symlink(backend: &dyn Backend, expect: Option<Known>) -> io::Result<Published> {
+        let action = Action::Symlink {
+            path: rel("l"),
+            target: "ours".into(),
+            attrs: AttrSet::default(),
+        };
+        let temps = TempNames::new("host", "1");
+        execute(
+            backend,
+            &temps,
+            &action,
+            expect,
+            true,
+            Capabilities::default(),
+            |_| Ok(None),
+            || true,
+        )
+    }
+
+    /// A symlink whose name is taken on the backend: a retry finding its own
+    /// link is done; something else there is replaced, unless it is what
+    /// this mount expected gone and it changed; a failure to remove it is
+    /// an error to retry, never a link taken for made.
+    #[test]
+    fn a_symlink_over_a_taken_name() {
+        use std::path::Path;
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name);
+        let target = || std::fs::read_link(at("l")).ok();
+        let backend = PosixBackend::open(dir.path()).unwrap();
+
+        std::os::unix::fs::symlink("ours", at("l")).unwrap();
+        make_symlink(&backend, None).expect("a retry after the link was made");
+        assert_eq!(target().as_deref(), Some(Path::new("ours")));
+
+        std::fs::remove_file(at("l")).unwrap();
+        std::fs::write(at("l"), b"theirs").unwrap();
+        let theirs = Known::ino(backend.stat(&rel("l")).unwrap().ino);
+        let unlink_fails = crate::backend::fault::FaultBackend::new(
+            Box::new(PosixBackend::open(dir.path()).unwrap()),
+            crate::config::FaultConfig {
+                rate: 1.0,
+                ops: vec!["unlink".into()],
+                ..Default::default()
+            },
+        );
+        let e = make_symlink(&unlink_fails, None).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        assert_eq!(
+            std::fs::read(at("l")).unwrap(),
+            b"theirs",
+            "kept while the unlink fails"
+        );
+
+        // Expected gone but changed since (another client's new file): kept.
+        let e = make_symlink(&backend, Some(Known::ino(theirs.ino + 1))).unwrap_err();
+        assert!(conflict(&e).is_some(), "{e}");
+        assert_eq!(std::fs::read(at("l")).unwrap(), b"theirs");
+
+        make_symlink(&backend, Some(theirs)).expect("replaces what it expected");
+        assert_eq!(target().as_deref(), Some(Path::new("ours")));
+        std::fs::write(at("m"), b"x").unwrap();
+        std::fs::rename(at("m"), at("l")).unwrap();
+        make_symlink(&backend, None).expect("replaces what another client made");
+        assert_eq!(target().as_deref(), Some(Path::new("ours")));
     }
 }
