@@ -232,8 +232,12 @@ impl Fs {
     /// Applies effects of an overlay change (the caller holds the namespace
     /// lock, so this happens in the order the overlay changed): journal the
     /// ops and the pending state of every touched object, then queue the ops
-    /// and drop staging files nothing refers to any more.
-    fn apply(&self, ns: &mut Namespace, mut fx: Effects) {
+    /// and drop staging files nothing refers to any more. EIO when the
+    /// journal could not record it: the change is made and will be
+    /// published, but a crash before that would lose it, so it must not be
+    /// acknowledged (and the journal refuses changes from then on).
+    fn apply(&self, ns: &mut Namespace, mut fx: Effects) -> FsResult<()> {
+        let mut journaled = Ok(());
         let mut touched = std::mem::take(&mut ns.touched);
         let moved_dir = std::mem::replace(&mut ns.moved_dir, false);
         let retimed = std::mem::take(&mut ns.retimed_now);
@@ -259,7 +263,7 @@ impl Fs {
             for ino in touched {
                 tx.state(ino, ns.pending_state(ino), ns.pending_expect(ino));
             }
-            tx.commit();
+            journaled = tx.commit();
         }
         for op in fx.ops {
             self.sched.enqueue(op);
@@ -270,6 +274,7 @@ impl Fs {
         for (id, clean) in std::mem::take(&mut ns.clean_marks) {
             self.staging.mark_clean(id, clean);
         }
+        journaled.map_err(|_| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
     }
 
     /// Marks `ino`'s content changed and journals it as of unknown size
@@ -294,8 +299,8 @@ impl Fs {
         }
         let mut tx = j.begin();
         tx.state(ino, Some(state), ns.pending_expect(ino));
-        tx.commit();
-        Ok(())
+        tx.commit()
+            .map_err(|_| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
     }
 
     /// How long a published file's staged copy is kept, so that reopening,
@@ -317,7 +322,7 @@ impl Fs {
         let mut ns = self.ns.lock();
         let mut fx = Effects::default();
         ns.expire_lingering(None, &mut fx);
-        self.apply(&mut ns, fx);
+        let _ = self.apply(&mut ns, fx); // drops copies: nothing to acknowledge
     }
 
     /// Changes are refused once the journal cannot record them.
@@ -361,9 +366,10 @@ impl Fs {
             for op in carried_ops.iter_mut() {
                 tx.op(op);
             }
-            tx.commit();
-            if !j.healthy() {
-                return Err(io::Error::other("cannot write the recovered ops into the new journal"));
+            if let Err(e) = tx.commit() {
+                return Err(io::Error::other(format!(
+                    "cannot write the recovered ops into the new journal: {e}"
+                )));
             }
         }
         j.install(cache)?;
@@ -524,7 +530,7 @@ impl Fs {
         let mut fx = Effects::default();
         let mut ns = self.ns.lock();
         ns.forget(ino, n, &mut fx);
-        self.apply(&mut ns, fx);
+        let _ = self.apply(&mut ns, fx); // nothing to acknowledge (a failure is logged; the journal turns unhealthy)
     }
 
     pub fn getattr(&self, ino: Ino, may_block: bool) -> FsResult<AttrOut> {
@@ -564,6 +570,7 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: Ino, ch: SetAttr, may_block: bool) -> FsResult<AttrOut> {
+        self.check_journal()?;
         // The reply's attributes replace the kernel's: a writer's passthrough
         // writes (whose release may not have arrived yet: it is asynchronous)
         // must be in them, or a chmod right after a close shows size 0.
@@ -595,7 +602,7 @@ impl Fs {
             self.chmod_acl(&mut ns, ino, perm)?;
         }
         ns.set_attrs(ino, &ch, &mut fx)?;
-        self.apply(&mut ns, fx);
+        self.apply(&mut ns, fx)?;
         Self::attr_out(&ns, ino)
     }
 
@@ -632,8 +639,7 @@ impl Fs {
         if i.writers == 0 {
             ns.file_quiet(ino, Instant::now());
         }
-        self.apply(&mut ns, Effects::default());
-        Ok(())
+        self.apply(&mut ns, Effects::default())
     }
 
     /// Gives a regular file staged content and returns its staging id; copies
@@ -763,8 +769,10 @@ impl Fs {
         let mut fx = Effects::default();
         let mut ns = self.ns.lock();
         let r = f(&mut ns, &mut fx);
-        self.apply(&mut ns, fx);
-        r
+        let journaled = self.apply(&mut ns, fx);
+        let v = r?;
+        journaled?;
+        Ok(v)
     }
 
     /// The permission bits and ACLs of a new object in `parent`: a default
@@ -987,7 +995,7 @@ impl Fs {
             Err(e) => {
                 let mut fx = Effects::default();
                 let _ = ns.unlink(parent, name, &mut fx);
-                self.apply(&mut ns, fx);
+                let _ = self.apply(&mut ns, fx); // failing anyway
                 return Err(io_err(e));
             }
         };
@@ -995,7 +1003,16 @@ impl Fs {
         let i = ns.get_mut(ino)?;
         i.opens += 1;
         i.writers += 1;
-        self.apply(&mut ns, Effects::default());
+        if let Err(e) = self.apply(&mut ns, Effects::default()) {
+            // Not crash-safe: undone, as if the create had failed.
+            let i = ns.get_mut(ino)?;
+            i.opens -= 1;
+            i.writers -= 1;
+            let mut fx = Effects::default();
+            let _ = ns.unlink(parent, name, &mut fx);
+            let _ = self.apply(&mut ns, fx);
+            return Err(e);
+        }
         let out = Self::attr_out(&ns, ino)?;
         drop(ns);
         let file = Arc::new(file);
@@ -1201,6 +1218,7 @@ impl Fs {
             return Err(FsError::NotSupported); // fifos and devices are opened by the kernel
         }
         if write {
+            self.check_journal()?;
             self.wait_for_cache_space(may_block)?;
         }
         if write || content != Content::Remote {
@@ -1251,7 +1269,7 @@ impl Fs {
                 // must not refuse what this writer writes before a crash).
                 ns.touched.push(ino);
             }
-            self.apply(&mut ns, Effects::default());
+            let journaled = self.apply(&mut ns, Effects::default());
             drop(ns);
             let file = Arc::new(file);
             let fh = self.new_handle(Handle::Staged {
@@ -1260,6 +1278,10 @@ impl Fs {
                 write,
                 passthrough,
             });
+            if let Err(e) = journaled {
+                self.release(fh); // as if closed at once: counted and queued as usual
+                return Err(e);
+            }
             return Ok(Opened {
                 fh,
                 backing: passthrough.then_some(file),
@@ -1348,8 +1370,7 @@ impl Fs {
         }
         stamp_staging(&file, &i.attr);
         ns.touched.push(ino);
-        self.apply(&mut ns, Effects::default());
-        Ok(())
+        self.apply(&mut ns, Effects::default())
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -1382,7 +1403,7 @@ impl Fs {
             ns.touched.push(ino); // the mode is part of the journaled state
         }
         if !ns.touched.is_empty() {
-            self.apply(&mut ns, Effects::default());
+            self.apply(&mut ns, Effects::default())?;
         }
         Ok(data.len() as u32)
     }
@@ -1430,7 +1451,7 @@ impl Fs {
             }
             ns.maybe_free(ino, &mut fx);
         }
-        self.apply(&mut ns, fx);
+        let _ = self.apply(&mut ns, fx); // nothing to acknowledge (a failure is logged; the journal turns unhealthy)
     }
 
     /// fsync: local durability of the staged data, and with `fsync=remote`
@@ -1459,7 +1480,7 @@ impl Fs {
             let mut ns = self.ns.lock();
             let mut fx = Effects::default();
             fx.ops.extend(ns.queue_publish(ino)?);
-            self.apply(&mut ns, fx);
+            self.apply(&mut ns, fx)?;
         }
         self.sched.wait_key_clear(&flush::Key::Ino(ino), None);
         Ok(())
@@ -1694,8 +1715,7 @@ impl Fs {
                 };
                 ns.set_attrs(ino, &ch, &mut fx)?;
             }
-            self.apply(&mut ns, fx);
-            return Ok(());
+            return self.apply(&mut ns, fx);
         }
     }
 
@@ -1828,7 +1848,7 @@ impl Fs {
                 }
             }
         }
-        self.apply(&mut ns, fx);
+        let _ = self.apply(&mut ns, fx); // nothing to acknowledge (a failure is logged; the journal turns unhealthy)
     }
 
     /// Runs flush ops until the scheduler shuts down (one call per worker thread).
@@ -2005,7 +2025,7 @@ impl Fs {
                         }
                     }
                 }
-                self.apply(&mut ns, Effects::default());
+                let _ = self.apply(&mut ns, Effects::default()); // nothing to acknowledge (a failure is logged; the journal turns unhealthy)
             }
             if let Some(id) = discard {
                 self.staging.remove(id);
@@ -2075,7 +2095,7 @@ impl Fs {
         }
         let mut ns = self.ns.lock();
         ns.foreign_writer_gone(ino);
-        self.apply(&mut ns, Effects::default());
+        let _ = self.apply(&mut ns, Effects::default()); // nothing to acknowledge (a failure is logged; the journal turns unhealthy)
         false
     }
 
@@ -2093,7 +2113,7 @@ impl Fs {
                     ns.entries_changed_on_backend(d);
                 }
             }
-            self.apply(&mut ns, Effects::default());
+            let _ = self.apply(&mut ns, Effects::default()); // nothing to acknowledge (a failure is logged; the journal turns unhealthy)
         }
         (removed.len(), left)
     }

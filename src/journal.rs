@@ -395,6 +395,9 @@ struct Inner {
     /// Records appended so far (for group commit).
     appended: u64,
     compact: bool,
+    /// A failed append could not be cut off the file: a reader stops at it,
+    /// so nothing more is appended.
+    torn: bool,
 }
 
 /// The journal of a running mount.
@@ -510,26 +513,15 @@ impl Batch<'_> {
         self.inner.states.keys().copied().collect()
     }
 
-    /// Appends the batch with one write(2).
-    pub fn commit(mut self) {
+    /// Appends the batch with one write(2). On an error the batch is not
+    /// in the journal and the journal is unhealthy from then on: the change
+    /// it records is not crash-safe and must not be acknowledged.
+    pub fn commit(mut self) -> io::Result<()> {
         if self.buf.is_empty() {
-            return;
+            return Ok(());
         }
         let inner = &mut *self.inner;
-        let t = std::time::Instant::now();
-        let result = inner.file.write_all(&self.buf);
-        let st = &self.journal.stats;
-        st.appends.fetch_add(1, Ordering::Relaxed);
-        st.bytes.fetch_add(self.buf.len() as u64, Ordering::Relaxed);
-        st.append_nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if let Err(e) = result {
-            if !self.journal.broken.swap(true, Ordering::Relaxed) {
-                tracing::error!(error = %e, "cannot write the journal: new changes are not crash-safe until the cache dir is fixed");
-            }
-            return;
-        }
-        inner.len += self.buf.len() as u64;
+        self.journal.append(inner, &self.buf)?;
         for (seq, a, b) in self.ops.drain(..) {
             inner.live_bytes += (b - a) as u64;
             inner.ops.insert(seq, self.buf[a..b].to_vec());
@@ -550,6 +542,7 @@ impl Batch<'_> {
         }
         inner.appended += 1;
         self.journal.maybe_compact(inner);
+        Ok(())
     }
 }
 
@@ -576,6 +569,7 @@ impl Journal {
             live_bytes,
             appended: 0,
             compact: true,
+            torn: false,
         };
         Ok(Journal::with(inner, header))
     }
@@ -621,6 +615,7 @@ impl Journal {
             live_bytes: 0,
             appended: 0,
             compact: false,
+            torn: false,
         };
         Ok(Journal::with(inner, header))
     }
@@ -642,25 +637,47 @@ impl Journal {
         let mut buf = Vec::new();
         frame(&Record::Done { seq }, &mut buf);
         let mut inner = self.inner.lock();
-        let t = std::time::Instant::now();
-        let result = inner.file.write_all(&buf);
-        self.stats.appends.fetch_add(1, Ordering::Relaxed);
-        self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        self.stats
-            .append_nanos
-            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        if let Err(e) = result {
-            if !self.broken.swap(true, Ordering::Relaxed) {
-                tracing::error!(error = %e, "cannot write the journal");
-            }
-            return;
+        if self.append(&mut inner, &buf).is_err() {
+            return; // the op replays after a crash; it finds its own result
         }
-        inner.len += buf.len() as u64;
         if let Some(old) = inner.ops.remove(&seq) {
             inner.live_bytes -= old.len() as u64;
         }
         inner.appended += 1;
         self.maybe_compact(&mut inner);
+    }
+
+    /// Writes `buf` at the end of the journal. A failed write is cut off
+    /// again (a reader stops at a torn record, and would lose everything
+    /// appended after it) and leaves the journal unhealthy.
+    fn append(&self, inner: &mut Inner, buf: &[u8]) -> io::Result<()> {
+        if inner.torn {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let t = std::time::Instant::now();
+        let result = inner.file.write_all(buf);
+        self.stats.appends.fetch_add(1, Ordering::Relaxed);
+        self.stats.bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.stats
+            .append_nanos
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let Err(e) = result else {
+            inner.len += buf.len() as u64;
+            return Ok(());
+        };
+        if !self.broken.swap(true, Ordering::Relaxed) {
+            tracing::error!(error = %e, "cannot write the journal: changes are refused (EIO) from now on, as they would not be crash-safe; free or fix the cache dir's disk, then unmount (which publishes everything) and mount again");
+        }
+        let len = inner.len;
+        if let Err(cut) = inner
+            .file
+            .set_len(len)
+            .and_then(|()| inner.file.seek(SeekFrom::Start(len)))
+        {
+            tracing::error!(error = %cut, "cannot cut a partly written record off the journal: nothing more is appended to it");
+            inner.torn = true;
+        }
+        Err(e)
     }
 
     pub fn stats(&self) -> &JournalStats {
@@ -685,7 +702,12 @@ impl Journal {
 
     /// Makes everything appended so far durable (fdatasync), sharing one sync
     /// among concurrent callers.
+    /// Fails once the journal is unhealthy: what it holds may then lack
+    /// records (or, after a failed sync, records the kernel dropped).
     pub fn sync(&self) -> io::Result<()> {
+        if !self.healthy() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let target = self.inner.lock().appended;
         let _one = self.commit_mutex.lock();
         if *self.synced.lock() >= target {
@@ -696,7 +718,14 @@ impl Journal {
             (inner.file.try_clone()?, inner.appended)
         };
         let t = std::time::Instant::now();
-        file.sync_data()?;
+        if let Err(e) = file.sync_data() {
+            // Linux reports a failed writeback once: a later fdatasync would
+            // succeed although the records it lost are not on disk.
+            if !self.broken.swap(true, Ordering::Relaxed) {
+                tracing::error!(error = %e, "cannot sync the journal: changes are refused (EIO) from now on; fix the cache dir's disk, then unmount and mount again");
+            }
+            return Err(e);
+        }
         self.stats.syncs.fetch_add(1, Ordering::Relaxed);
         self.stats
             .sync_nanos
@@ -725,8 +754,8 @@ impl Journal {
                         j.commit_wake.wait_for(&mut g, period);
                     }
                     let pending = j.inner.lock().appended > *j.synced.lock();
-                    if pending && let Err(e) = j.sync() {
-                        tracing::warn!(error = %e, "journal group commit failed");
+                    if pending && j.healthy() {
+                        let _ = j.sync(); // a failure is logged and makes the journal unhealthy
                     }
                 }
             });
@@ -855,12 +884,12 @@ mod tests {
         tx.op(&mut b);
         tx.state(10, Some(file_state(10, "a/x")), None);
         tx.state(11, Some(file_state(11, "b/y")), None);
-        tx.commit();
+        tx.commit().unwrap();
         j.done(a.journal_seq.unwrap());
         let mut tx = j.begin();
         tx.state(11, None, None);
         tx.state(10, Some(file_state(10, "a/z")), None);
-        tx.commit();
+        tx.commit().unwrap();
         drop(j);
         let r = read(d.path()).unwrap().unwrap();
         assert_eq!(r.header, header());
@@ -880,11 +909,11 @@ mod tests {
         tx.state(10, Some(file_state(10, "a")), Some(k77));
         tx.state(11, Some(file_state(11, "b")), Some(Known::ino(88)));
         tx.state(12, Some(file_state(12, "c")), Some(Known::ino(99)));
-        tx.commit();
+        tx.commit().unwrap();
         let mut tx = j.begin();
         tx.state(11, Some(file_state(11, "b2")), None); // unknown now
         tx.state(12, None, None);
-        tx.commit();
+        tx.commit().unwrap();
         drop(j);
         let r = read(d.path()).unwrap().unwrap();
         assert_eq!(r.states, vec![file_state(10, "a"), file_state(11, "b2")]);
@@ -914,7 +943,7 @@ mod tests {
         tx.op(&mut a);
         tx.op(&mut b);
         tx.op(&mut c);
-        tx.commit();
+        tx.commit().unwrap();
         drop(j);
         let r = read(d.path()).unwrap().unwrap();
         let got: Vec<_> = r.ops.iter().map(|o| o.expect).collect();
@@ -939,16 +968,16 @@ mod tests {
         tx.op(&mut before);
         tx.op(&mut other);
         tx.state(10, Some(file_state(10, "x")), Some(k7));
-        tx.commit();
+        tx.commit().unwrap();
         let mut tx = j.begin();
         tx.retimed(7);
-        tx.commit();
+        tx.commit().unwrap();
         let mut after = mkdir_op("c");
         after.expect = Some(Known { ino: 7, version: 71 });
         let mut tx = j.begin();
         tx.op(&mut after);
         tx.state(11, Some(file_state(11, "y")), Some(Known { ino: 7, version: 72 }));
-        tx.commit();
+        tx.commit().unwrap();
         {
             let mut inner = j.inner.lock();
             j.rewrite(&mut inner).unwrap();
@@ -969,12 +998,12 @@ mod tests {
         let j = fresh(d.path());
         let mut tx = j.begin();
         tx.state(10, Some(file_state(10, "a")), None);
-        tx.commit();
+        tx.commit().unwrap();
         let len = j.usage().0;
         let mut tx = j.begin();
         tx.state(10, Some(file_state(10, "a")), None);
         tx.state(12, None, None);
-        tx.commit();
+        tx.commit().unwrap();
         assert_eq!(j.usage().0, len);
     }
 
@@ -985,12 +1014,12 @@ mod tests {
         let mut a = mkdir_op("a");
         let mut tx = j.begin();
         tx.op(&mut a);
-        tx.commit();
+        tx.commit().unwrap();
         let whole = j.usage().0;
         let mut b = mkdir_op("b");
         let mut tx = j.begin();
         tx.op(&mut b);
-        tx.commit();
+        tx.commit().unwrap();
         drop(j);
         let p = journal_path(d.path());
         // Cut the last record in the middle, as a crash during write(2) could.
@@ -1033,7 +1062,7 @@ mod tests {
         let mut tx = j.begin();
         tx.op(&mut keep);
         tx.state(5, Some(file_state(5, "s")), None);
-        tx.commit();
+        tx.commit().unwrap();
         {
             let mut inner = j.inner.lock();
             j.rewrite(&mut inner).unwrap();
@@ -1041,7 +1070,7 @@ mod tests {
         let mut more = mkdir_op("more");
         let mut tx = j.begin();
         tx.op(&mut more);
-        tx.commit();
+        tx.commit().unwrap();
         j.done(keep.journal_seq.unwrap());
         drop(j);
         let r = read(d.path()).unwrap().unwrap();

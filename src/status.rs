@@ -122,7 +122,7 @@ pub fn render(v: &serde_json::Value) -> String {
             j["bytes"].as_u64().unwrap_or(0),
             j["live_records"].as_u64().unwrap_or(0),
             if j["healthy"].as_bool() == Some(false) {
-                " -- CANNOT WRITE: new changes are not crash-safe; check the cache dir's disk"
+                " -- CANNOT WRITE: changes are refused (EIO); free or fix the cache dir's disk, then unmount and mount again"
             } else {
                 ""
             }
@@ -386,7 +386,7 @@ pub fn render_watch(v: &serde_json::Value, rates: &Rates) -> String {
         out.push_str(&c);
     }
     if v["journal"]["healthy"].as_bool() == Some(false) {
-        out.push_str("journal       CANNOT WRITE: new changes are not crash-safe; check the cache dir's disk\n");
+        out.push_str("journal       CANNOT WRITE: changes are refused (EIO); free or fix the cache dir's disk, then unmount and mount again\n");
     }
     if let Some(fails) = v["failures"].as_array() {
         for f in fails.iter().take(5) {

@@ -636,3 +636,86 @@ fn status_names_the_op_that_keeps_being_retried() {
         "the refused mkdir reached the backend"
     );
 }
+
+/// The cache dir's disk fills up: the journal cannot record a change, so
+/// that change and every later one fail with EIO instead of being
+/// acknowledged without crash safety (also once space is back: the mount
+/// says to remount), fsync fails, and status says why. What was
+/// acknowledged before still reaches the backend, and the next mount works.
+#[test]
+fn a_journal_that_cannot_be_written_refuses_changes_and_loses_nothing() {
+    let s = Scratch::new();
+    let cache = s.path("cache");
+    std::fs::create_dir_all(&cache).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "efscache-test-cache"])
+        .arg(&cache));
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = fusemount::unmount(&self.0, true);
+        }
+    }
+    let _tmpfs = Unmount(cache.clone()); // dropped after the mount below
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &cache, "debounce=0ms");
+    std::fs::write(s.path("mnt/before"), b"acknowledged before the disk filled").unwrap();
+
+    // Fill the cache dir's disk, then change things until the journal's
+    // last page is full too.
+    let mut filler = std::fs::File::create(cache.join("filler")).unwrap();
+    while std::io::Write::write_all(&mut filler, &[7u8; 65536]).is_ok() {}
+    let _ = std::io::Write::write_all(&mut filler, &[7u8; 512]); // the last partial block
+    let mut refused = None;
+    for i in 0..2000 {
+        if let Err(e) = std::fs::create_dir(s.path(&format!("mnt/d{i}"))) {
+            refused = Some(e);
+            break;
+        }
+    }
+    let refused = refused.expect("a journal on a full disk took every change");
+    assert_eq!(refused.raw_os_error(), Some(libc::EIO), "{refused}");
+    let v = m.status();
+    assert_eq!(v["journal"]["healthy"], false, "{v}");
+
+    // Space is back, but the journal lacks a record: changes stay refused.
+    drop(filler);
+    std::fs::remove_file(cache.join("filler")).unwrap();
+    for (what, r) in [
+        ("mkdir", std::fs::create_dir(s.path("mnt/after"))),
+        ("create", std::fs::write(s.path("mnt/new"), b"x")),
+        (
+            "chmod",
+            std::fs::set_permissions(
+                s.path("mnt/before"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            ),
+        ),
+        (
+            "fsync",
+            std::fs::File::open(s.path("mnt/before")).and_then(|f| f.sync_all()),
+        ),
+    ] {
+        let e = r.expect_err(what);
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}");
+    }
+    let out = Command::new(common::BIN)
+        .arg("status")
+        .arg(s.path("mnt"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("CANNOT WRITE"), "{text}");
+
+    m.sync();
+    assert_eq!(
+        std::fs::read_to_string(s.path("backend/before")).unwrap(),
+        "acknowledged before the disk filled"
+    );
+    assert!(s.path("backend/d0").is_dir(), "an acknowledged mkdir is missing");
+    m.umount();
+
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &cache, "debounce=0ms");
+    assert_eq!(m.status()["journal"]["healthy"], true);
+    std::fs::create_dir(s.path("mnt/after")).expect("mkdir on the next mount");
+    m.umount();
+}
