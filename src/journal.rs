@@ -777,16 +777,19 @@ impl Journal {
         }
     }
 
-    /// Rewrites the journal with only its live records (atomically).
+    /// Rewrites the journal with only its live records (atomically). Ops
+    /// before states, as appended: a file's state written after its queued
+    /// publish is what tells a replay the file changed since
+    /// (`Replay::rewritten`), and the live state is the latest.
     fn rewrite(&self, inner: &mut Inner) -> io::Result<()> {
         let dir = inner.path.parent().expect("journal is in a directory").to_path_buf();
         let tmp = dir.join("journal.compact");
         let buf = contents(
             &self.header,
             inner
-                .states
+                .ops
                 .values()
-                .chain(inner.ops.values())
+                .chain(inner.states.values())
                 .chain(inner.retimed.values()),
         );
         let file = write_file(&tmp, &buf)?;
@@ -1077,5 +1080,43 @@ mod tests {
         assert_eq!(r.ops.len(), 1);
         assert!(matches!(&r.ops[0].action, Action::Mkdir { path: p, .. } if *p == path("more")));
         assert_eq!(r.states, vec![file_state(5, "s")]);
+    }
+
+    /// A publish queued with one size, then the file written again (its
+    /// state has another size): the replay knows the publish was superseded,
+    /// also after a compaction.
+    #[test]
+    fn a_publish_rewritten_after_it_was_queued_stays_so_through_compaction() {
+        let d = tempfile::tempdir().unwrap();
+        let j = fresh(d.path());
+        let mut publish = FlushOp::new(
+            vec![(Key::Ino(5), Access::Exclusive)],
+            Action::Publish {
+                ino: 5,
+                staging: 5,
+                size: 9,
+                paths: vec![path("s")],
+                attrs: AttrSet::default(),
+            },
+        );
+        let mut tx = j.begin();
+        tx.op(&mut publish);
+        tx.commit().unwrap();
+        let mut tx = j.begin();
+        tx.state(5, Some(file_state(5, "s")), None); // size 3: written again
+        tx.commit().unwrap();
+        let seq = publish.journal_seq.unwrap();
+        assert!(read(d.path()).unwrap().unwrap().rewritten.contains(&seq));
+        {
+            let mut inner = j.inner.lock();
+            j.rewrite(&mut inner).unwrap();
+        }
+        drop(j);
+        let r = read(d.path()).unwrap().unwrap();
+        assert_eq!(r.ops.len(), 1);
+        assert!(
+            r.rewritten.contains(&seq),
+            "compaction lost that the file changed after its publish was queued"
+        );
     }
 }
