@@ -617,7 +617,7 @@ impl Fs {
             }
         }
         let (mut ns, staged) = loop {
-            let id = self.stage(ino, size > 0, may_block)?;
+            let id = self.stage(ino, size > 0, true, may_block)?;
             // Under the lock, so a publish finishing now cannot drop the staging file.
             let mut ns = self.ns.lock();
             if ns.get(ino)?.staged_id() != Some(id) {
@@ -643,15 +643,23 @@ impl Fs {
     }
 
     /// Gives a regular file staged content and returns its staging id; copies
-    /// the backend data first when `keep_data` (blocking).
-    fn stage(&self, ino: Ino, keep_data: bool, may_block: bool) -> FsResult<u64> {
+    /// the backend data first when `keep_data` (blocking). `changing`: the
+    /// caller changes the staged data in place next (a copy of published
+    /// content is made durable first).
+    fn stage(&self, ino: Ino, keep_data: bool, changing: bool, may_block: bool) -> FsResult<u64> {
         let (backend_xattrs, path) = loop {
             // The staged file carries the backend file's extended attributes
             // (its publish replaces that file).
             let backend_xattrs = self.xattrs_for_staging(ino, may_block)?;
             let mut ns = self.ns.lock();
             let i = ns.get(ino)?;
-            if let Content::Staged { id, .. } = i.content {
+            if let Content::Staged { id, dirty } = i.content {
+                drop(ns);
+                if keep_data && changing && !dirty {
+                    // A copy of published content, about to be changed in
+                    // place: see `durable_before_journaled`.
+                    durable_before_journaled(&self.staging, id)?;
+                }
                 return Ok(id);
             }
             if backend_xattrs.is_none() && i.xattrs.is_none() && self.capabilities().xattrs.any() {
@@ -682,6 +690,7 @@ impl Fs {
         let id = self.ns.lock().new_staging_id();
         let dst = self.staging.create(id).map_err(io_err)?;
         copy_up(&*self.backend, &src, &dst).map_err(io_err)?;
+        dst.sync_data().map_err(io_err)?; // see `durable_before_journaled`
         self.staging.set_size(id, dst.metadata().map_err(io_err)?.len());
         let mut ns = self.ns.lock();
         let i = ns.get_mut(ino)?;
@@ -1223,7 +1232,7 @@ impl Fs {
         }
         if write || content != Content::Remote {
             let (mut ns, file) = loop {
-                let id = self.stage(ino, !trunc, may_block)?;
+                let id = self.stage(ino, !trunc, write, may_block)?;
                 // Open and count the handle under the lock: a publish finishing
                 // now drops the staging copy only of files nobody has open.
                 let ns = self.ns.lock();
@@ -2277,6 +2286,17 @@ fn copy_up(backend: &dyn Backend, src: &File, dst: &File) -> io::Result<()> {
         off += n as u64;
     }
     Ok(())
+}
+
+/// Flushes a staging file that holds content the backend already has (a
+/// copy-up, or the copy kept after a publish) to the cache disk before it is
+/// opened for writing. That open journals a state naming the file, and after
+/// a machine crash recovery publishes whatever the file then holds: content
+/// still in the page cache could come back short or empty and replace the
+/// intact backend file. (Writes made after the open are the writer's to
+/// fsync, as on any file system.)
+fn durable_before_journaled(staging: &Staging, id: u64) -> FsResult<()> {
+    staging.open_rw(id).and_then(|f| f.sync_data()).map_err(io_err)
 }
 
 /// Gives a staging file the overlay's atime and mtime. The kernel stamps
