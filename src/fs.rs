@@ -1485,14 +1485,25 @@ impl Fs {
         if !self.cfg.fsync_remote {
             return Ok(());
         }
-        {
+        // The publish goes ahead although the file is open for writing (the
+        // caller's own handle, at least): fsync asks for what it holds now.
+        let queued = {
             let mut ns = self.ns.lock();
             let mut fx = Effects::default();
             fx.ops.extend(ns.queue_publish(ino)?);
-            self.apply(&mut ns, fx)?;
+            if ns.get(ino)?.writers > 0 {
+                ns.still_dirty(ino)?;
+            }
+            ns.get_mut(ino)?.fsync_waiters += 1;
+            self.apply(&mut ns, fx)
+        };
+        if queued.is_ok() {
+            self.sched.wait_key_clear(&flush::Key::Ino(ino), None);
         }
-        self.sched.wait_key_clear(&flush::Key::Ino(ino), None);
-        Ok(())
+        if let Ok(i) = self.ns.lock().get_mut(ino) {
+            i.fsync_waiters -= 1;
+        }
+        queued
     }
 
     /// fsyncdir: the directory's entries are in the journal.
@@ -1888,7 +1899,8 @@ impl Fs {
                                 expect = None;
                             }
                             unnamed = i.links.is_empty();
-                            (i.writers > 0 && !unnamed, i.foreign_writer && !unnamed)
+                            let writing = i.writers > 0 && i.fsync_waiters == 0;
+                            (writing && !unnamed, i.foreign_writer && !unnamed)
                         }
                         Err(_) => (false, false),
                     };
@@ -1934,10 +1946,9 @@ impl Fs {
                     },
                     || {
                         pub_ino.is_some_and(|ino| {
-                            self.ns
-                                .lock()
-                                .get(ino)
-                                .is_ok_and(|i| i.generation == published_generation && i.writers == 0)
+                            self.ns.lock().get(ino).is_ok_and(|i| {
+                                i.generation == published_generation && (i.writers == 0 || i.fsync_waiters > 0)
+                            })
                         })
                     },
                 )

@@ -368,6 +368,10 @@ pub struct Inode {
     /// Publishes of the staged content queued or running (the staged copy is
     /// kept until the last of them is done).
     pub publish_queued: u32,
+    /// `fsync` calls (with `fsync=remote`) waiting for this file's publish:
+    /// it goes ahead although the file is open for writing, with what the
+    /// file holds then (see `Fs::fsync`).
+    pub fsync_waiters: u32,
     /// The attributes the backend will have once the queued ops ran (None:
     /// unknown), so attribute flushes send only what differs.
     backend_attr: PackedAttrSet,
@@ -418,6 +422,7 @@ impl Inode {
             publish_queued: 0,
             backend_attr: PackedAttrSet::default(),
             foreign_writer: false,
+            fsync_waiters: 0,
             xattrs: None,
         }
     }
@@ -1494,6 +1499,20 @@ impl Namespace {
         i.publish_queued += 1;
         i.set_backend_attr(&i.attr.to_set(Kind::File));
         Ok(Some(op))
+    }
+
+    /// Marks `ino`'s staged content as still to publish, without a new
+    /// generation: a publish queued while it is open for writing (for an
+    /// fsync) copies what it holds then, and what is written after that,
+    /// unseen by the daemon through passthrough, is published at the close.
+    pub fn still_dirty(&mut self, ino: Ino) -> FsResult<()> {
+        let i = self.get_mut(ino)?;
+        if let Content::Staged { id, .. } = i.content {
+            i.content = Content::Staged { id, dirty: true };
+        }
+        self.dirty_files.insert(ino);
+        self.touched.push(ino);
+        Ok(())
     }
 
     /// A publish finished. Returns the staging id to discard when the staged

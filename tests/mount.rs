@@ -478,6 +478,29 @@ fn sync_right_after_a_close_publishes_the_closed_file() {
     m.umount();
 }
 
+/// With `fsync=remote`, fsync publishes a file that is still open for
+/// writing (by the caller itself, as in write, fsync, close), and what is
+/// written after the fsync is published after the close.
+#[test]
+fn fsync_remote_publishes_a_file_still_open_for_writing() {
+    let s = Scratch::new();
+    let opts = "fsync=remote,request_timeout=10s,debounce=1h";
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), opts);
+    let backend = || std::fs::read_to_string(s.path("backend/f")).ok();
+    let mut f = std::fs::File::create(s.path("mnt/f")).unwrap();
+    f.write_all(b"before the fsync").unwrap();
+    f.sync_all().expect("fsync=remote of a file open for writing");
+    assert_eq!(backend().as_deref(), Some("before the fsync"));
+    f.write_all(b", after it").unwrap();
+    f.sync_all().expect("a second fsync");
+    assert_eq!(backend().as_deref(), Some("before the fsync, after it"));
+    f.write_all(b", then closed").unwrap();
+    drop(f);
+    m.sync();
+    assert_eq!(backend().as_deref(), Some("before the fsync, after it, then closed"));
+    m.umount();
+}
+
 /// Each of the daemon's threads: its name and the contents of its
 /// `/proc/PID/task/TID/<file>`.
 fn daemon_threads(pid: u32, file: &str) -> Vec<(String, String)> {
