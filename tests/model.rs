@@ -2690,6 +2690,22 @@ fn sync_ok(fs: &Fs) {
     assert!(r.complete && r.failures.is_empty(), "sync: {r:?}");
 }
 
+/// Syncs until the backend's op counts stop changing, so a count taken next
+/// holds only what follows.
+fn settle(fs: &Fs) {
+    let mut last = None;
+    for _ in 0..100 {
+        sync_ok(fs);
+        std::thread::sleep(Duration::from_millis(20));
+        let now = fs.backend.stats().snapshot().ops;
+        if last.as_ref() == Some(&now) {
+            return;
+        }
+        last = Some(now);
+    }
+    panic!("the backend kept changing after sync: {last:?}");
+}
+
 /// (Fixed.) `rmdir` of an existing directory never returned: `Fs::rmdir` held the
 /// namespace guard of `self.ns.lock().lookup(..)` (the `if let` scrutinee of a
 /// let chain) while the chain's second condition called `self.ns.lock()` again.
@@ -3138,11 +3154,7 @@ fn regression_child_setattr_does_not_retime_ancestors() {
     let a = fs.mkdir(ROOT, name("a"), 0o755, 0, 0, 0, true).expect("mkdir a");
     let b = fs.mkdir(a.ino, name("b"), 0o755, 0, 0, 0, true).expect("mkdir b");
     let c = fs.mkdir(b.ino, name("c"), 0o755, 0, 0, 0, true).expect("mkdir c");
-    // Settle (see `regression_sync_waits_for_directory_times`).
-    for _ in 0..3 {
-        sync_ok(fs);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    settle(fs);
     let before = fs.backend.stats().snapshot();
     fs.setattr(
         c.ino,
@@ -3153,10 +3165,7 @@ fn regression_child_setattr_does_not_retime_ancestors() {
         true,
     )
     .expect("chmod");
-    for _ in 0..3 {
-        sync_ok(fs);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    settle(fs);
     let after = fs.backend.stats().snapshot();
     let ops: Vec<(&str, u64)> = ["chmod", "chown", "utimens"]
         .into_iter()

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -31,10 +31,10 @@ fn rsync_tree_is_published_faithfully_and_resync_is_free() {
     make_tree(&s.path("src"), 7, Some(64 << 20));
     // Record every name created on the backend while the rsync runs.
     let mut watch = Command::new("inotifywait")
-        .args(["-m", "-r", "-q", "-e", "create,moved_to", "--format", "%f"])
+        .args(["-m", "-r", "-e", "create,moved_to", "--format", "%f"])
         .arg(s.path("backend"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("inotifywait (package inotify-tools)");
     struct Reap(u32);
@@ -45,7 +45,21 @@ fn rsync_tree_is_published_faithfully_and_resync_is_free() {
         }
     }
     let _reap = Reap(watch.id());
-    std::thread::sleep(Duration::from_millis(300));
+    // Start only once every watch is in place (inotifywait says so on stderr).
+    let mut said = String::new();
+    // (Its stderr stays open until the end, so a later message cannot kill it.)
+    let mut stderr_lines = std::io::BufReader::new(watch.stderr.take().unwrap()).lines();
+    for line in stderr_lines.by_ref() {
+        let line = line.expect("inotifywait's stderr");
+        said += &line;
+        if line.contains("Watches established") {
+            break;
+        }
+    }
+    assert!(
+        said.contains("Watches established"),
+        "inotifywait did not start: {said}"
+    );
     // The default debounce: rsync renames its temp file right after closing
     // it, but on a loaded machine "right after" took longer than 50 ms.
     let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "");
