@@ -154,6 +154,9 @@ pub struct Fs {
     capabilities: OnceLock<crate::backend::Capabilities>,
     /// What recovery did (null: nothing to recover), for `status`.
     recovery: Mutex<serde_json::Value>,
+    /// Staging files no longer needed, kept while the journal is unhealthy:
+    /// it may still name them (see `discard_staging`).
+    deferred_discards: Mutex<Vec<u64>>,
 }
 
 /// The debounce while writers wait for cache space: long enough for a
@@ -190,6 +193,7 @@ impl Fs {
         Ok(Fs {
             ns: Mutex::new(Namespace::new(&root)),
             handles: Mutex::new(HashMap::new()),
+            deferred_discards: Mutex::new(Vec::new()),
             next_fh: AtomicU64::new(1),
             sched,
             backend,
@@ -269,7 +273,7 @@ impl Fs {
             self.sched.enqueue(op);
         }
         for id in fx.discard {
-            self.staging.remove(id);
+            self.discard_staging(id);
         }
         for (id, clean) in std::mem::take(&mut ns.clean_marks) {
             self.staging.mark_clean(id, clean);
@@ -299,8 +303,14 @@ impl Fs {
         }
         let mut tx = j.begin();
         tx.state(ino, Some(state), ns.pending_expect(ino));
-        tx.commit()
-            .map_err(|_| FsError::Io(io::Error::from_raw_os_error(libc::EIO)))
+        tx.commit().map_err(|_| {
+            // Refused, but marked dirty above: still to publish at its close
+            // (or now, if nobody writes it).
+            if ns.get(ino).is_ok_and(|i| i.writers == 0) {
+                ns.file_quiet(ino, Instant::now());
+            }
+            FsError::Io(io::Error::from_raw_os_error(libc::EIO))
+        })
     }
 
     /// How long a published file's staged copy is kept, so that reopening,
@@ -323,6 +333,33 @@ impl Fs {
         let mut fx = Effects::default();
         ns.expire_lingering(None, &mut fx);
         let _ = self.apply(&mut ns, fx); // drops copies: nothing to acknowledge
+    }
+
+    /// Removes a staging file nothing refers to any more, once the journal
+    /// says so too: while it is unhealthy its last records may still name the
+    /// file (a replay after a crash needs it), so the removal waits for
+    /// `reset_unhealthy_journal`.
+    fn discard_staging(&self, id: u64) {
+        if self.journal.get().is_some_and(|j| !j.healthy()) {
+            self.deferred_discards.lock().push(id);
+        } else {
+            self.staging.remove(id);
+        }
+    }
+
+    /// At an unmount that left nothing to publish: replaces a journal that
+    /// stopped at a failed write with an empty one (everything it could name
+    /// is on the backend), and removes the staging files kept for it. False
+    /// when the journal was healthy.
+    pub fn reset_unhealthy_journal(&self) -> io::Result<bool> {
+        let Some(j) = self.journal.get().filter(|j| !j.healthy()) else {
+            return Ok(false);
+        };
+        j.replace_with_empty()?;
+        for id in std::mem::take(&mut *self.deferred_discards.lock()) {
+            self.staging.remove(id);
+        }
+        Ok(true)
     }
 
     /// Changes are refused once the journal cannot record them.
@@ -2048,7 +2085,7 @@ impl Fs {
                 let _ = self.apply(&mut ns, Effects::default()); // nothing to acknowledge (a failure is logged; the journal turns unhealthy)
             }
             if let Some(id) = discard {
-                self.staging.remove(id);
+                self.discard_staging(id);
             }
             self.sched.settled();
         }

@@ -598,6 +598,28 @@ impl Journal {
         Ok(())
     }
 
+    /// Replaces the journal with one holding only its header, durably, and
+    /// makes it healthy again; for a journal that stopped at a failed write,
+    /// once everything is on the backend (at unmount).
+    pub fn replace_with_empty(&self) -> io::Result<()> {
+        let mut inner = self.inner.lock();
+        let dir = inner.path.parent().expect("journal is in a directory").to_path_buf();
+        let tmp = dir.join("journal.new");
+        let buf = contents(&self.header, std::iter::empty());
+        let file = write_file(&tmp, &buf)?;
+        std::fs::rename(&tmp, &inner.path)?;
+        sync_dir(&dir)?;
+        inner.file = file;
+        inner.len = buf.len() as u64;
+        inner.ops.clear();
+        inner.states.clear();
+        inner.retimed.clear();
+        inner.live_bytes = 0;
+        inner.torn = false;
+        self.broken.store(false, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Appends to an existing journal (recovery records `Done` for the ops it
     /// replays); never compacted.
     pub fn resume(cache: &Path, header: Header) -> io::Result<Journal> {
@@ -649,9 +671,12 @@ impl Journal {
 
     /// Writes `buf` at the end of the journal. A failed write is cut off
     /// again (a reader stops at a torn record, and would lose everything
-    /// appended after it) and leaves the journal unhealthy.
+    /// appended after it) and leaves the journal unhealthy, and nothing is
+    /// appended after it: the file must stay what a crash at that moment
+    /// would have left, every record up to one point, never a gap (a record
+    /// after a missing one could name what the missing one made).
     fn append(&self, inner: &mut Inner, buf: &[u8]) -> io::Result<()> {
-        if inner.torn {
+        if inner.torn || !self.healthy() {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         let t = std::time::Instant::now();

@@ -407,7 +407,23 @@ impl Running {
         for f in self.sched.failures() {
             tracing::error!(op = %f.op, path = %f.path, error = %f.error, "not published");
         }
+        if left == 0 {
+            match self.fs.reset_unhealthy_journal() {
+                Ok(true) => tracing::warn!(
+                    "the journal, which stopped at a failed write, was replaced with an empty one: everything is on the backend"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot replace the journal that stopped at a failed write; the next mount replays it")
+                }
+            }
+        } else if self.fs.journal().is_some_and(|j| !j.healthy()) {
+            tracing::error!(
+                "the journal stopped at a failed write and changes are left: the next mount replays what it holds, and reports what it cannot place (see cache_dir/lost+found)"
+            );
+        }
         if let Some(j) = self.fs.journal()
+            && j.healthy()
             && let Err(e) = j.sync()
         {
             tracing::error!(error = %e, "cannot sync the journal");

@@ -637,49 +637,70 @@ fn status_names_the_op_that_keeps_being_retried() {
     );
 }
 
+/// A cache dir on a 4 MiB tmpfs, unmounted when dropped (after the mount on
+/// it: declare it first).
+struct SmallCacheDisk(std::path::PathBuf);
+
+impl SmallCacheDisk {
+    fn new(path: std::path::PathBuf) -> SmallCacheDisk {
+        std::fs::create_dir_all(&path).unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "efscache-test-cache"])
+            .arg(&path));
+        SmallCacheDisk(path)
+    }
+}
+
+impl Drop for SmallCacheDisk {
+    fn drop(&mut self) {
+        let _ = fusemount::unmount(&self.0, true);
+    }
+}
+
+/// Fills the cache disk, then makes changes until the journal cannot record
+/// one (its last page full too); returns how many were acknowledged and
+/// removes the filler again (space is back, the journal stays unhealthy).
+fn break_the_journal(s: &Scratch, cache: &Path) -> usize {
+    let mut filler = std::fs::File::create(cache.join("filler")).unwrap();
+    while std::io::Write::write_all(&mut filler, &[7u8; 65536]).is_ok() {}
+    let _ = std::io::Write::write_all(&mut filler, &[7u8; 512]); // the last partial block
+    let mut made = 0;
+    let refused = loop {
+        match std::fs::create_dir(s.path(&format!("mnt/d{made}"))) {
+            Ok(()) if made < 2000 => made += 1,
+            Ok(()) => panic!("a journal on a full disk took every change"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(refused.raw_os_error(), Some(libc::EIO), "{refused}");
+    drop(filler);
+    std::fs::remove_file(cache.join("filler")).unwrap();
+    made
+}
+
 /// The cache dir's disk fills up: the journal cannot record a change, so
 /// that change and every later one fail with EIO instead of being
 /// acknowledged without crash safety (also once space is back: the mount
 /// says to remount), fsync fails, and status says why. What was
-/// acknowledged before still reaches the backend, and the next mount works.
+/// acknowledged before still reaches the backend, an unmount that published
+/// everything leaves an empty journal, and the next mount works.
 #[test]
 fn a_journal_that_cannot_be_written_refuses_changes_and_loses_nothing() {
     let s = Scratch::new();
     let cache = s.path("cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    run(Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "efscache-test-cache"])
-        .arg(&cache));
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = fusemount::unmount(&self.0, true);
-        }
-    }
-    let _tmpfs = Unmount(cache.clone()); // dropped after the mount below
+    let _disk = SmallCacheDisk::new(cache.clone());
     let m = Mount::start(&s.path("backend"), &s.path("mnt"), &cache, "debounce=0ms");
     std::fs::write(s.path("mnt/before"), b"acknowledged before the disk filled").unwrap();
-
-    // Fill the cache dir's disk, then change things until the journal's
-    // last page is full too.
-    let mut filler = std::fs::File::create(cache.join("filler")).unwrap();
-    while std::io::Write::write_all(&mut filler, &[7u8; 65536]).is_ok() {}
-    let _ = std::io::Write::write_all(&mut filler, &[7u8; 512]); // the last partial block
-    let mut refused = None;
-    for i in 0..2000 {
-        if let Err(e) = std::fs::create_dir(s.path(&format!("mnt/d{i}"))) {
-            refused = Some(e);
-            break;
-        }
-    }
-    let refused = refused.expect("a journal on a full disk took every change");
-    assert_eq!(refused.raw_os_error(), Some(libc::EIO), "{refused}");
+    let mut held = std::fs::File::create(s.path("mnt/held")).unwrap();
+    std::io::Write::write_all(&mut held, b"written before, open throughout").unwrap();
+    let made = break_the_journal(&s, &cache);
+    assert!(
+        made > 0,
+        "the first change after the disk filled was refused: nothing to check"
+    );
     let v = m.status();
     assert_eq!(v["journal"]["healthy"], false, "{v}");
 
-    // Space is back, but the journal lacks a record: changes stay refused.
-    drop(filler);
-    std::fs::remove_file(cache.join("filler")).unwrap();
     for (what, r) in [
         ("mkdir", std::fs::create_dir(s.path("mnt/after"))),
         ("create", std::fs::write(s.path("mnt/new"), b"x")),
@@ -690,10 +711,7 @@ fn a_journal_that_cannot_be_written_refuses_changes_and_loses_nothing() {
                 std::os::unix::fs::PermissionsExt::from_mode(0o600),
             ),
         ),
-        (
-            "fsync",
-            std::fs::File::open(s.path("mnt/before")).and_then(|f| f.sync_all()),
-        ),
+        ("fsync", held.sync_all()),
     ] {
         let e = r.expect_err(what);
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{what}: {e}");
@@ -706,16 +724,75 @@ fn a_journal_that_cannot_be_written_refuses_changes_and_loses_nothing() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("CANNOT WRITE"), "{text}");
 
+    drop(held);
     m.sync();
+    let backend = |p: &str| std::fs::read_to_string(s.path("backend").join(p)).ok();
     assert_eq!(
-        std::fs::read_to_string(s.path("backend/before")).unwrap(),
-        "acknowledged before the disk filled"
+        backend("before").as_deref(),
+        Some("acknowledged before the disk filled")
     );
-    assert!(s.path("backend/d0").is_dir(), "an acknowledged mkdir is missing");
+    assert_eq!(backend("held").as_deref(), Some("written before, open throughout"));
+    for i in 0..made {
+        assert!(
+            s.path(&format!("backend/d{i}")).is_dir(),
+            "acknowledged mkdir d{i} is missing"
+        );
+    }
     m.umount();
 
     let m = Mount::start(&s.path("backend"), &s.path("mnt"), &cache, "debounce=0ms");
     assert_eq!(m.status()["journal"]["healthy"], true);
+    assert_eq!(
+        m.recovery(),
+        serde_json::Value::Null,
+        "a clean unmount left work in the journal"
+    );
     std::fs::create_dir(s.path("mnt/after")).expect("mkdir on the next mount");
+    m.umount();
+}
+
+/// The same, but the daemon is killed after the journal broke: the journal
+/// it left ends at its last whole record, so the next mount recovers every
+/// change acknowledged before, and nothing is reported lost. The file is
+/// published after the journal broke (its debounce), so the journal still
+/// names its staging file, which must have been kept.
+#[test]
+fn a_crash_after_the_journal_broke_loses_nothing_acknowledged() {
+    let s = Scratch::new();
+    let cache = s.path("cache");
+    let _disk = SmallCacheDisk::new(cache.clone());
+    let mut m = Mount::start(&s.path("backend"), &s.path("mnt"), &cache, "debounce=2s,keep_clean=0");
+    std::fs::write(s.path("mnt/before"), b"acknowledged before the disk filled").unwrap();
+    let made = break_the_journal(&s, &cache);
+    assert!(!s.path("backend/before").exists(), "published before the journal broke");
+    // Published now, with neither its done mark nor its state's end journaled.
+    let t = std::time::Instant::now();
+    while !s.path("backend/before").exists() {
+        assert!(t.elapsed() < std::time::Duration::from_secs(30), "not published");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    m.kill9();
+    drop(m);
+
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &cache, "debounce=0ms");
+    m.sync();
+    let r = m.recovery();
+    assert_eq!(r["failed"], 0, "{r}");
+    assert_eq!(m.status()["failures"], serde_json::json!([]));
+    assert_eq!(
+        std::fs::read_to_string(s.path("backend/before")).ok().as_deref(),
+        Some("acknowledged before the disk filled")
+    );
+    for i in 0..made {
+        assert!(
+            s.path(&format!("backend/d{i}")).is_dir(),
+            "acknowledged mkdir d{i} is missing"
+        );
+    }
+    let lost = std::fs::read_dir(cache.join("lost+found"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(lost, 0, "recovery put something in lost+found");
     m.umount();
 }
