@@ -1523,14 +1523,17 @@ impl Fs {
             return Ok(());
         }
         // The publish goes ahead although the file is open for writing (the
-        // caller's own handle, at least): fsync asks for what it holds now.
+        // caller's own handle, at least): fsync asks for what it holds now,
+        // with the size and mtime its passthrough writes gave it.
+        self.refresh_from_staging(ino);
         let queued = {
             let mut ns = self.ns.lock();
             let mut fx = Effects::default();
-            fx.ops.extend(ns.queue_publish(ino)?);
-            if ns.get(ino)?.writers > 0 {
+            let publish = ns.queue_publish(ino)?;
+            if publish.is_some() && ns.get(ino)?.writers > 0 {
                 ns.still_dirty(ino)?;
             }
+            fx.ops.extend(publish);
             ns.get_mut(ino)?.fsync_waiters += 1;
             self.apply(&mut ns, fx)
         };

@@ -501,10 +501,17 @@ fn fsync_remote_publishes_a_file_still_open_for_writing() {
     let opts = "fsync=remote,request_timeout=10s,debounce=1h";
     let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), opts);
     let backend = || std::fs::read_to_string(s.path("backend/f")).ok();
+    let mtime = |p: &str| std::fs::metadata(s.path(p)).unwrap().modified().unwrap();
     let mut f = std::fs::File::create(s.path("mnt/f")).unwrap();
+    std::thread::sleep(Duration::from_millis(20)); // the write's mtime differs from the create's
     f.write_all(b"before the fsync").unwrap();
     f.sync_all().expect("fsync=remote of a file open for writing");
     assert_eq!(backend().as_deref(), Some("before the fsync"));
+    assert_eq!(
+        mtime("backend/f"),
+        mtime("mnt/f"),
+        "published with the mtime of its open"
+    );
     f.write_all(b", after it").unwrap();
     f.sync_all().expect("a second fsync");
     assert_eq!(backend().as_deref(), Some("before the fsync, after it"));
