@@ -269,11 +269,15 @@ pub fn execute(
                     // created there), unless it is the object this mount
                     // expected to be gone and it changed. An error here is
                     // retried like any other, never taken for done.
-                    let st = backend.stat(path)?;
-                    let ours = st.kind == Kind::Symlink && backend.read_link(path)? == *target;
+                    // (Gone again meanwhile: the name is free.)
+                    let ours = match backend.stat(path) {
+                        Ok(st) => st.kind == Kind::Symlink && backend.read_link(path)? == *target,
+                        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => false,
+                        Err(e) => return Err(e),
+                    };
                     if !ours {
                         check_unchanged(backend, path, expect)?;
-                        backend.unlink(path)?;
+                        ignore_enoent(backend.unlink(path))?;
                         backend.symlink(target, path)?;
                     }
                 }
