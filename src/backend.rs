@@ -529,6 +529,11 @@ impl Capabilities {
                 Ok(()) => None,
                 Err(e) => match e.raw_os_error() {
                     Some(n @ (libc::EPERM | libc::EOPNOTSUPP | libc::EINVAL)) => Some(n),
+                    // The kernel's ENOTSUPP and EBADTYPE, which the Linux NFS
+                    // client passes on for a server's NFS4ERR_NOTSUPP and
+                    // NFS4ERR_BADTYPE (EFS does not document which it returns
+                    // for a device node); applications get EOPNOTSUPP.
+                    Some(524 | 527) => Some(libc::EOPNOTSUPP),
                     _ => {
                         tracing::debug!(?kind, error = %e, "backend probe inconclusive");
                         None
