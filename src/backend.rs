@@ -399,6 +399,15 @@ pub fn valid_name(name: &OsStr) -> bool {
     !b.is_empty() && b != b"." && b != b".." && !b.contains(&b'/') && !b.contains(&0)
 }
 
+/// A name the Linux NFS client gave a file unlinked or renamed over while
+/// still open on this host (`nfs_sillyrename`: `.nfs`, 16 hex digits of the
+/// file id, 8 of a counter). It goes away at the file's last close, and
+/// until then it keeps its directory from being removed.
+pub fn is_nfs_silly_name(name: &OsStr) -> bool {
+    let b = name.as_bytes();
+    b.len() == 28 && b.starts_with(b".nfs") && b[4..].iter().all(u8::is_ascii_hexdigit)
+}
+
 /// What the backend accepts, probed once at mount: a refused kind of object
 /// then fails at the syscall through the mount, with the backend's errno,
 /// instead of later in the flush.

@@ -769,8 +769,10 @@ impl Namespace {
         let reload = self.is_loaded(dir)?;
         let mut seen = HashSet::new();
         for (name, st) in listing {
-            if check_name(&name).is_err() {
-                continue; // publish temp files (reserved prefix) are never shown
+            if check_name(&name).is_err() || crate::backend::is_nfs_silly_name(&name) {
+                // Publish temp files (reserved prefix) are never shown, nor
+                // the NFS client's names for files removed while open.
+                continue;
             }
             let existing = self.dir(dir)?.ino(&name);
             seen.insert(name.clone());

@@ -63,3 +63,37 @@ fn a_rename_with_noreplace_lands_on_a_backend_that_refuses_rename_flags() {
     m.umount();
     drop(sim);
 }
+
+/// The Linux NFS client renames a file that is unlinked (or renamed over)
+/// while this host still has it open to `.nfsXXXX...`, until its last close.
+/// Such names are not shown through the mount, and a directory removed
+/// through the mount that holds only them on the backend is removed there
+/// once they are gone, not reported as failed.
+#[test]
+fn files_the_nfs_client_renamed_while_open_are_hidden_and_wait_for_their_close() {
+    let s = Scratch::new();
+    let silly = ".nfs00000000000a1b2c00000001";
+    std::fs::create_dir_all(s.path("backend/d")).unwrap();
+    std::fs::write(s.path("backend/d").join(silly), b"still open somewhere").unwrap();
+    std::fs::write(s.path("backend/d/.nfs-not-silly"), b"a user's file").unwrap();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=0ms");
+    let names: Vec<String> = std::fs::read_dir(s.path("mnt/d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec![".nfs-not-silly".to_string()], "listing through the mount");
+
+    std::fs::remove_file(s.path("mnt/d/.nfs-not-silly")).unwrap();
+    std::fs::remove_dir(s.path("mnt/d")).expect("rmdir of a directory empty but for .nfs* files");
+    // The "open file" closes a moment later: its .nfs name goes away.
+    let silly_path = s.path("backend/d").join(silly);
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        std::fs::remove_file(silly_path).unwrap();
+    });
+    m.sync();
+    closer.join().unwrap();
+    assert_eq!(m.status()["failures"], serde_json::json!([]));
+    assert!(!s.path("backend/d").exists(), "the directory is still on the backend");
+    m.umount();
+}

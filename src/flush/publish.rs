@@ -220,14 +220,14 @@ pub fn execute(
             set_new_object_attrs(backend, path, attrs)?;
             Ok(Published::default())
         }
-        Action::Rmdir { path } => ignore_enoent(backend.rmdir(path)),
+        Action::Rmdir { path } => ignore_enoent(backend.rmdir(path).map_err(|e| silly_renames_left(backend, path, e))),
         Action::Unlink { path } => {
             check_unchanged(backend, path, expect)?;
             ignore_enoent(backend.unlink(path))
         }
         // `noreplace` was the overlay's to check (Backend::rename).
         Action::Rename { from, to, .. } => {
-            match backend.rename(from, to) {
+            match backend.rename(from, to).map_err(|e| silly_renames_left(backend, to, e)) {
                 // An earlier attempt did it and only its reply was lost: the
                 // target is there, and is the object the source held (where
                 // this mount knows which one that was). If not, another
@@ -356,6 +356,25 @@ fn set_new_object_attrs(backend: &dyn Backend, path: &RelPath, mut attrs: AttrSe
         return Ok(());
     }
     backend.set_attrs(path, &attrs, false)
+}
+
+/// A directory that is not empty on the backend although the overlay found it
+/// empty may hold only files the NFS client renamed to `.nfs*` because this
+/// host still has them open (see `is_nfs_silly_name`, hidden from listings):
+/// that clears once they are closed, so it is an error to retry, not a
+/// failure.
+fn silly_renames_left(backend: &dyn Backend, dir: &RelPath, e: io::Error) -> io::Error {
+    if e.raw_os_error() != Some(libc::ENOTEMPTY) && e.raw_os_error() != Some(libc::EEXIST) {
+        return e;
+    }
+    match backend.list_names(dir) {
+        Ok(names) if !names.is_empty() && names.iter().all(|n| crate::backend::is_nfs_silly_name(n)) => {
+            io::Error::other(
+                "not empty on the backend: it holds files the NFS client renamed to .nfs* while they are open on this host; retried until they are closed",
+            )
+        }
+        _ => e,
+    }
 }
 
 fn ignore_enoent(r: io::Result<()>) -> io::Result<Published> {
