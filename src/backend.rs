@@ -250,6 +250,13 @@ pub trait Backend: Send + Sync {
     fn list_names(&self, dir: &RelPath) -> io::Result<Vec<OsString>>;
     /// lstat of one object.
     fn stat(&self, path: &RelPath) -> io::Result<Stat>;
+    /// `stat` answered by the server, not from the client's attribute cache
+    /// (the check before replacing or removing a file another client may
+    /// have changed; an NFS client may trust cached attributes for a
+    /// minute).
+    fn stat_fresh(&self, path: &RelPath) -> io::Result<Stat> {
+        self.stat(path)
+    }
     fn read_link(&self, path: &RelPath) -> io::Result<OsString>;
     fn open_read(&self, path: &RelPath) -> io::Result<File>;
     fn statfs(&self) -> io::Result<StatFs>;

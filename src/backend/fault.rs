@@ -137,6 +137,10 @@ impl Backend for FaultBackend {
     fn stat(&self, path: &RelPath) -> io::Result<Stat> {
         self.run(OpKind::stat, || self.inner.stat(path))
     }
+
+    fn stat_fresh(&self, path: &RelPath) -> io::Result<Stat> {
+        self.run(OpKind::stat, || self.inner.stat_fresh(path))
+    }
     fn read_link(&self, path: &RelPath) -> io::Result<OsString> {
         self.run(OpKind::readlink, || self.inner.read_link(path))
     }

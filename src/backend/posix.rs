@@ -63,6 +63,27 @@ fn stat_from(st: &libc::stat) -> io::Result<Stat> {
     })
 }
 
+fn stat_from_statx(st: &libc::statx) -> io::Result<Stat> {
+    let mode = st.stx_mode as u32;
+    let kind = Kind::from_mode(mode).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown file type"))?;
+    let t = |t: libc::statx_timestamp| ts(t.tv_sec, t.tv_nsec as i64);
+    Ok(Stat {
+        dev: libc::makedev(st.stx_dev_major, st.stx_dev_minor),
+        ino: st.stx_ino,
+        kind,
+        perm: mode & 0o7777,
+        nlink: st.stx_nlink,
+        uid: st.stx_uid,
+        gid: st.stx_gid,
+        rdev: libc::makedev(st.stx_rdev_major, st.stx_rdev_minor),
+        size: st.stx_size,
+        blocks: st.stx_blocks,
+        atime: t(st.stx_atime),
+        mtime: t(st.stx_mtime),
+        ctime: t(st.stx_ctime),
+    })
+}
+
 fn timespec(t: Option<Timespec>) -> libc::timespec {
     match t {
         Some(t) => libc::timespec {
@@ -271,6 +292,24 @@ impl Backend for PosixBackend {
             // SAFETY: dir is open, name valid, st a valid out-pointer.
             check(unsafe { libc::fstatat(dir, name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) })?;
             stat_from(&st)
+        })
+    }
+
+    /// With `AT_STATX_FORCE_SYNC` the NFS client asks the server for the
+    /// attributes; a name whose cached entry points to a file replaced
+    /// there gets ESTALE, and the kernel then looks the name up again.
+    fn stat_fresh(&self, path: &RelPath) -> io::Result<Stat> {
+        self.stats.count(OpKind::stat);
+        if path.0.is_empty() {
+            return self.fstat(self.root.as_raw_fd());
+        }
+        self.at_parent(path, |dir, name| {
+            // SAFETY: zeroed statx is a valid out-buffer.
+            let mut st: libc::statx = unsafe { std::mem::zeroed() };
+            let flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_FORCE_SYNC;
+            // SAFETY: dir is open, name valid, st a valid out-pointer.
+            check(unsafe { libc::statx(dir, name.as_ptr(), flags, libc::STATX_BASIC_STATS, &mut st) })?;
+            stat_from_statx(&st)
         })
     }
 
@@ -536,4 +575,32 @@ pub fn seek_hole_data(file: &File, offset: i64, whence: i32) -> io::Result<i64> 
     // pwrite are used on these files, so moving the offset disturbs nothing.
     let r = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
     if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `stat_fresh` answers what `stat` does (it only bypasses a client's
+    /// attribute cache), without following a symlink.
+    #[test]
+    fn a_fresh_stat_is_a_stat() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"data").unwrap();
+        std::os::unix::fs::symlink("f", dir.path().join("l")).unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        let b = PosixBackend::open(dir.path()).unwrap();
+        for name in ["f", "l", "d"] {
+            let p = RelPath(vec![name.into()]);
+            assert_eq!(
+                format!("{:?}", b.stat_fresh(&p).unwrap()),
+                format!("{:?}", b.stat(&p).unwrap()),
+                "{name}"
+            );
+        }
+        let root = RelPath(vec![]);
+        assert_eq!(b.stat_fresh(&root).unwrap().ino, b.stat(&root).unwrap().ino);
+        let gone = b.stat_fresh(&RelPath(vec!["gone".into()])).unwrap_err();
+        assert_eq!(gone.raw_os_error(), Some(libc::ENOENT));
+    }
 }

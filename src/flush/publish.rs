@@ -169,7 +169,7 @@ fn check_unchanged(backend: &dyn Backend, path: &RelPath, expected: Option<Known
     let Some(expected) = expected else {
         return Ok(());
     };
-    match backend.stat(path) {
+    match backend.stat_fresh(path) {
         Ok(st) if !expected.matches(&st) => Err(io::Error::other(Conflict { expected, found: st })),
         Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
         _ => Ok(()),
