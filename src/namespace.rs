@@ -1794,6 +1794,7 @@ impl Namespace {
                 return Err(FsError::IsDir);
             }
         }
+        let (size, mtime) = (attr.size, attr.mtime);
         let ino = self.new_ino();
         let mut i = Inode::new(ino, Kind::File, attr);
         i.content = Content::Staged {
@@ -1805,12 +1806,23 @@ impl Namespace {
         for (k, (p, n)) in names.iter().enumerate() {
             let (shadows, shadow) = match self.lookup(*p, n)? {
                 Some(old) => {
-                    let old_known = self.get(old)?.known();
+                    let o = self.get(old)?;
+                    let old_known = o.known();
+                    // This very content, published before the crash but
+                    // not journaled as done (the journal had stopped at a
+                    // failed write): the name holds ours, not another
+                    // client's file (as `replaced_by_publish` judges).
+                    let ours_done = o.content == Content::Remote && o.attr.size == size && kept_as(o.attr.mtime, mtime);
                     self.detach(*p, n)?;
                     let mut fx = Effects::default();
                     self.maybe_free(old, &mut fx);
                     discard.append(&mut fx.discard);
-                    (true, if k == 0 { expect.or(old_known) } else { old_known })
+                    let expected = if k == 0 && !ours_done {
+                        expect.or(old_known)
+                    } else {
+                        old_known
+                    };
+                    (true, expected)
                 }
                 None => (false, None),
             };

@@ -761,13 +761,20 @@ fn a_crash_after_the_journal_broke_loses_nothing_acknowledged() {
     let s = Scratch::new();
     let cache = s.path("cache");
     let _disk = SmallCacheDisk::new(cache.clone());
+    std::fs::create_dir_all(s.path("backend")).unwrap();
+    std::fs::write(s.path("backend/existing"), b"the old content").unwrap();
     let mut m = Mount::start(&s.path("backend"), &s.path("mnt"), &cache, "debounce=2s,keep_clean=0");
     std::fs::write(s.path("mnt/before"), b"acknowledged before the disk filled").unwrap();
+    std::fs::write(s.path("mnt/existing"), b"rewritten before the disk filled").unwrap();
     let made = break_the_journal(&s, &cache);
     assert!(!s.path("backend/before").exists(), "published before the journal broke");
-    // Published now, with neither its done mark nor its state's end journaled.
+    // Published now, with neither their done marks nor their states' ends
+    // journaled (the rewritten file's state still expects the old one).
     let t = std::time::Instant::now();
-    while !s.path("backend/before").exists() {
+    let backend = |p: &str| std::fs::read_to_string(s.path("backend").join(p)).ok();
+    while !s.path("backend/before").exists()
+        || backend("existing").as_deref() != Some("rewritten before the disk filled")
+    {
         assert!(t.elapsed() < std::time::Duration::from_secs(30), "not published");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
@@ -781,9 +788,10 @@ fn a_crash_after_the_journal_broke_loses_nothing_acknowledged() {
     assert_eq!(r["failed"], 0, "{r}");
     assert_eq!(m.status()["failures"], serde_json::json!([]));
     assert_eq!(
-        std::fs::read_to_string(s.path("backend/before")).ok().as_deref(),
+        backend("before").as_deref(),
         Some("acknowledged before the disk filled")
     );
+    assert_eq!(backend("existing").as_deref(), Some("rewritten before the disk filled"));
     for i in 0..made {
         assert!(
             s.path(&format!("backend/d{i}")).is_dir(),
