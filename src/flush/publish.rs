@@ -362,20 +362,38 @@ fn set_new_object_attrs(backend: &dyn Backend, path: &RelPath, mut attrs: AttrSe
 /// empty may hold only files the NFS client renamed to `.nfs*` because this
 /// host still has them open (see `is_nfs_silly_name`, hidden from listings):
 /// that clears once they are closed, so it is an error to retry, not a
-/// failure.
+/// failure. Not for ever: one renamed longer ago than `SILLY_RENAME_PATIENCE`
+/// may be a leftover of a client that crashed (NFS never removes those), and
+/// the op then fails, naming it.
 fn silly_renames_left(backend: &dyn Backend, dir: &RelPath, e: io::Error) -> io::Error {
     if e.raw_os_error() != Some(libc::ENOTEMPTY) && e.raw_os_error() != Some(libc::EEXIST) {
         return e;
     }
-    match backend.list_names(dir) {
-        Ok(names) if !names.is_empty() && names.iter().all(|n| crate::backend::is_nfs_silly_name(n)) => {
-            io::Error::other(
-                "not empty on the backend: it holds files the NFS client renamed to .nfs* while they are open on this host; retried until they are closed",
-            )
-        }
-        _ => e,
+    let Ok(names) = backend.list_names(dir) else { return e };
+    if names.is_empty() || !names.iter().all(|n| crate::backend::is_nfs_silly_name(n)) {
+        return e;
     }
+    let now = crate::backend::Timespec::now();
+    for n in &names {
+        // (The rename that gave it the name set its ctime.)
+        if let Ok(st) = backend.stat(&dir.join(n))
+            && now.sec - st.ctime.sec > SILLY_RENAME_PATIENCE.as_secs() as i64
+        {
+            tracing::warn!(
+                dir = ?dir,
+                name = %n.to_string_lossy(),
+                "not empty on the backend: it holds a file the NFS client renamed while it was open, over an hour ago; if no process still has it open (a client that crashed leaves these), remove it on the backend"
+            );
+            return e; // ENOTEMPTY: a failure to report
+        }
+    }
+    io::Error::other(
+        "not empty on the backend: it holds files the NFS client renamed to .nfs* while they are open on this host; retried until they are closed",
+    )
 }
+
+/// How long a directory's removal waits for `.nfs*` files in it to go away.
+const SILLY_RENAME_PATIENCE: Duration = Duration::from_secs(3600);
 
 fn ignore_enoent(r: io::Result<()>) -> io::Result<Published> {
     match r {
