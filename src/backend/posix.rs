@@ -296,8 +296,10 @@ impl Backend for PosixBackend {
     }
 
     /// With `AT_STATX_FORCE_SYNC` the NFS client asks the server for the
-    /// attributes; a name whose cached entry points to a file replaced
-    /// there gets ESTALE, and the kernel then looks the name up again.
+    /// attributes. The directory first: a change of its entries (a file
+    /// renamed over the name) makes the client drop the names it cached in
+    /// it, so the name is then looked up again instead of answered with the
+    /// file it held before.
     fn stat_fresh(&self, path: &RelPath) -> io::Result<Stat> {
         self.stats.count(OpKind::stat);
         if path.0.is_empty() {
@@ -307,6 +309,16 @@ impl Backend for PosixBackend {
             // SAFETY: zeroed statx is a valid out-buffer.
             let mut st: libc::statx = unsafe { std::mem::zeroed() };
             let flags = libc::AT_SYMLINK_NOFOLLOW | libc::AT_STATX_FORCE_SYNC;
+            // SAFETY: dir is an open fd (AT_EMPTY_PATH: the fd itself), st a valid out-pointer.
+            check(unsafe {
+                libc::statx(
+                    dir,
+                    c"".as_ptr(),
+                    flags | libc::AT_EMPTY_PATH,
+                    libc::STATX_BASIC_STATS,
+                    &mut st,
+                )
+            })?;
             // SAFETY: dir is open, name valid, st a valid out-pointer.
             check(unsafe { libc::statx(dir, name.as_ptr(), flags, libc::STATX_BASIC_STATS, &mut st) })?;
             stat_from_statx(&st)
