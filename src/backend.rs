@@ -406,6 +406,14 @@ pub fn valid_name(name: &OsStr) -> bool {
     !b.is_empty() && b != b"." && b != b".." && !b.contains(&b'/') && !b.contains(&0)
 }
 
+/// EFS's limits (AWS, Amazon EFS User Guide, "Troubleshooting file operation
+/// errors": "You can have up to 177 hard links in a file", "A symlink can be
+/// up to 4080 bytes in size"). The mount refuses what would exceed them at
+/// the syscall (EMLINK, ENAMETOOLONG) instead of accepting a change that
+/// would fail for good in the flush.
+pub const EFS_MAX_LINKS: usize = 177;
+pub const EFS_MAX_SYMLINK: usize = 4080;
+
 /// A name the Linux NFS client gave a file unlinked or renamed over while
 /// still open on this host (`nfs_sillyrename`: `.nfs`, 16 hex digits of the
 /// file id, 8 of a counter). It goes away at the file's last close, and

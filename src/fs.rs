@@ -916,7 +916,7 @@ impl Fs {
         gid: u32,
         may_block: bool,
     ) -> FsResult<AttrOut> {
-        if target.len() >= libc::PATH_MAX as usize {
+        if target.len() > crate::backend::EFS_MAX_SYMLINK {
             return Err(FsError::NameTooLong);
         }
         self.change(parent, may_block, |ns, fx| {

@@ -1289,7 +1289,7 @@ impl Namespace {
         if i.links.is_empty() {
             return Err(FsError::NotFound);
         }
-        if i.links.len() >= 65000 {
+        if self.nlink(ino)? as usize >= crate::backend::EFS_MAX_LINKS {
             return Err(FsError::TooManyLinks);
         }
         let on_backend = i.on_backend;

@@ -97,3 +97,28 @@ fn files_the_nfs_client_renamed_while_open_are_hidden_and_wait_for_their_close()
     assert!(!s.path("backend/d").exists(), "the directory is still on the backend");
     m.umount();
 }
+
+/// EFS allows 177 hard links per file and symlinks of up to 4080 bytes: the
+/// mount refuses more at the syscall (EMLINK, ENAMETOOLONG), instead of
+/// accepting a change that would fail for good on EFS.
+#[test]
+fn efs_limits_on_links_and_symlinks_are_refused_at_the_syscall() {
+    let s = Scratch::new();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=0ms");
+    std::fs::write(s.path("mnt/f"), b"linked").unwrap();
+    for i in 1..177 {
+        std::fs::hard_link(s.path("mnt/f"), s.path(&format!("mnt/l{i}"))).unwrap();
+    }
+    let e = std::fs::hard_link(s.path("mnt/f"), s.path("mnt/l177")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EMLINK), "{e}");
+
+    let longest = "t".repeat(4080);
+    std::os::unix::fs::symlink(&longest, s.path("mnt/ok")).unwrap();
+    let e = std::os::unix::fs::symlink(format!("{longest}t"), s.path("mnt/too-long")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG), "{e}");
+    m.sync();
+    assert_eq!(m.status()["failures"], serde_json::json!([]));
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(s.path("backend/f")).unwrap().nlink(), 177);
+    m.umount();
+}
