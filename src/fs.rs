@@ -340,9 +340,13 @@ impl Fs {
     /// file (a replay after a crash needs it), so the removal waits for
     /// `reset_unhealthy_journal`.
     fn discard_staging(&self, id: u64) {
+        // (Decided under the list's lock: `reset_unhealthy_journal` empties it
+        // and makes the journal healthy under the same lock.)
+        let mut deferred = self.deferred_discards.lock();
         if self.journal.get().is_some_and(|j| !j.healthy()) {
-            self.deferred_discards.lock().push(id);
+            deferred.push(id);
         } else {
+            drop(deferred);
             self.staging.remove(id);
         }
     }
@@ -355,8 +359,9 @@ impl Fs {
         let Some(j) = self.journal.get().filter(|j| !j.healthy()) else {
             return Ok(false);
         };
+        let mut deferred = self.deferred_discards.lock();
         j.replace_with_empty()?;
-        for id in std::mem::take(&mut *self.deferred_discards.lock()) {
+        for id in std::mem::take(&mut *deferred) {
             self.staging.remove(id);
         }
         Ok(true)
@@ -2126,11 +2131,19 @@ impl Fs {
     /// staging into `<cache_dir>/lost+found/conflicts/` (never deleted).
     ///
     /// With `still_open`, the file is in use through the mount and keeps its
-    /// staged copy: a hard link is kept instead.
+    /// staged copy: a hard link is kept instead. So does a journal that may
+    /// still name it (see `discard_staging`): the staging file goes once that
+    /// allows.
     fn keep_conflicting_copy(&self, staging: u64, action: &Action, still_open: bool) {
         let path = action.path().map(|p| p.display()).unwrap_or_default();
         let kept = if still_open {
             self.staging.link_aside(staging, "conflicts", &path)
+        } else if self.journal.get().is_some_and(|j| !j.healthy()) {
+            let kept = self.staging.link_aside(staging, "conflicts", &path);
+            if kept.is_ok() {
+                self.discard_staging(staging);
+            }
+            kept
         } else {
             self.staging.keep_aside(staging, "conflicts", &path)
         };
