@@ -2057,6 +2057,7 @@ impl Fs {
                 continue;
             };
             let mut discard = None;
+            let mut failed_copy = None;
             {
                 let mut ns = self.ns.lock();
                 // Attribute changes leave the parent's entries (and mtime) alone.
@@ -2085,12 +2086,16 @@ impl Fs {
                         _ => {
                             ns.publish_abandoned(*ino);
                             if failed {
-                                self.keep_failed_copy(*staging, &op.action);
+                                failed_copy = self.keep_failed_copy(*staging, &op.action);
                             }
                         }
                     }
                 }
                 let _ = self.apply(&mut ns, Effects::default()); // nothing to acknowledge (a failure is logged; the journal turns unhealthy)
+            }
+            if let Some(kept) = failed_copy {
+                // Off the namespace lock: it asks the backend.
+                self.record_failed_copy(&kept, &op.action);
             }
             if let Some(id) = discard {
                 self.discard_staging(id);
@@ -2108,22 +2113,27 @@ impl Fs {
     /// Keeps a copy (a hard link: no data is copied) of a file whose publish
     /// failed for good in `<cache_dir>/lost+found/failed/`: the overlay may
     /// drop its staged copy later, the data must outlive that.
-    fn keep_failed_copy(&self, staging: u64, action: &Action) {
+    fn keep_failed_copy(&self, staging: u64, action: &Action) -> Option<std::path::PathBuf> {
         let path = action.path().map(|p| p.display()).unwrap_or_default();
         match self.staging.link_aside(staging, "failed", &path) {
             Ok(kept) => {
                 tracing::warn!(path = %path, kept = %kept.display(), "a copy of the file that could not be published is kept");
-                // What `efscache scrub --fix --cache-dir` needs to publish it
-                // once the cause is fixed.
-                if let Some(j) = self.journal.get()
-                    && let Err(e) = crate::repair::record(&kept, j.header(), action, &*self.backend)
-                {
-                    tracing::warn!(kept = %kept.display(), error = %e, "cannot record how to re-publish a kept copy");
-                }
+                Some(kept)
             }
             Err(e) => {
-                tracing::error!(path = %path, error = %e, "cannot keep a copy of a file that could not be published")
+                tracing::error!(path = %path, error = %e, "cannot keep a copy of a file that could not be published");
+                None
             }
+        }
+    }
+
+    /// What `efscache scrub --fix --cache-dir` needs to publish a copy kept
+    /// by `keep_failed_copy` once the cause is fixed (asks the backend).
+    fn record_failed_copy(&self, kept: &std::path::Path, action: &Action) {
+        if let Some(j) = self.journal.get()
+            && let Err(e) = crate::repair::record(kept, j.header(), action, &*self.backend)
+        {
+            tracing::warn!(kept = %kept.display(), error = %e, "cannot record how to re-publish a kept copy");
         }
     }
 
