@@ -1900,11 +1900,21 @@ impl Fs {
             let mut busy = ns.dirs_with_unqueued_files();
             // The publishes just queued are not in the scheduler yet.
             busy.extend(fx.ops.iter().flat_map(|op| op.changed_dirs()));
+            // Nor while an op holds the directory itself (any op below it
+            // does, shared): the times op takes it exclusively and would
+            // wait behind that op, and every later op behind the times op.
+            // A publish waiting for a writer to close its file could hold
+            // the whole tree up that way.
+            let held = |d: Ino| {
+                let key = flush::Key::Ino(d);
+                self.sched.conflicts(&[(key.clone(), flush::Access::Exclusive)])
+                    || fx.ops.iter().any(|op| op.keys.iter().any(|(k, _)| *k == key))
+            };
             let ready: Vec<Ino> = ns
                 .dirty_dir_attrs
                 .iter()
                 .copied()
-                .filter(|d| !(busy.contains(d) || self.sched.dir_busy(*d)))
+                .filter(|d| !(busy.contains(d) || self.sched.dir_busy(*d) || held(*d)))
                 .collect();
             for d in ready {
                 match ns.queue_dir_attrs(d) {
