@@ -889,7 +889,9 @@ impl Fs {
     ) -> FsResult<AttrOut> {
         let kind = Kind::from_mode(mode).ok_or(FsError::Invalid)?;
         if kind == Kind::File {
-            let (out, opened) = self.create(parent, name, mode & 0o7777, umask, libc::O_WRONLY, uid, gid, may_block)?;
+            // O_EXCL: mknod of an existing name is EEXIST, never an open of it.
+            let flags = libc::O_WRONLY | libc::O_EXCL;
+            let (out, opened) = self.create(parent, name, mode & 0o7777, umask, flags, uid, gid, may_block)?;
             self.release(opened.fh);
             return Ok(out);
         }
