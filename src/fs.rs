@@ -1355,10 +1355,23 @@ impl Fs {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32, may_block: bool) -> FsResult<Vec<u8>> {
-        let (file, remote) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
-            Handle::Staged { file, .. } => (file.clone(), false),
-            Handle::Remote { file, .. } => (file.clone(), true),
+        let (mut file, mut remote, ino) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
+            Handle::Staged { file, ino, .. } => (file.clone(), false, *ino),
+            Handle::Remote { file, ino } => (file.clone(), true, *ino),
         };
+        // Opened when the file was only on the backend, and changed through
+        // the mount since (staged): reads see this mount's version, as every
+        // other reader does.
+        let staged = if remote {
+            self.ns.lock().get(ino)?.staged_id()
+        } else {
+            None
+        };
+        if let Some(id) = staged
+            && let Ok(f) = self.staging.open_read(id)
+        {
+            (file, remote) = (Arc::new(f), false);
+        }
         if remote && !may_block {
             return Err(FsError::WouldBlock);
         }
@@ -1533,7 +1546,8 @@ impl Fs {
         // caller's own handle, at least): fsync asks for what it holds now,
         // with the size and mtime its passthrough writes gave it.
         self.refresh_from_staging(ino);
-        let queued = {
+        let failed_before = self.sched.failures();
+        let (queued, path) = {
             let mut ns = self.ns.lock();
             let mut fx = Effects::default();
             let publish = ns.queue_publish(ino)?;
@@ -1542,15 +1556,31 @@ impl Fs {
             }
             fx.ops.extend(publish);
             ns.get_mut(ino)?.fsync_waiters += 1;
-            self.apply(&mut ns, fx)
+            (self.apply(&mut ns, fx), ns.path_of(ino).map(|p| p.display()))
         };
-        if queued.is_ok() {
-            self.sched.wait_key_clear(&flush::Key::Ino(ino), None);
-        }
+        // Bounded like any request that waits on the backend (the watchdog
+        // answers EIO then; this thread must not stay behind for good).
+        let deadline = Instant::now() + self.cfg.request_timeout;
+        let cleared = queued.is_ok() && self.sched.wait_key_clear(&flush::Key::Ino(ino), Some(deadline));
         if let Ok(i) = self.ns.lock().get_mut(ino) {
             i.fsync_waiters -= 1;
         }
-        queued
+        queued?;
+        if !cleared {
+            return Err(FsError::TimedOut);
+        }
+        // The publish is over; it may have failed for good (or lost a
+        // conflict): then the data is not on the backend, and fsync says so.
+        let failed = path.is_ok_and(|p| {
+            self.sched
+                .failures()
+                .iter()
+                .any(|f| f.path == p && !failed_before.iter().any(|b| b.path == p && b.op == f.op))
+        });
+        if failed {
+            return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
+        }
+        Ok(())
     }
 
     /// fsyncdir: the directory's entries are in the journal.
@@ -1824,6 +1854,23 @@ impl Fs {
 
     pub fn readdir(&self, dir: Ino, offset: u64, plus: bool, may_block: bool) -> FsResult<Vec<DirEntryOut>> {
         self.ensure_loaded(dir, may_block)?;
+        if plus {
+            // The attributes go to the kernel's cache: a file being written
+            // through passthrough must have its current size and mtime in
+            // them (as a lookup's reply does), not the ones of its open.
+            let writing: Vec<Ino> = {
+                let ns = self.ns.lock();
+                let d = ns.dir(dir)?;
+                d.listing_after(offset.max(2))
+                    .take(1024)
+                    .map(|(_, ino, _)| ino)
+                    .filter(|i| ns.get(*i).is_ok_and(|i| i.writers > 0))
+                    .collect()
+            };
+            for ino in writing {
+                self.refresh_from_staging(ino);
+            }
+        }
         let mut ns = self.ns.lock();
         let d = ns.dir(dir)?;
         let parent = if dir == ROOT {

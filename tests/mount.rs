@@ -522,6 +522,71 @@ fn fsync_remote_publishes_a_file_still_open_for_writing() {
     m.umount();
 }
 
+/// With `fsync=remote`, an fsync whose publish fails for good (the backend
+/// refuses it) returns EIO: the data is not on the backend.
+#[test]
+fn fsync_remote_reports_a_publish_that_failed() {
+    let s = Scratch::new();
+    let opts = "fsync=remote,request_timeout=10s,debounce=1h,fault_rate=1,fault_ops=create,fault_errno=EACCES";
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), opts);
+    let mut f = std::fs::File::create(s.path("mnt/f")).unwrap();
+    f.write_all(b"refused by the backend").unwrap();
+    let e = f.sync_all().expect_err("fsync=remote of a file the backend refuses");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(!s.path("backend/f").exists());
+    drop(f);
+    drop(m); // failures stay: no clean unmount to assert on
+}
+
+/// A listing (readdirplus, which hands the kernel attributes to cache) of a
+/// directory with a file being written through passthrough shows the size
+/// the writes gave it, not the size at its open.
+#[test]
+fn a_listing_shows_the_size_of_a_file_being_written() {
+    let s = Scratch::new();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "");
+    let mut f = std::fs::File::create(s.path("mnt/f")).unwrap();
+    f.write_all(&[7u8; 100]).unwrap();
+    let names: Vec<_> = std::fs::read_dir(s.path("mnt"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(names.iter().any(|n| n == "f"), "{names:?}");
+    assert_eq!(
+        std::fs::metadata(s.path("mnt/f")).unwrap().len(),
+        100,
+        "size after a listing"
+    );
+    drop(f);
+    m.umount();
+}
+
+/// A reader that opened a file when it was only on the backend reads what a
+/// writer through the mount made of it since (once the kernel's cached pages
+/// are dropped, its reads come to the daemon).
+#[test]
+fn a_reader_opened_before_a_rewrite_reads_the_new_content() {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("backend")).unwrap();
+    std::fs::write(s.path("backend/f"), vec![b'a'; 8192]).unwrap();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=1h");
+    let reader = std::fs::File::open(s.path("mnt/f")).unwrap();
+    std::fs::write(s.path("mnt/f"), vec![b'b'; 8192]).unwrap();
+    // SAFETY: a valid open fd; advice only.
+    unsafe { libc::posix_fadvise(reader.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    let mut buf = [0u8; 4096];
+    let n = reader.read_at(&mut buf, 4096).unwrap();
+    assert_eq!(n, 4096);
+    assert!(
+        buf.iter().all(|b| *b == b'b'),
+        "the reader sees the backend's old content"
+    );
+    drop(reader);
+    m.umount();
+}
+
 /// Each of the daemon's threads: its name and the contents of its
 /// `/proc/PID/task/TID/<file>`.
 fn daemon_threads(pid: u32, file: &str) -> Vec<(String, String)> {
