@@ -777,6 +777,22 @@ impl Namespace {
             let existing = self.dir(dir)?.ino(&name);
             seen.insert(name.clone());
             let ino = self.ino_for_backend(st.ino);
+            if let Some(cur) = existing
+                && cur != ino
+                && reload
+                && !self.inodes.contains_key(&ino)
+                // (Known to be another backend object: an object this mount
+                // made itself may not have its backend inode number yet.)
+                && self.get(cur)?.backend_ino.is_some_and(|b| b != st.ino)
+                && self.untouched_backend_object(cur)?
+            {
+                // Another client put a new object under the name (a file
+                // renamed over it, as rsync and editors do): this mount has
+                // nothing of its own there, so the name now means the new one.
+                self.detach(dir, &name)?;
+                self.add_backend_entry(dir, name, ino, &st, now)?;
+                continue;
+            }
             if let Some(cur) = existing {
                 if cur != ino {
                     continue; // the overlay has another object here (pending change): it wins
@@ -807,18 +823,25 @@ impl Namespace {
                 .map(|(n, ino)| (n.clone(), ino))
                 .collect();
             for (name, ino) in gone {
-                let i = self.get(ino)?;
-                let untouched = i.on_backend
-                    && i.content == Content::Remote
-                    && i.opens == 0
-                    && i.dir.as_ref().is_none_or(|d| d.is_empty());
-                if untouched {
+                if self.untouched_backend_object(ino)? {
                     self.detach(dir, &name)?;
                 }
             }
         }
         self.dir_mut(dir)?.loaded = Some(now);
         Ok(())
+    }
+
+    /// Whether `ino` is only what the backend has: nothing of this mount's
+    /// is pending on it or below it, and nobody has it open (a reload may
+    /// then drop or replace its name).
+    fn untouched_backend_object(&self, ino: Ino) -> FsResult<bool> {
+        let i = self.get(ino)?;
+        Ok(i.on_backend
+            && i.content == Content::Remote
+            && i.opens == 0
+            && !self.dirty_dir_attrs.contains(&ino)
+            && i.dir.as_ref().is_none_or(|d| d.is_empty()))
     }
 
     fn add_backend_entry(&mut self, dir: Ino, name: OsString, ino: Ino, st: &Stat, now: Instant) -> FsResult<()> {

@@ -188,3 +188,28 @@ fn a_file_another_client_rewrote_in_place_is_not_overwritten_or_unlinked() {
 
     assert_eq!(kept_conflicts(&cache), ["ours", "ours 2", "v1+ours"]);
 }
+
+/// A file another client replaced (renamed a new file over it) while this
+/// mount had nothing of its own pending on it: after `attr_ttl` the mount
+/// shows the new file, size and content, not the old one's attributes with
+/// the new one's bytes.
+#[test]
+fn a_file_another_client_replaced_is_seen_after_attr_ttl() {
+    use std::time::{Duration, Instant};
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("backend/d")).unwrap();
+    std::fs::write(s.path("backend/d/f"), "old").unwrap();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "attr_ttl=1s");
+    assert_eq!(std::fs::read_to_string(s.path("mnt/d/f")).unwrap(), "old");
+    let listed = Instant::now();
+    replace_on_backend(&s.path("backend/d/f"), "the new, longer content");
+    std::thread::sleep((listed + Duration::from_millis(2500)).saturating_duration_since(Instant::now()));
+    let _ = std::fs::read_dir(s.path("mnt/d")).unwrap().count(); // the listing is reloaded
+    std::thread::sleep(Duration::from_millis(1200)); // the kernel's cached entry expires
+    assert_eq!(
+        std::fs::read_to_string(s.path("mnt/d/f")).unwrap(),
+        "the new, longer content",
+        "the mount still shows the replaced file"
+    );
+    m.umount();
+}
