@@ -1954,11 +1954,18 @@ impl Fs {
             // wait behind that op, and every later op behind the times op.
             // A publish waiting for a writer to close its file could hold
             // the whole tree up that way.
-            let held = |d: Ino| {
-                let key = flush::Key::Ino(d);
-                self.sched.conflicts(&[(key.clone(), flush::Access::Exclusive)])
-                    || fx.ops.iter().any(|op| op.keys.iter().any(|(k, _)| *k == key))
-            };
+            // (Gathered once from the ops just queued: a tick can queue
+            // thousands of publishes.)
+            busy.extend(
+                fx.ops
+                    .iter()
+                    .flat_map(|op| op.keys.iter())
+                    .filter_map(|(k, _)| match k {
+                        flush::Key::Ino(i) => Some(*i),
+                        _ => None,
+                    }),
+            );
+            let held = |d: Ino| self.sched.conflicts(&[(flush::Key::Ino(d), flush::Access::Exclusive)]);
             let ready: Vec<Ino> = ns
                 .dirty_dir_attrs
                 .iter()
