@@ -815,6 +815,29 @@ impl Fs {
         may_block: bool,
         f: impl FnOnce(&mut Namespace, &mut Effects) -> FsResult<T>,
     ) -> FsResult<T> {
+        self.change_or_undo(parent, may_block, f, |_, _, _| {})
+    }
+
+    /// `change` for a change whose reply hands the kernel a new lookup
+    /// reference to the object (mkdir, mknod, symlink, link). When the
+    /// journal refuses the change, the reply is an error and the kernel never
+    /// holds that reference: it is dropped, so the object can be freed.
+    fn change_entry(
+        &self,
+        parent: Ino,
+        may_block: bool,
+        f: impl FnOnce(&mut Namespace, &mut Effects) -> FsResult<AttrOut>,
+    ) -> FsResult<AttrOut> {
+        self.change_or_undo(parent, may_block, f, |ns, out, fx| ns.forget(out.ino, 1, fx))
+    }
+
+    fn change_or_undo<T>(
+        &self,
+        parent: Ino,
+        may_block: bool,
+        f: impl FnOnce(&mut Namespace, &mut Effects) -> FsResult<T>,
+        undo_reply: impl FnOnce(&mut Namespace, &T, &mut Effects),
+    ) -> FsResult<T> {
         self.check_journal()?;
         self.ensure_loaded(parent, may_block)?;
         let mut fx = Effects::default();
@@ -822,7 +845,12 @@ impl Fs {
         let r = f(&mut ns, &mut fx);
         let journaled = self.apply(&mut ns, fx);
         let v = r?;
-        journaled?;
+        if let Err(e) = journaled {
+            let mut fx = Effects::default();
+            undo_reply(&mut ns, &v, &mut fx);
+            let _ = self.apply(&mut ns, fx); // failing anyway
+            return Err(e);
+        }
         Ok(v)
     }
 
@@ -864,7 +892,7 @@ impl Fs {
     ) -> FsResult<AttrOut> {
         self.ensure_loaded(parent, may_block)?;
         let (perm, acls) = self.new_object_mode(parent, perm, umask, true, may_block)?;
-        self.change(parent, may_block, |ns, fx| {
+        self.change_entry(parent, may_block, |ns, fx| {
             let gid = inherit_gid(ns, parent, gid)?;
             let perm = perm | (ns.get(parent)?.attr.perm & libc::S_ISGID);
             let ino = ns.mkdir(parent, name, perm & 0o7777, uid, gid, fx)?;
@@ -904,7 +932,7 @@ impl Fs {
         }
         self.ensure_loaded(parent, may_block)?;
         let (perm, acls) = self.new_object_mode(parent, mode & 0o7777, umask, false, may_block)?;
-        self.change(parent, may_block, |ns, fx| {
+        self.change_entry(parent, may_block, |ns, fx| {
             let gid = inherit_gid(ns, parent, gid)?;
             let ino = ns.mknod(parent, name, kind, perm, rdev, uid, gid, fx)?;
             for (n, v) in acls {
@@ -926,7 +954,7 @@ impl Fs {
         if target.len() > crate::backend::EFS_MAX_SYMLINK {
             return Err(FsError::NameTooLong);
         }
-        self.change(parent, may_block, |ns, fx| {
+        self.change_entry(parent, may_block, |ns, fx| {
             let gid = inherit_gid(ns, parent, gid)?;
             let ino = ns.symlink(parent, name, target, uid, gid, fx)?;
             Self::attr_out(ns, ino)
@@ -983,7 +1011,7 @@ impl Fs {
     }
 
     pub fn link(&self, ino: Ino, newparent: Ino, newname: &OsStr, may_block: bool) -> FsResult<AttrOut> {
-        self.change(newparent, may_block, |ns, fx| {
+        self.change_entry(newparent, may_block, |ns, fx| {
             ns.link(ino, newparent, newname, fx)?;
             ns.add_lookup(ino);
             Self::attr_out(ns, ino)
@@ -1048,6 +1076,7 @@ impl Fs {
             Err(e) => {
                 let mut fx = Effects::default();
                 let _ = ns.unlink(parent, name, &mut fx);
+                ns.forget(ino, 1, &mut fx); // the kernel gets no entry
                 let _ = self.apply(&mut ns, fx); // failing anyway
                 return Err(io_err(e));
             }
@@ -1063,6 +1092,7 @@ impl Fs {
             i.writers -= 1;
             let mut fx = Effects::default();
             let _ = ns.unlink(parent, name, &mut fx);
+            ns.forget(ino, 1, &mut fx); // the kernel gets no entry
             let _ = self.apply(&mut ns, fx);
             return Err(e);
         }
