@@ -310,6 +310,9 @@ struct State {
     /// file (see `retime_pending`).
     retimes: HashMap<Ino, u32>,
     failures: Vec<Failure>,
+    /// Permanent failures per object the failed op held (never cleared: a
+    /// waiter compares the count before and after its op).
+    failed_on: HashMap<Ino, u64>,
     /// The most recent backend error that sent an op back to wait and retry.
     last_retry: Option<Retrying>,
     /// Finished ops whose caller has not yet recorded the result in the
@@ -592,7 +595,18 @@ impl Scheduler {
                     errno: err.raw_os_error().unwrap_or(libc::EIO),
                     error: err.to_string(),
                 };
+                let objects: Vec<Ino> =
+                    e.op.keys
+                        .iter()
+                        .filter_map(|(k, _)| match k {
+                            Key::Ino(i) => Some(*i),
+                            Key::Name(..) => None,
+                        })
+                        .collect();
                 st.failures.push(f);
+                for i in objects {
+                    *st.failed_on.entry(i).or_default() += 1;
+                }
                 self.stats.failed.fetch_add(1, Ordering::Relaxed);
             }
             // A barrier is no backend op.
@@ -758,6 +772,12 @@ impl Scheduler {
 
     pub fn failures(&self) -> Vec<Failure> {
         self.state.lock().failures.clone()
+    }
+
+    /// How many ops holding `ino` have failed for good (or lost a conflict)
+    /// so far.
+    pub fn failures_on(&self, ino: Ino) -> u64 {
+        self.state.lock().failed_on.get(&ino).copied().unwrap_or(0)
     }
 
     pub fn clear_failures(&self) {

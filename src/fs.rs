@@ -1576,8 +1576,8 @@ impl Fs {
         // caller's own handle, at least): fsync asks for what it holds now,
         // with the size and mtime its passthrough writes gave it.
         self.refresh_from_staging(ino);
-        let failed_before = self.sched.failures();
-        let (queued, path) = {
+        let failed_before = self.sched.failures_on(ino);
+        let queued = {
             let mut ns = self.ns.lock();
             let mut fx = Effects::default();
             let publish = ns.queue_publish(ino)?;
@@ -1586,7 +1586,7 @@ impl Fs {
             }
             fx.ops.extend(publish);
             ns.get_mut(ino)?.fsync_waiters += 1;
-            (self.apply(&mut ns, fx), ns.path_of(ino).map(|p| p.display()))
+            self.apply(&mut ns, fx)
         };
         // Bounded like any request that waits on the backend (the watchdog
         // answers EIO then; this thread must not stay behind for good).
@@ -1599,15 +1599,10 @@ impl Fs {
         if !cleared {
             return Err(FsError::TimedOut);
         }
-        // The publish is over; it may have failed for good (or lost a
-        // conflict): then the data is not on the backend, and fsync says so.
-        let failed = path.is_ok_and(|p| {
-            self.sched
-                .failures()
-                .iter()
-                .any(|f| f.path == p && !failed_before.iter().any(|b| b.path == p && b.op == f.op))
-        });
-        if failed {
+        // The publish is over; it (or an op on the file queued before it)
+        // may have failed for good or lost a conflict: then the data is not
+        // on the backend as fsync asked, and fsync says so.
+        if self.sched.failures_on(ino) > failed_before {
             return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
         }
         Ok(())
