@@ -530,12 +530,28 @@ impl Fs {
             return Err(FsError::WouldBlock);
         }
         self.wait_path_stable(dir)?;
-        let path = self.ns.lock().path_of(dir)?;
+        let (path, changes) = {
+            let ns = self.ns.lock();
+            (ns.path_of(dir)?, ns.dir(dir)?.changes())
+        };
         let listing = crate::meta::load_dir(&*self.backend, &path, self.cfg.meta_parallel).map_err(io_err)?;
         let mut ns = self.ns.lock();
         let big = listing.len() >= 4096;
-        if ns.dir(dir)?.loaded.is_some() && self.sched.dir_busy(dir) {
-            return Ok(()); // changed while we listed: keep the overlay
+        if ns.dir(dir)?.loaded.is_some() {
+            if self.sched.dir_busy(dir) {
+                return Ok(()); // changed while we listed: keep the overlay
+            }
+            if ns.dir(dir)?.changes() != changes {
+                // Changed while we listed, by a change already on the
+                // backend or another reload that merged first: the listing
+                // may predate it, and merging it would drop a name just made
+                // or bring back one just removed. The overlay wins, as while
+                // changes are pending (and no new listing is started at
+                // once, which a directory that keeps changing would discard
+                // again).
+                ns.get_mut(dir)?.dir.as_mut().expect("dir").loaded = Some(Instant::now());
+                return Ok(());
+            }
         }
         let r = ns.merge_listing(dir, listing, Instant::now());
         drop(ns);

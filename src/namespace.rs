@@ -269,10 +269,19 @@ pub struct Dir {
     pub subdirs: u32,
     /// The backend's link count, for `nlink` until the listing is loaded.
     backend_nlink: u32,
+    /// Counts the changes to its entries: a listing taken before one of them
+    /// must not be merged (see `Fs::ensure_loaded`).
+    changes: u64,
 }
 
 impl Dir {
+    /// How many times its entries have changed (a count to compare).
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
     fn insert(&mut self, name: Name, ino: Ino, shadows: bool, shadow: Option<Known>) {
+        self.changes = self.changes.wrapping_add(1);
         self.next_cookie += 1;
         let cookie = self.next_cookie + 2; // 1 and 2 are "." and ".."
         if let Some(old) = self.entries.insert(name.clone(), Slot { ino, cookie }) {
@@ -288,6 +297,7 @@ impl Dir {
 
     fn remove(&mut self, name: &OsStr) -> Option<Dentry> {
         let d = self.get(name)?;
+        self.changes = self.changes.wrapping_add(1);
         self.entries.remove(name);
         self.shadows.remove(name);
         self.by_cookie.remove(&d.cookie);
