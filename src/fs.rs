@@ -712,10 +712,13 @@ impl Fs {
             let mut ns = self.ns.lock();
             let i = ns.get(ino)?;
             if let Content::Staged { id, dirty } = i.content {
+                // A copy of published content, or an unpublished change
+                // of a file the backend has (its journaled size is dropped
+                // while it is open for writing), about to be changed in
+                // place: see `durable_before_journaled`.
+                let replaces_backend_file = !dirty || i.backend_ino.is_some();
                 drop(ns);
-                if keep_data && changing && !dirty {
-                    // A copy of published content, about to be changed in
-                    // place: see `durable_before_journaled`.
+                if keep_data && changing && replaces_backend_file {
                     durable_before_journaled(&self.staging, id)?;
                 }
                 return Ok(id);
@@ -2470,12 +2473,14 @@ fn copy_up(backend: &dyn Backend, src: &File, dst: &File) -> io::Result<()> {
 }
 
 /// Flushes a staging file that holds content the backend already has (a
-/// copy-up, or the copy kept after a publish) to the cache disk before it is
-/// opened for writing. That open journals a state naming the file, and after
-/// a machine crash recovery publishes whatever the file then holds: content
+/// copy-up, or the copy kept after a publish), or a closed change of a file
+/// the backend has, to the cache disk before it is opened for writing. That
+/// open journals a state naming the file without a size, and after a
+/// machine crash recovery publishes whatever the file then holds: content
 /// still in the page cache could come back short or empty and replace the
-/// intact backend file. (Writes made after the open are the writer's to
-/// fsync, as on any file system.)
+/// intact backend file. (A closed change's state holds its size, so
+/// recovery refuses a short copy; the open drops it.) Writes made after the
+/// open are the writer's to fsync, as on any file system.
 fn durable_before_journaled(staging: &Staging, id: u64) -> FsResult<()> {
     staging.open_rw(id).and_then(|f| f.sync_data()).map_err(io_err)
 }
