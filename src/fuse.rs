@@ -55,10 +55,11 @@ pub struct EfsFuse {
     entries: KernelEntries,
 }
 
-/// Tells the kernel to drop its cached entries of names a late result
-/// changed: a create, link, rename or removal that the watchdog answered
-/// EIO and that then happened after all (the kernel may hold the name as
-/// missing, or as the old object, for as long as `Fs::absence_ttl` or the
+/// Tells the kernel to drop what it cached of names and files a late result
+/// changed: a create, link, rename or removal, or an attribute change (a
+/// truncate), that the watchdog answered EIO and that then happened after
+/// all (the kernel may hold the name as missing, or as the old object, or
+/// the file's old size and pages, for as long as `Fs::absence_ttl` or the
 /// attribute TTL allowed).
 #[derive(Clone, Default)]
 pub struct KernelEntries(Arc<std::sync::OnceLock<fuser::Notifier>>);
@@ -76,6 +77,16 @@ impl KernelEntries {
             && e.raw_os_error() != Some(libc::ENOENT)
         {
             tracing::debug!(error = %e, "cannot invalidate a kernel directory entry");
+        }
+    }
+
+    /// Drops the kernel's cached attributes and pages of `ino`.
+    fn forget_inode(&self, ino: INodeNo) {
+        if let Some(n) = self.0.get()
+            && let Err(e) = n.inval_inode(ino, 0, 0)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::debug!(error = %e, "cannot invalidate a kernel inode");
         }
     }
 }
@@ -504,13 +515,17 @@ impl fuser::Filesystem for EfsFuse {
             mtime: time_or_now(mtime),
         };
         let ttl = self.fs.kernel_ttl();
-        self.run(
+        let entries = self.entries.clone();
+        self.run_undoable(
             reply,
             move |fs, b| fs.setattr(ino.0, ch.clone(), b),
             move |reply, r| match r {
                 Ok(a) => reply.attr(&ttl, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             },
+            // Made after its EIO (e.g. a truncate that waited for the
+            // file's copy): the kernel still has the old size and pages.
+            move |_, _| entries.forget_inode(ino),
         );
     }
 
@@ -590,7 +605,7 @@ impl fuser::Filesystem for EfsFuse {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (fs, backing) = (self.fs.clone(), self.backing.clone());
+        let (fs, backing, entries) = (self.fs.clone(), self.backing.clone(), self.entries.clone());
         self.run_undoable(reply, move |fs, b| fs.open(ino.0, flags.0, b), move |reply, r| match r {
             Ok(o) => match o.backing {
                 Some(file) => match backing.acquire(ino.0, o.fh, || reply.open_backing(&*file)) {
@@ -605,7 +620,12 @@ impl fuser::Filesystem for EfsFuse {
             },
             Err(e) => reply.error(errno(&e)),
         },
-        |fs, o| fs.release(o.fh),
+        move |fs, o| {
+            fs.release(o.fh);
+            if flags.0 & libc::O_TRUNC != 0 {
+                entries.forget_inode(ino); // it was cut after all
+            }
+        },
         );
     }
 

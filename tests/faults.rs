@@ -546,6 +546,55 @@ fn requests_that_wait_on_a_stalled_backend_fail_in_time() {
         .output();
 }
 
+/// A truncate of a file only the backend has waits for the file's copy; on
+/// a stalled backend it is answered EIO after `request_timeout`, then
+/// happens once the backend is back. The mount shows the new size at once:
+/// the kernel, which kept the old size when it got the EIO, is told to
+/// forget it.
+#[test]
+fn a_truncate_made_after_its_request_timed_out_shows_at_once() {
+    let s = Scratch::new();
+    std::fs::write(s.path("backend/clean"), b"on the backend").unwrap();
+    let look = |mnt: &Path| assert_eq!(std::fs::metadata(mnt.join("clean")).unwrap().len(), 14);
+    let probe = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "noxattr");
+    look(&s.path("mnt"));
+    let looked = backend_requests(&probe);
+    probe.umount();
+    let m = Mount::start(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        &format!("noxattr,request_timeout=1s,fault_stall_after={looked},fault_stall=4s"),
+    );
+    look(&s.path("mnt"));
+    let t = std::time::Instant::now();
+    // truncate(2) by path: a setattr, without an open for writing.
+    let path = std::ffi::CString::new(s.path("mnt/clean").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    let truncated = match unsafe { libc::truncate(path.as_ptr(), 5) } {
+        0 => Ok(()),
+        _ => Err(std::io::Error::last_os_error()),
+    };
+    match truncated {
+        Ok(()) => panic!("the truncate did not wait on the stalled backend: the test exercised nothing"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    while std::fs::metadata(s.path("backend/clean")).unwrap().len() != 5 {
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(60),
+            "the truncate never reached the backend"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        std::fs::metadata(s.path("mnt/clean")).unwrap().len(),
+        5,
+        "the kernel still shows the size from before the truncate"
+    );
+    assert_eq!(std::fs::read(s.path("mnt/clean")).unwrap(), b"on th");
+    m.umount();
+}
+
 /// A mkdir that waits on a stalled backend (for its parent's default ACL)
 /// is answered EIO after `request_timeout`, then happens once the backend
 /// is back: the new directory shows through the mount at once, although
