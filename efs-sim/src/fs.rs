@@ -706,6 +706,9 @@ impl Filesystem for EfsSim {
                 .makes(parent.0, link_name),
             reply,
             move |core| {
+                if core.refusals.efs_limits && target.len() > crate::profile::EFS_MAX_SYMLINK {
+                    return Err(errno(libc::ENAMETOOLONG));
+                }
                 let dir = core.inode(parent.0)?;
                 let cname = sys::cname(&name)?;
                 sys::symlinkat(&sys::cname(&target)?, dir.fd()?.as_fd(), &cname)?;
@@ -762,6 +765,11 @@ impl Filesystem for EfsSim {
             move |core| {
                 let inode = core.inode(ino.0)?;
                 let dir = core.inode(newparent.0)?;
+                if core.refusals.efs_limits
+                    && sys::fstat(inode.fd()?.as_fd())?.st_nlink >= crate::profile::EFS_MAX_LINKS
+                {
+                    return Err(errno(libc::EMLINK));
+                }
                 sys::link_fd(
                     core.proc_fd.as_fd(),
                     inode.fd()?.as_fd(),

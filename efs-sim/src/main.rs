@@ -92,6 +92,10 @@ struct Cli {
     /// profile refuses them, as the Linux NFS client does.
     #[arg(long)]
     rename_flags: bool,
+    /// Lift EFS's limits on hard links per file (177) and symlink target
+    /// length (4080 bytes) where the profile keeps them.
+    #[arg(long)]
+    no_efs_limits: bool,
 
     /// Probability that a request of a --fail-ops kind fails.
     #[arg(long, value_name = "P", default_value_t = 0.0)]
@@ -206,6 +210,9 @@ fn settings(cli: &Cli) -> Result<Settings, String> {
     }
     if cli.rename_flags {
         refusals.rename_flags = false;
+    }
+    if cli.no_efs_limits {
+        refusals.efs_limits = false;
     }
     if !(0.0..=1.0).contains(&cli.fail_rate) {
         return Err("--fail-rate must be between 0 and 1".into());

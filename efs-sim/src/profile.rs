@@ -71,7 +71,17 @@ pub struct Refusals {
     /// are refused with EINVAL: the Linux NFS client refuses any flags
     /// itself (`nfs_rename` in fs/nfs/dir.c), before a request is sent.
     pub rename_flags: bool,
+    /// EFS's own limits: at most 177 hard links to a file (a 178th link
+    /// fails with EMLINK) and symlink targets of at most 4080 bytes
+    /// (ENAMETOOLONG) (AWS, "Troubleshooting: Amazon EFS quotas", in the
+    /// EFS user guide).
+    pub efs_limits: bool,
 }
+
+/// EFS's most hard links to one file.
+pub const EFS_MAX_LINKS: u64 = 177;
+/// EFS's longest symlink target, in bytes.
+pub const EFS_MAX_SYMLINK: usize = 4080;
 
 const MS: f64 = 1e-3;
 const MIB: f64 = 1024.0 * 1024.0;
@@ -183,7 +193,7 @@ impl Costs {
             .collect();
         per_op.sort();
         format!(
-            "{{\"read_latency_ms\": {:.3}, \"meta_latency_ms\": {:.3}, \"setattr_latency_ms\": {:.3}, \"commit_latency_ms\": {:.3}, \"op_latency_ms\": {{{}}}, \"mibps_cap\": {:.1}, \"ops_cap\": {:.1}, \"max_inflight\": {}, \"dir_concurrency\": {}, \"attr_ttl_ms\": {:.0}, \"xattrs\": {}, \"devices\": {}, \"rename_flags\": {}}}",
+            "{{\"read_latency_ms\": {:.3}, \"meta_latency_ms\": {:.3}, \"setattr_latency_ms\": {:.3}, \"commit_latency_ms\": {:.3}, \"op_latency_ms\": {{{}}}, \"mibps_cap\": {:.1}, \"ops_cap\": {:.1}, \"max_inflight\": {}, \"dir_concurrency\": {}, \"attr_ttl_ms\": {:.0}, \"xattrs\": {}, \"devices\": {}, \"rename_flags\": {}, \"efs_limits\": {}}}",
             ms(self.read_latency),
             ms(self.meta_latency),
             ms(self.setattr_latency),
@@ -197,6 +207,7 @@ impl Costs {
             !refusals.xattrs,
             !refusals.devices,
             !refusals.rename_flags,
+            refusals.efs_limits,
         )
     }
 }
@@ -210,11 +221,13 @@ impl Refusals {
                 xattrs: true,
                 devices: true,
                 rename_flags: true,
+                efs_limits: true,
             },
             ProfileName::Local => Refusals {
                 xattrs: false,
                 devices: false,
                 rename_flags: false,
+                efs_limits: false,
             },
         }
     }

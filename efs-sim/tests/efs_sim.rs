@@ -289,6 +289,39 @@ fn efs_typical_refuses_xattrs_devices_and_rename_flags() {
     fs::rename(&f, sim.path("g")).expect("plain rename");
 }
 
+/// EFS's limits: 177 hard links to a file, symlink targets of 4080 bytes;
+/// the local profile has neither.
+#[test]
+fn efs_typical_keeps_efs_limits_on_links_and_symlinks() {
+    if !can_mount() {
+        return;
+    }
+    for (profile, limited) in [("efs-typical", true), ("local", false)] {
+        let sim = Sim::start(&["--profile", profile, "--meta-latency-ms", "0"]);
+        let f = sim.path("f");
+        fs::write(&f, b"x").expect("write");
+        for i in 1..177 {
+            fs::hard_link(&f, sim.path(&format!("l{i}"))).expect("link below the limit");
+        }
+        let r = fs::hard_link(&f, sim.path("l177"));
+        let long = "t".repeat(4081);
+        let s = std::os::unix::fs::symlink(&long, sim.path("s"));
+        if limited {
+            assert_eq!(
+                r.expect_err("178th link").raw_os_error(),
+                Some(libc::EMLINK),
+                "{profile}"
+            );
+            assert_eq!(s.expect_err("long symlink").raw_os_error(), Some(libc::ENAMETOOLONG));
+            std::os::unix::fs::symlink(&long[..4080], sim.path("s")).expect("4080-byte target");
+            assert_eq!(fs::symlink_metadata(sim.backing.join("f")).expect("f").nlink(), 177);
+        } else {
+            r.expect("178th link without limits");
+            s.expect("long symlink without limits");
+        }
+    }
+}
+
 #[test]
 fn new_entries_belong_to_the_caller() {
     if !can_mount() {
