@@ -62,6 +62,11 @@ now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.3f", b-a}'; }
 median() { sort -g | awk '{v[NR]=$1} END{if(NR%2) print v[(NR+1)/2]; else printf "%.3f\n", (v[NR/2]+v[NR/2+1])/2}'; }
 
+# Copies are moved aside, not deleted, until the end: on ext4 without a
+# journal, creating files is slow for minutes after many were deleted
+# (docs/BENCHMARKS.md), which would slow whichever variant came next.
+mkdir -p "$W/aside"
+set_aside() { mv "$1" "$W/aside/$(date +%s%N)"; }
 pin() { if [ "$1" = - ]; then "${@:2}"; else taskset -c "$1" "${@:2}"; fi; }
 echo "rsync -a of $FILES files through efscache on efs-sim --profile $PROFILE, work dir under $BASE; seconds"
 for r in $(seq "$REPS"); do
@@ -73,11 +78,11 @@ for r in $(seq "$REPS"); do
     pin "$cpu" rsync -a "$W/src/" "$W/local/r$r/"
     t2=$(now); echo "$(secs "$t1" "$t2")" >> "$W/local-resync.$cpu"
     line="$line local$([ "$cpu" = - ] || echo " (rsync on CPU $cpu)") $(secs "$t0" "$t1") re-sync $(secs "$t1" "$t2")"
-    rm -rf "$W/local/r$r"
+    set_aside "$W/local/r$r"
   done
   for v in $(seq 0 $((${#VARIANTS[@]} - 1))); do
     IFS=';' read -r label opts cpu <<< "${VARIANTS[$v]}"
-    rm -rf "$W/cache"
+    [ -e "$W/cache" ] && set_aside "$W/cache"
     "$E" mount "$W/sim" "$W/ec" -o "cache_dir=$W/cache${opts:+,$opts}"
     sync; t0=$(now)
     pin "$cpu" rsync -a "$W/src/" "$W/ec/r$r-$v/"
@@ -90,7 +95,7 @@ for r in $(seq "$REPS"); do
     echo "$(secs "$t0" "$t1")" >> "$W/ret.$v"; echo "$(secs "$t0" "$t2")" >> "$W/dur.$v"
     echo "$(secs "$t2" "$t3")" >> "$W/resync.$v"
     line="$line | $label: returns $(secs "$t0" "$t1") durable $(secs "$t0" "$t2") re-sync $(secs "$t2" "$t3")"
-    rm -rf "$W/back/r$r-$v"
+    set_aside "$W/back/r$r-$v"
   done
   echo "$line"
 done
