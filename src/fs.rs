@@ -508,7 +508,10 @@ impl Fs {
 
     /// Makes sure `dir`'s listing is loaded and fresh.
     pub fn ensure_loaded(&self, dir: Ino, may_block: bool) -> FsResult<()> {
-        {
+        // Counted here, where nothing was pending: any change from now on
+        // (even one whose ops reach the backend before the listing is back)
+        // keeps the listing from being merged.
+        let changes = {
             let mut ns = self.ns.lock();
             let d = ns.dir(dir)?;
             if self.fresh(d.loaded) {
@@ -525,15 +528,13 @@ impl Fs {
                 ns.get_mut(dir)?.dir.as_mut().expect("dir").loaded = Some(Instant::now());
                 return Ok(());
             }
-        }
+            d.changes()
+        };
         if !may_block {
             return Err(FsError::WouldBlock);
         }
         self.wait_path_stable(dir)?;
-        let (path, changes) = {
-            let ns = self.ns.lock();
-            (ns.path_of(dir)?, ns.dir(dir)?.changes())
-        };
+        let path = self.ns.lock().path_of(dir)?;
         let listing = crate::meta::load_dir(&*self.backend, &path, self.cfg.meta_parallel).map_err(io_err)?;
         let mut ns = self.ns.lock();
         let big = listing.len() >= 4096;
@@ -545,11 +546,8 @@ impl Fs {
                 // Changed while we listed, by a change already on the
                 // backend or another reload that merged first: the listing
                 // may predate it, and merging it would drop a name just made
-                // or bring back one just removed. The overlay wins, as while
-                // changes are pending (and no new listing is started at
-                // once, which a directory that keeps changing would discard
-                // again).
-                ns.get_mut(dir)?.dir.as_mut().expect("dir").loaded = Some(Instant::now());
+                // or bring back one just removed. The overlay is kept; the
+                // next look at the directory lists it again.
                 return Ok(());
             }
         }
