@@ -710,11 +710,13 @@ impl Fs {
             let mut ns = self.ns.lock();
             let i = ns.get(ino)?;
             if let Content::Staged { id, dirty } = i.content {
-                // A copy of published content, or an unpublished change
-                // of a file the backend has (its journaled size is dropped
-                // while it is open for writing), about to be changed in
-                // place: see `durable_before_journaled`.
-                let replaces_backend_file = !dirty || i.backend_ino.is_some();
+                // A copy of published content, or a closed, unpublished
+                // change that will replace a backend file (its journaled
+                // size is dropped while it is open for writing), about to be
+                // changed in place: see `durable_before_journaled`. (While
+                // it is open for writing, the journal holds no size already.)
+                let replaces_backend_file =
+                    !dirty || (i.writers == 0 && !i.foreign_writer && ns.pending_expect(ino).is_some());
                 drop(ns);
                 if keep_data && changing && replaces_backend_file {
                     durable_before_journaled(&self.staging, id)?;
