@@ -310,8 +310,8 @@ struct State {
     /// file (see `retime_pending`).
     retimes: HashMap<Ino, u32>,
     failures: Vec<Failure>,
-    /// Permanent failures per object the failed op held (never cleared: a
-    /// waiter compares the count before and after its op).
+    /// Permanent failures per object the failed op held exclusively (never
+    /// cleared: a waiter compares the count before and after its op).
     failed_on: HashMap<Ino, u64>,
     /// The most recent backend error that sent an op back to wait and retry.
     last_retry: Option<Retrying>,
@@ -598,9 +598,9 @@ impl Scheduler {
                 let objects: Vec<Ino> =
                     e.op.keys
                         .iter()
-                        .filter_map(|(k, _)| match k {
-                            Key::Ino(i) => Some(*i),
-                            Key::Name(..) => None,
+                        .filter_map(|(k, a)| match (k, a) {
+                            (Key::Ino(i), Access::Exclusive) => Some(*i),
+                            _ => None,
                         })
                         .collect();
                 st.failures.push(f);
@@ -774,8 +774,9 @@ impl Scheduler {
         self.state.lock().failures.clone()
     }
 
-    /// How many ops holding `ino` have failed for good (or lost a conflict)
-    /// so far.
+    /// How many ops holding `ino` exclusively (its publishes, attribute
+    /// changes, links, renames and removals of its names) have failed for
+    /// good (or lost a conflict) so far.
     pub fn failures_on(&self, ino: Ino) -> u64 {
         self.state.lock().failed_on.get(&ino).copied().unwrap_or(0)
     }

@@ -1618,9 +1618,11 @@ impl Fs {
         if !cleared {
             return Err(FsError::TimedOut);
         }
-        // The publish is over; it (or an op on the file queued before it)
-        // may have failed for good or lost a conflict: then the data is not
-        // on the backend as fsync asked, and fsync says so.
+        // The publish is over, with every op on the file queued before
+        // the wait ended. One of them may have failed for good or lost a
+        // conflict (the publish, or a change of the file's attributes or
+        // names): then the file is not on the backend as fsync asked, and
+        // fsync says so.
         if self.sched.failures_on(ino) > failed_before {
             return Err(FsError::Io(io::Error::from_raw_os_error(libc::EIO)));
         }
