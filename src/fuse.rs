@@ -877,6 +877,9 @@ impl fuser::Filesystem for EfsFuse {
                 fs.release(o.fh);
                 fs.unlookup(a.ino);
                 entries.forget(parent, &created);
+                if flags & libc::O_TRUNC != 0 {
+                    entries.forget_inode(INodeNo(a.ino)); // an existing file, cut after all
+                }
             },
         );
     }
