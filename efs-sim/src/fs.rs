@@ -766,7 +766,7 @@ impl Filesystem for EfsSim {
                 let inode = core.inode(ino.0)?;
                 let dir = core.inode(newparent.0)?;
                 if core.refusals.efs_limits
-                    && sys::fstat(inode.fd()?.as_fd())?.st_nlink >= crate::profile::EFS_MAX_LINKS
+                    && sys::fstat(inode.fd()?.as_fd())?.st_nlink as u32 >= crate::profile::EFS_MAX_LINKS
                 {
                     return Err(errno(libc::EMLINK));
                 }

@@ -79,7 +79,7 @@ pub struct Refusals {
 }
 
 /// EFS's most hard links to one file.
-pub const EFS_MAX_LINKS: u64 = 177;
+pub const EFS_MAX_LINKS: u32 = 177;
 /// EFS's longest symlink target, in bytes.
 pub const EFS_MAX_SYMLINK: usize = 4080;
 
