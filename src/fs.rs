@@ -1403,24 +1403,27 @@ impl Fs {
         Ok(Opened { fh, backing: None })
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32, may_block: bool) -> FsResult<Vec<u8>> {
-        let (mut file, mut remote, ino) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
+    /// The file a read through handle `fh` reads, and whether it is the
+    /// backend's (else a staging file).
+    fn read_source(&self, fh: u64) -> FsResult<(Arc<File>, bool)> {
+        let (file, remote, ino) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
             Handle::Staged { file, ino, .. } => (file.clone(), false, *ino),
             Handle::Remote { file, ino } => (file.clone(), true, *ino),
         };
         // Opened when the file was only on the backend, and changed through
         // the mount since (staged): reads see this mount's version, as every
         // other reader does.
-        let staged = if remote {
-            self.ns.lock().get(ino)?.staged_id()
-        } else {
-            None
-        };
-        if let Some(id) = staged
+        if remote
+            && let Some(id) = self.ns.lock().get(ino)?.staged_id()
             && let Ok(f) = self.staging.open_read(id)
         {
-            (file, remote) = (Arc::new(f), false);
+            return Ok((Arc::new(f), false));
         }
+        Ok((file, remote))
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32, may_block: bool) -> FsResult<Vec<u8>> {
+        let (file, remote) = self.read_source(fh)?;
         if remote && !may_block {
             return Err(FsError::WouldBlock);
         }
@@ -1437,10 +1440,7 @@ impl Fs {
 
     /// `lseek(SEEK_DATA|SEEK_HOLE)` (the kernel answers the other kinds).
     pub fn seek_hole_data(&self, fh: u64, offset: i64, whence: i32, may_block: bool) -> FsResult<i64> {
-        let (file, remote) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
-            Handle::Staged { file, .. } => (file.clone(), false),
-            Handle::Remote { file, .. } => (file.clone(), true),
-        };
+        let (file, remote) = self.read_source(fh)?;
         if remote {
             if !may_block {
                 return Err(FsError::WouldBlock);

@@ -587,6 +587,33 @@ fn a_reader_opened_before_a_rewrite_reads_the_new_content() {
     m.umount();
 }
 
+/// The same for `lseek(SEEK_HOLE)`: a handle opened when the file was only
+/// on the backend finds the holes of what a writer through the mount made
+/// of it since, not those of the backend's old file.
+#[test]
+fn a_reader_opened_before_a_rewrite_finds_the_new_holes() {
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::io::AsRawFd;
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("backend")).unwrap();
+    std::fs::write(s.path("backend/f"), vec![b'a'; 12288]).unwrap();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "debounce=1h");
+    let reader = std::fs::File::open(s.path("mnt/f")).unwrap();
+    let seek_hole = |f: &std::fs::File| {
+        // SAFETY: a valid open fd.
+        unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_HOLE) }
+    };
+    assert_eq!(seek_hole(&reader), 12288, "the backend's file has no hole");
+    // Rewritten with a hole in the middle: 4 KiB of data, 4 KiB of hole, 4 KiB of data.
+    let w = std::fs::File::create(s.path("mnt/f")).unwrap();
+    w.write_all_at(&[b'b'; 4096], 0).unwrap();
+    w.write_all_at(&[b'b'; 4096], 8192).unwrap();
+    drop(w);
+    assert_eq!(seek_hole(&reader), 4096, "the reader finds the backend's old holes");
+    drop(reader);
+    m.umount();
+}
+
 /// Each of the daemon's threads: its name and the contents of its
 /// `/proc/PID/task/TID/<file>`.
 fn daemon_threads(pid: u32, file: &str) -> Vec<(String, String)> {
