@@ -1488,7 +1488,15 @@ impl Fs {
         self.apply(&mut ns, Effects::default())
     }
 
+    /// A write by a process without the privilege to keep setuid/setgid.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_as(fh, offset, data, false)
+    }
+
+    /// A served write (not through passthrough); `privileged`: the writer
+    /// may keep the file's setuid/setgid bits (CAP_FSETID, taken to be
+    /// uid 0).
+    pub fn write_as(&self, fh: u64, offset: u64, data: &[u8], privileged: bool) -> FsResult<u32> {
         let (ino, file) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
             Handle::Staged {
                 ino, file, write: true, ..
@@ -1511,8 +1519,15 @@ impl Fs {
         let now = Timespec::now();
         i.attr.mtime = now;
         i.attr.ctime = now;
-        // Writes by non-owners clear setuid/setgid, as a local filesystem does.
-        let perm = i.attr.perm & !(libc::S_ISUID | if i.attr.perm & 0o010 != 0 { libc::S_ISGID } else { 0 });
+        // Writes clear setuid, and setgid with group execute, unless the
+        // writer has CAP_FSETID, as on a local filesystem (should_remove_suid
+        // in the kernel).
+        let kill = if privileged {
+            0
+        } else {
+            libc::S_ISUID | if i.attr.perm & 0o010 != 0 { libc::S_ISGID } else { 0 }
+        };
+        let perm = i.attr.perm & !kill;
         if perm != i.attr.perm {
             i.attr.perm = perm;
             ns.touched.push(ino); // the mode is part of the journaled state

@@ -652,7 +652,7 @@ impl fuser::Filesystem for EfsFuse {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -662,7 +662,7 @@ impl fuser::Filesystem for EfsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(fh.0, offset, data) {
+        match self.fs.write_as(fh.0, offset, data, req.uid() == 0) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
