@@ -507,59 +507,80 @@ impl Fs {
     }
 
     /// Makes sure `dir`'s listing is loaded and fresh.
+    ///
+    /// A listing during which this mount changed the directory is not merged
+    /// (see below) and the directory is listed once more; when that one is
+    /// overlapped too, the overlay stands until `attr_ttl`, as while changes
+    /// are pending. A directory this mount keeps changing so costs at most
+    /// two listings per `attr_ttl`.
     pub fn ensure_loaded(&self, dir: Ino, may_block: bool) -> FsResult<()> {
-        // Counted here, where nothing was pending: any change from now on
-        // (even one whose ops reach the backend before the listing is back)
-        // keeps the listing from being merged.
-        let changes = {
+        let mut overlapped = false;
+        loop {
+            let Some(changes) = self.listing_needed(dir)? else {
+                return Ok(());
+            };
+            if !may_block {
+                return Err(FsError::WouldBlock);
+            }
+            self.wait_path_stable(dir)?;
+            let path = self.ns.lock().path_of(dir)?;
+            let listing = crate::meta::load_dir(&*self.backend, &path, self.cfg.meta_parallel).map_err(io_err)?;
             let mut ns = self.ns.lock();
-            let d = ns.dir(dir)?;
-            if self.fresh(d.loaded) {
-                return Ok(());
+            let big = listing.len() >= 4096;
+            if ns.dir(dir)?.loaded.is_some() {
+                if self.sched.dir_busy(dir) {
+                    return Ok(()); // changed while we listed: keep the overlay
+                }
+                if ns.dir(dir)?.changes() != changes {
+                    // Changed while we listed, by a change already on the
+                    // backend or another reload that merged first: the
+                    // listing may predate it, and merging it would drop a
+                    // name just made or bring back one just removed.
+                    if !overlapped {
+                        overlapped = true;
+                        continue;
+                    }
+                    ns.get_mut(dir)?.dir.as_mut().expect("dir").loaded = Some(Instant::now());
+                    return Ok(());
+                }
             }
-            // (Its own queued changes count too, e.g. its times, which may
-            // wait behind the publish of a file still open for writing: a
-            // re-listing would wait for them.)
-            let own_ops_queued = || dir != ROOT && ns.read_keys(dir).is_ok_and(|k| self.sched.conflicts(&k));
-            if d.loaded.is_some()
-                && (self.sched.dir_busy(dir) || ns.dirs_with_unqueued_files().contains(&dir) || own_ops_queued())
-            {
-                // Pending changes make the overlay authoritative for now.
-                ns.get_mut(dir)?.dir.as_mut().expect("dir").loaded = Some(Instant::now());
-                return Ok(());
+            let r = ns.merge_listing(dir, listing, Instant::now());
+            drop(ns);
+            if big {
+                // A big listing leaves freed memory in the allocator's
+                // per-thread arenas; give it back so the cache's footprint
+                // is what it holds.
+                // SAFETY: malloc_trim has no preconditions.
+                unsafe { libc::malloc_trim(0) };
             }
-            d.changes()
-        };
-        if !may_block {
-            return Err(FsError::WouldBlock);
+            return r;
         }
-        self.wait_path_stable(dir)?;
-        let path = self.ns.lock().path_of(dir)?;
-        let listing = crate::meta::load_dir(&*self.backend, &path, self.cfg.meta_parallel).map_err(io_err)?;
+    }
+
+    /// Whether `dir` must be listed from the backend: None when its listing
+    /// is fresh, or when pending changes make the overlay authoritative for
+    /// now; else the count of its entries' changes, taken while nothing was
+    /// pending (any change from then on, even one whose ops reach the
+    /// backend before the listing is back, keeps the listing from being
+    /// merged).
+    fn listing_needed(&self, dir: Ino) -> FsResult<Option<u64>> {
         let mut ns = self.ns.lock();
-        let big = listing.len() >= 4096;
-        if ns.dir(dir)?.loaded.is_some() {
-            if self.sched.dir_busy(dir) {
-                return Ok(()); // changed while we listed: keep the overlay
-            }
-            if ns.dir(dir)?.changes() != changes {
-                // Changed while we listed, by a change already on the
-                // backend or another reload that merged first: the listing
-                // may predate it, and merging it would drop a name just made
-                // or bring back one just removed. The overlay is kept; the
-                // next look at the directory lists it again.
-                return Ok(());
-            }
+        let d = ns.dir(dir)?;
+        if self.fresh(d.loaded) {
+            return Ok(None);
         }
-        let r = ns.merge_listing(dir, listing, Instant::now());
-        drop(ns);
-        if big {
-            // A big listing leaves freed memory in the allocator's per-thread
-            // arenas; give it back so the cache's footprint is what it holds.
-            // SAFETY: malloc_trim has no preconditions.
-            unsafe { libc::malloc_trim(0) };
+        // (Its own queued changes count too, e.g. its times, which may
+        // wait behind the publish of a file still open for writing: a
+        // re-listing would wait for them.)
+        let own_ops_queued = || dir != ROOT && ns.read_keys(dir).is_ok_and(|k| self.sched.conflicts(&k));
+        if d.loaded.is_some()
+            && (self.sched.dir_busy(dir) || ns.dirs_with_unqueued_files().contains(&dir) || own_ops_queued())
+        {
+            // Pending changes make the overlay authoritative for now.
+            ns.get_mut(dir)?.dir.as_mut().expect("dir").loaded = Some(Instant::now());
+            return Ok(None);
         }
-        r
+        Ok(Some(d.changes()))
     }
 
     // ---- lookups and attributes ------------------------------------------
