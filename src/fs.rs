@@ -736,8 +736,10 @@ impl Fs {
                 // size is dropped while it is open for writing), about to be
                 // changed in place: see `durable_before_journaled`. (While
                 // it is open for writing, the journal holds no size already.)
-                let replaces_backend_file =
-                    !dirty || (i.writers == 0 && !i.foreign_writer && ns.pending_expect(ino).is_some());
+                let replaces_backend_file = !dirty
+                    || (i.writers == 0
+                        && !i.foreign_writer
+                        && (i.publish_queued > 0 || i.backend_ino.is_some() || ns.pending_expect(ino).is_some()));
                 drop(ns);
                 if keep_data && changing && replaces_backend_file {
                     durable_before_journaled(&self.staging, id)?;
