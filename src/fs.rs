@@ -1511,15 +1511,18 @@ impl Fs {
         self.apply(&mut ns, Effects::default())
     }
 
-    /// A write by a process without the privilege to keep setuid/setgid.
+    /// A write that clears setuid/setgid itself, as a writer without
+    /// CAP_FSETID sees it (what the kernel does before a write through the
+    /// mount, done here for callers that are not the kernel).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.write_as(fh, offset, data, false)
+        self.write_as(fh, offset, data, true)
     }
 
-    /// A served write (not through passthrough); `privileged`: the writer
-    /// may keep the file's setuid/setgid bits (CAP_FSETID, taken to be
-    /// uid 0).
-    pub fn write_as(&self, fh: u64, offset: u64, data: &[u8], privileged: bool) -> FsResult<u32> {
+    /// A served write (not through passthrough). `clear_setid`: the write
+    /// clears setuid (and setgid with group execute) itself. Through FUSE it
+    /// does not: the kernel sends a setattr clearing them before the write
+    /// of a process without CAP_FSETID, and keeps them for one with it.
+    pub fn write_as(&self, fh: u64, offset: u64, data: &[u8], clear_setid: bool) -> FsResult<u32> {
         let (ino, file) = match self.handles.lock().get(&fh).ok_or(FsError::BadHandle)? {
             Handle::Staged {
                 ino, file, write: true, ..
@@ -1542,13 +1545,12 @@ impl Fs {
         let now = Timespec::now();
         i.attr.mtime = now;
         i.attr.ctime = now;
-        // Writes clear setuid, and setgid with group execute, unless the
-        // writer has CAP_FSETID, as on a local filesystem (should_remove_suid
-        // in the kernel).
-        let kill = if privileged {
-            0
-        } else {
+        // Setuid, and setgid with group execute (should_remove_suid in the
+        // kernel).
+        let kill = if clear_setid {
             libc::S_ISUID | if i.attr.perm & 0o010 != 0 { libc::S_ISGID } else { 0 }
+        } else {
+            0
         };
         let perm = i.attr.perm & !kill;
         if perm != i.attr.perm {

@@ -652,7 +652,7 @@ impl fuser::Filesystem for EfsFuse {
 
     fn write(
         &self,
-        req: &Request,
+        _req: &Request,
         _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -662,7 +662,9 @@ impl fuser::Filesystem for EfsFuse {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write_as(fh.0, offset, data, req.uid() == 0) {
+        // The kernel has cleared setuid/setgid already if the writer may
+        // not keep them (no KILLPRIV negotiated: a setattr before the write).
+        match self.fs.write_as(fh.0, offset, data, false) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }

@@ -3956,34 +3956,6 @@ fn regression_write_clearing_setuid_survives_a_crash() {
     );
 }
 
-/// A served write by a writer with CAP_FSETID (root) keeps setuid and
-/// setgid, as on a local filesystem; one without clears them.
-#[test]
-fn a_write_by_root_keeps_setuid_and_setgid() {
-    daemon_umask();
-    let backend = TempDir::new().expect("tempdir");
-    let cache = TempDir::new().expect("tempdir");
-    let cfg = Cfg {
-        debounce_zero: false,
-        exclusive: true,
-        workers: 1,
-        plus: false,
-        eager_forget: false,
-        free_running: true,
-    };
-    let m = Mount::start(backend.path(), cache.path(), &cfg, 0);
-    for (file, privileged, after) in [("root", true, "6755"), ("user", false, "755")] {
-        let (a, opened) =
-            m.fs.create(ROOT, name(file), 0o6755, 0, libc::O_WRONLY | libc::O_CREAT, 0, 0, true)
-                .expect("create");
-        assert_eq!(a.attr.perm, 0o6755);
-        m.fs.write_as(opened.fh, 0, b"x", privileged).expect("write");
-        let perm = m.fs.getattr(a.ino, true).expect("getattr").attr.perm;
-        assert_eq!(format!("{perm:o}"), after, "mode after a write by {file}");
-        m.fs.release(opened.fh);
-    }
-}
-
 /// The same in a subdirectory (its times were journaled only once the
 /// publish was in the scheduler, and the tick that queued the publish
 /// cleared them again as having nothing to apply).

@@ -614,6 +614,57 @@ fn a_reader_opened_before_a_rewrite_finds_the_new_holes() {
     m.umount();
 }
 
+/// A write clears setuid and setgid (with group execute) unless the writer
+/// is root (CAP_FSETID), as on a local filesystem; the kernel does it, with
+/// a setattr before the write.
+#[test]
+fn a_write_clears_setuid_unless_the_writer_is_root() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Scratch::new();
+    std::fs::create_dir_all(s.path("backend")).unwrap();
+    let m = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "allow_other");
+    std::fs::set_permissions(s.path("mnt"), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let mode = |f: &str| std::fs::metadata(s.path("mnt").join(f)).unwrap().permissions().mode() & 0o7777;
+    for f in ["by-root", "by-nobody"] {
+        std::fs::write(s.path("mnt").join(f), b"x").unwrap();
+        std::fs::set_permissions(s.path("mnt").join(f), std::fs::Permissions::from_mode(0o6777)).unwrap();
+    }
+    let append = |f: &str, as_nobody: bool| {
+        let path = s.path("mnt").join(f);
+        let mut c = if as_nobody {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh"]);
+            c
+        } else {
+            Command::new("sh")
+        };
+        let out = c.arg("-c").arg("printf y >> \"$0\"").arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "append to {f}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    append("by-root", false);
+    append("by-nobody", true);
+    assert_eq!(format!("{:o}", mode("by-root")), "6777", "root's write kept the bits");
+    assert_eq!(
+        format!("{:o}", mode("by-nobody")),
+        "777",
+        "another user's write cleared them"
+    );
+    m.sync();
+    let backend = |f: &str| {
+        std::fs::metadata(s.path("backend").join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!((backend("by-root"), backend("by-nobody")), (0o6777, 0o777));
+    m.umount();
+}
+
 /// Each of the daemon's threads: its name and the contents of its
 /// `/proc/PID/task/TID/<file>`.
 fn daemon_threads(pid: u32, file: &str) -> Vec<(String, String)> {
