@@ -14,7 +14,7 @@ type Job = Box<dyn FnOnce() + Send + 'static>;
 
 /// A fixed set of threads draining one queue. An idle worker sleeps on a
 /// condition variable at once: a channel whose receivers spin and yield
-/// before they sleep cost the emulator about a tenth of its CPU, taken
+/// before they sleep cost the emulator about a fifth of its CPU, taken
 /// from the client it emulates a server for (the same cores).
 pub struct Pool {
     queue: Arc<Queue>,
