@@ -185,14 +185,20 @@ impl FlushOp {
         }
     }
 
+    /// The overlay objects the op is about: its exclusive inode keys, in the
+    /// order it named them (shared inode keys are ancestors).
+    fn objects(&self) -> impl Iterator<Item = Ino> + '_ {
+        self.keys.iter().filter_map(|(k, a)| match (k, a) {
+            (Key::Ino(i), Access::Exclusive) => Some(*i),
+            _ => None,
+        })
+    }
+
     /// The objects whose mtime this op sets on the backend in place (an
     /// attribute change with an mtime).
     fn retimed(&self) -> impl Iterator<Item = Ino> + '_ {
         let retimes = matches!(&self.action, Action::SetAttr { attrs, .. } if attrs.mtime.is_some());
-        self.keys.iter().filter_map(move |(k, a)| match (k, a) {
-            (Key::Ino(i), Access::Exclusive) if retimes => Some(*i),
-            _ => None,
-        })
+        self.objects().filter(move |_| retimes)
     }
 
     /// The directory most of the op's backend work happens in (for spreading
@@ -478,15 +484,7 @@ impl Scheduler {
                 let home = e.home;
                 let attempts = e.attempts;
                 let (journal_seq, expect) = (e.op.journal_seq, e.op.expect);
-                let objects =
-                    e.op.keys
-                        .iter()
-                        .filter_map(|(k, a)| match (k, a) {
-                            // Shared inode keys are ancestors, not the op's objects.
-                            (Key::Ino(i), Access::Exclusive) => Some(*i),
-                            _ => None,
-                        })
-                        .collect();
+                let objects = e.op.objects().collect();
                 // The op is lent to the worker; the entry keeps its keys.
                 let action = std::mem::replace(&mut e.op.action, Action::Rmdir { path: RelPath::root() });
                 st.in_flight += 1;
@@ -595,14 +593,7 @@ impl Scheduler {
                     errno: err.raw_os_error().unwrap_or(libc::EIO),
                     error: err.to_string(),
                 };
-                let objects: Vec<Ino> =
-                    e.op.keys
-                        .iter()
-                        .filter_map(|(k, a)| match (k, a) {
-                            (Key::Ino(i), Access::Exclusive) => Some(*i),
-                            _ => None,
-                        })
-                        .collect();
+                let objects: Vec<Ino> = e.op.objects().collect();
                 st.failures.push(f);
                 for i in objects {
                     *st.failed_on.entry(i).or_default() += 1;
