@@ -1107,6 +1107,14 @@ impl Fs {
         let gid = inherit_gid(&ns, parent, gid)?;
         let ino = ns.create_file(parent, name, perm & 0o7777, uid, gid)?;
         let id = ns.get(ino)?.staged_id().expect("new file is staged");
+        // Undoes the new file (the request fails, so the kernel gets no
+        // entry: its lookup reference goes too).
+        let undo = |ns: &mut Namespace| {
+            let mut fx = Effects::default();
+            let _ = ns.unlink(parent, name, &mut fx);
+            ns.forget(ino, 1, &mut fx);
+            let _ = self.apply(ns, fx); // failing anyway
+        };
         let created = self.staging.create(id).and_then(|f| {
             for (n, v) in &acls {
                 self.staging.set_xattr(id, n, Some(v))?;
@@ -1116,10 +1124,7 @@ impl Fs {
         let file = match created {
             Ok(f) => f,
             Err(e) => {
-                let mut fx = Effects::default();
-                let _ = ns.unlink(parent, name, &mut fx);
-                ns.forget(ino, 1, &mut fx); // the kernel gets no entry
-                let _ = self.apply(&mut ns, fx); // failing anyway
+                undo(&mut ns);
                 return Err(io_err(e));
             }
         };
@@ -1132,10 +1137,7 @@ impl Fs {
             let i = ns.get_mut(ino)?;
             i.opens -= 1;
             i.writers -= 1;
-            let mut fx = Effects::default();
-            let _ = ns.unlink(parent, name, &mut fx);
-            ns.forget(ino, 1, &mut fx); // the kernel gets no entry
-            let _ = self.apply(&mut ns, fx);
+            undo(&mut ns);
             return Err(e);
         }
         let out = Self::attr_out(&ns, ino)?;
