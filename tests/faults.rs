@@ -546,6 +546,29 @@ fn requests_that_wait_on_a_stalled_backend_fail_in_time() {
         .output();
 }
 
+/// A mount (with `options`, each followed by a comma) whose backend stalls
+/// for 4 s once `look` has been done through it: a first mount counts the
+/// backend requests `look` makes. Requests time out after 1 s.
+fn mount_stalling_after(s: &Scratch, options: &str, look: impl Fn(&Path)) -> Mount {
+    let probe = Mount::start(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        options.trim_end_matches(','),
+    );
+    look(&s.path("mnt"));
+    let looked = backend_requests(&probe);
+    probe.umount();
+    let m = Mount::start(
+        &s.path("backend"),
+        &s.path("mnt"),
+        &s.path("cache"),
+        &format!("{options}request_timeout=1s,fault_stall_after={looked},fault_stall=4s"),
+    );
+    look(&s.path("mnt"));
+    m
+}
+
 /// A truncate of a file only the backend has waits for the file's copy; on
 /// a stalled backend it is answered EIO after `request_timeout`, then
 /// happens once the backend is back. The mount shows the new size at once:
@@ -556,17 +579,7 @@ fn a_truncate_made_after_its_request_timed_out_shows_at_once() {
     let s = Scratch::new();
     std::fs::write(s.path("backend/clean"), b"on the backend").unwrap();
     let look = |mnt: &Path| assert_eq!(std::fs::metadata(mnt.join("clean")).unwrap().len(), 14);
-    let probe = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "noxattr");
-    look(&s.path("mnt"));
-    let looked = backend_requests(&probe);
-    probe.umount();
-    let m = Mount::start(
-        &s.path("backend"),
-        &s.path("mnt"),
-        &s.path("cache"),
-        &format!("noxattr,request_timeout=1s,fault_stall_after={looked},fault_stall=4s"),
-    );
-    look(&s.path("mnt"));
+    let m = mount_stalling_after(&s, "noxattr,", look);
     let t = std::time::Instant::now();
     // truncate(2) by path: a setattr, without an open for writing.
     let path = std::ffi::CString::new(s.path("mnt/clean").into_os_string().into_encoded_bytes()).unwrap();
@@ -608,17 +621,7 @@ fn a_name_made_after_its_request_timed_out_shows_at_once() {
         std::fs::read_dir(mnt.join("d")).unwrap().for_each(drop);
         assert!(!mnt.join("d/x").exists());
     };
-    let probe = Mount::start(&s.path("backend"), &s.path("mnt"), &s.path("cache"), "");
-    look(&s.path("mnt"));
-    let looked = backend_requests(&probe);
-    probe.umount();
-    let m = Mount::start(
-        &s.path("backend"),
-        &s.path("mnt"),
-        &s.path("cache"),
-        &format!("request_timeout=1s,fault_stall_after={looked},fault_stall=4s"),
-    );
-    look(&s.path("mnt"));
+    let m = mount_stalling_after(&s, "", look);
     let t = std::time::Instant::now();
     match std::fs::create_dir(s.path("mnt/d/x")) {
         Ok(()) => panic!("the mkdir did not wait on the stalled backend: the test exercised nothing"),
