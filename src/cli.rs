@@ -199,11 +199,19 @@ staging tree. Idempotent; the binary is replaced atomically, so running daemons 
         uninstall: bool,
     },
     /// Mount efscache over a scratch backend, rsync a sample tree in, sync,
-    /// verify the backend, unmount: the whole path in one command.
+    /// verify the backend, unmount: the whole path in one command, timed
+    /// against rsync directly onto the same emulated EFS. For the full
+    /// benchmark suite, see benches/run.sh (docs/BENCHMARKS.md).
     Demo {
-        /// Number of files in the sample tree.
+        /// Number of files in the generated sample tree.
         #[arg(long, default_value_t = 2000)]
         files: usize,
+        /// Copy this tree instead of a generated one.
+        #[arg(long, value_name = "PATH")]
+        tree: Option<PathBuf>,
+        /// efs-sim's cost profile for the emulated EFS.
+        #[arg(long, default_value = "efs-typical", value_parser = ["efs-typical", "cross-az", "local"])]
+        profile: String,
         /// Keep the scratch directory for inspection.
         #[arg(long)]
         keep: bool,

@@ -81,7 +81,26 @@ fn rsync(src: &Path, dst: &Path) -> Result<Duration, String> {
     Ok(t.elapsed())
 }
 
-pub fn run(files: usize, keep: bool) -> Result<i32, String> {
+/// Files and bytes of the tree at `root` (regular files only).
+fn measure_tree(root: &Path) -> Result<(usize, u64), String> {
+    let (mut files, mut bytes) = (0, 0);
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).map_err(|e| format!("{}: {e}", d.display()))? {
+            let e = e.map_err(|e| format!("{}: {e}", d.display()))?;
+            let md = e.metadata().map_err(|err| format!("{}: {err}", e.path().display()))?;
+            if md.is_dir() {
+                dirs.push(e.path());
+            } else if md.is_file() {
+                files += 1;
+                bytes += md.len();
+            }
+        }
+    }
+    Ok((files, bytes))
+}
+
+pub fn run(files: usize, tree: Option<&Path>, profile: &str, keep: bool) -> Result<i32, String> {
     if which("rsync").is_none() {
         return Err("rsync is not installed (apt-get install -y rsync fuse3)".into());
     }
@@ -93,23 +112,32 @@ pub fn run(files: usize, keep: bool) -> Result<i32, String> {
         efs_sim: None,
         scratch: (!keep).then(|| scratch.clone()),
     };
-    let (backing, efs, cache, src) = (
-        scratch.join("efs-backing"),
-        scratch.join("efs"),
-        scratch.join("cache"),
-        scratch.join("src"),
-    );
-    for d in [&backing, &efs, &cache, &src] {
+    let (backing, efs, cache) = (scratch.join("efs-backing"), scratch.join("efs"), scratch.join("cache"));
+    for d in [&backing, &efs, &cache] {
         std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
     }
     println!("efscache demo in {}", scratch.display());
-    let bytes = make_sample(&src, files)?;
-    println!("sample tree: {files} files, {:.1} MiB", bytes as f64 / 1048576.0);
+    let (src, files, bytes) = match tree {
+        Some(t) => {
+            let (files, bytes) = measure_tree(t)?;
+            (t.to_path_buf(), files, bytes)
+        }
+        None => {
+            let src = scratch.join("src");
+            let bytes = make_sample(&src, files)?;
+            (src, files, bytes)
+        }
+    };
+    println!(
+        "tree {}: {files} files, {:.1} MiB",
+        src.display(),
+        bytes as f64 / 1048576.0
+    );
 
     let profile = if sim.exists() {
         // The daemon keeps stdout open: read its pid line, do not wait for EOF.
         let mut child = Command::new(&sim)
-            .args(["--profile", "efs-typical", "--daemon"])
+            .args(["--profile", profile, "--daemon"])
             .arg(&backing)
             .arg(&efs)
             .stdin(Stdio::null())
@@ -128,7 +156,7 @@ pub fn run(files: usize, keep: bool) -> Result<i32, String> {
             .parse()
             .map_err(|_| format!("efs-sim printed {out:?}, not its pid"))?;
         cleanup.efs_sim = Some((efs.clone(), pid));
-        "efs-sim efs-typical"
+        format!("efs-sim {profile}")
     } else {
         println!(
             "(efs-sim not found next to {}: build it with `cargo build --release --workspace`;",
@@ -137,7 +165,7 @@ pub fn run(files: usize, keep: bool) -> Result<i32, String> {
         println!(" using a plain local directory as the backend instead)");
         std::fs::remove_dir(&efs).ok();
         std::os::unix::fs::symlink(&backing, &efs).map_err(|e| e.to_string())?;
-        "local directory"
+        "local directory".to_string()
     };
 
     println!("\n1. rsync -aH directly onto the backend ({profile}) ...");
@@ -189,7 +217,7 @@ pub fn run(files: usize, keep: bool) -> Result<i32, String> {
         return Err(format!("the backend differs from the source:\n{}", bad.join("\n")));
     }
     println!("   identical: content, modes, owners, times, links");
-    println!("\nsummary ({files} small files, {profile}):");
+    println!("\nsummary ({files} files, {profile}):");
     println!("   direct rsync                {:>8.2} s", direct.as_secs_f64());
     println!(
         "   efscache, rsync returned    {:>8.2} s   {:>5.1}x faster",

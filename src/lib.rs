@@ -174,9 +174,14 @@ pub fn main_with(cli: Cli) -> Result<i32, String> {
             init_logging(None);
             umount(&mountpoint(&mp)?, timeout_ms(&timeout)?)
         }
-        Cmd::Demo { files, keep } => {
+        Cmd::Demo {
+            files,
+            tree,
+            profile,
+            keep,
+        } => {
             init_logging(None);
-            demo::run(files, keep)
+            demo::run(files, tree.as_deref(), &profile, keep)
         }
     }
 }
